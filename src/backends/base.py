@@ -1,0 +1,108 @@
+"""The contract every model backend (SDXL, FLUX.1) fulfils.
+
+The shared trainer and the shared inference code talk to a backend only through these
+methods. Tensors crossing the contract are plain image-space layouts:
+
+    pixels        (B, 3, H, W)  in [-1, 1]
+    pixel masks   (B, 1, H, W)  1 = masked (to generate), 0 = visible
+    latents       (B, C, h, w)  scaled latents, h = H / vae_scale_factor
+    latent masks  (B, 1, h, w)
+
+Anything model-specific (FLUX's packed 2x2 patches and image ids, SDXL's time ids, the
+noise schedule) stays inside the backend.
+
+Conditioning on the visible panels ("conditioning" attribute):
+
+    concat  The denoiser input is [noisy latent, mask, masked-image latent] on the channel
+            axis (SDXL inpainting / FLUX.1-Fill layout). A sample with no masked panel is
+            trained as every panel masked (text -> image set).
+    blend   The denoiser input is the noisy latent of the whole composite: the visible
+            panels are their clean latents noised to the current timestep with the same
+            noise as everything else. Inference gives the model exactly that by latent
+            blending (diffusers' inpaint pipelines: after each step the visible region is
+            reset to the input latents noised to the next timestep), so training and
+            inference see the same thing. The loss is taken on the masked panels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    name: str
+    """Short name: 'sdxl' or 'flux'."""
+    base_model: str
+    """The model id or folder the backend was loaded from (recorded with the LoRA)."""
+    conditioning: str
+    """'concat' or 'blend' (see the module docstring)."""
+    vae_scale_factor: int
+    """Pixels per latent pixel."""
+    pixel_quantum: int
+    """Every panel boundary must fall on a multiple of this many pixels (a latent pixel for
+    SDXL, a packed 2x2 latent patch for FLUX)."""
+    denoiser: torch.nn.Module
+    """The module that is trained (UNet / transformer). The trainer may replace it by its
+    distributed wrapper; the backend must call it through this attribute."""
+
+    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+        """Freeze the base model and add a PEFT LoRA to the denoiser's attention and
+        feed-forward layers (plus whatever the conditioning needs trained fully)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the optimizer updates; nothing of the VAE or the text encoders."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations of the denoiser's blocks in the backward pass."""
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Place the frozen weights (dtype) and the trainable ones (float32) on `device`."""
+
+    def release_text_encoders(self) -> None:
+        """Move the text encoders off the accelerator (after prompts are cached)."""
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text embeddings for a batch of prompts, each tensor batch-first, so they can be
+        cached per caption and stacked again."""
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
+
+    def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
+        """Latents of the image with the masked panels blanked, for 'concat'; None for
+        'blend'."""
+
+    def noise_latents(
+        self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw a training timestep per sample: (noisy latents, timesteps, loss target)."""
+
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        masked_latents: torch.Tensor | None,
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """The denoiser's prediction (B, C, h, w), comparable to the loss target. `batch`
+        carries per-sample extras (SDXL micro-conditioning: original size, crop)."""
+
+    def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
+        """Write the trained weights in the diffusers LoRA format into `directory`."""
+
+    def load_lora(self, path: Path) -> None:
+        """Load a LoRA folder (ours) or a single .safetensors file (ours or foreign)."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """All trainable tensors, for checkpoints."""
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of trainable_state_dict."""
+
+    def inpaint_pipeline(self) -> Any:
+        """A diffusers pipeline for panel inpainting built from the loaded components."""

@@ -1,0 +1,253 @@
+"""SDXL backend: UNet2DConditionModel, two CLIP text encoders, DDPM-style noise.
+
+With `concat` conditioning the UNet sees noisy latent (4) + mask (1) + masked-image latent
+(4) = 9 channels, the layout of the SDXL inpainting checkpoint. A 4-channel base gets its
+`conv_in` widened with the 5 new input channels set to zero, so step 0 reproduces the base
+model, and `conv_in` is trained fully beside the LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionXLInpaintPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .lora_files import LORA_WEIGHT_NAME, atomic_save_file, resolve_lora_file
+from .tiny import TINY_MODELS, is_tiny
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+CONV_IN_WEIGHT_NAME = "conv_in.safetensors"
+CONCAT_CHANNELS = 9  # 4 noisy latent + 1 mask + 4 masked-image latent
+
+
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> None:
+    """Give `conv_in` extra input channels initialised to zero (base behaviour kept)."""
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return
+    new = torch.nn.Conv2d(
+        in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+        device=old.weight.device, dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+
+
+class SDXLBackend:
+    name = "sdxl"
+    vae_scale_factor = 8
+    pixel_quantum = 8
+
+    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str):
+        self.base_model = base_model
+        self.conditioning = conditioning
+        self.unet: UNet2DConditionModel = components["unet"]
+        self.vae: AutoencoderKL = components["vae"]
+        self.text_encoder = components["text_encoder"]
+        self.text_encoder_2 = components["text_encoder_2"]
+        self.tokenizer = components["tokenizer"]
+        self.tokenizer_2 = components["tokenizer_2"]
+        self.inference_scheduler = components["scheduler"]
+        # Training always uses the DDPM forward process of the model's own beta schedule.
+        self.noise_scheduler = DDPMScheduler.from_config(self.inference_scheduler.config)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.pixel_quantum = self.vae_scale_factor
+
+        base_channels = self.base_in_channels = self.unet.config.in_channels
+        if conditioning == "concat":
+            if base_channels not in (4, CONCAT_CHANNELS):
+                raise ValueError(f"--model_id {base_model}: UNet has {base_channels} input channels, expected 4 or 9")
+            widen_conv_in(self.unet, CONCAT_CHANNELS)
+        elif base_channels != 4:
+            raise ValueError(
+                f"--conditioning blend needs a 4-channel UNet, {base_model} has {base_channels}: use --conditioning concat"
+            )
+        self.denoiser = self.unet
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            module.requires_grad_(False)
+        self._prompt_pipe = StableDiffusionXLInpaintPipeline(**self._components())
+
+    @classmethod
+    def from_pretrained(
+        cls, model_id: str, conditioning: str = "concat", variant: str | None = None, vae: str | None = None
+    ) -> "SDXLBackend":
+        """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        if is_tiny(model_id):
+            if not model_id.startswith("tiny-sdxl"):
+                raise ValueError(f"--model_id {model_id} is not an SDXL model")
+            components = TINY_MODELS[model_id]()
+        else:
+            kw = {"variant": variant} if variant else {}
+            components = {
+                "unet": UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **kw),
+                "vae": AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw),
+                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **kw),
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", **kw),
+                "tokenizer": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),
+                "scheduler": _load_scheduler(model_id),
+            }
+        return cls(components, model_id, conditioning)
+
+    def _components(self) -> dict[str, Any]:
+        return {
+            "vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+            "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2, "unet": self.unet,
+            "scheduler": self.inference_scheduler,
+        }
+
+    # ---- set-up -------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+            target_modules=LORA_TARGET_MODULES,
+        )
+        self.unet.add_adapter(config)
+        if self.conditioning == "concat":
+            self.unet.conv_in.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        # The VAE stays float32: SDXL's VAE overflows in float16.
+        self.vae.to(device, torch.float32)
+        self.text_encoder.to(device, dtype)
+        self.text_encoder_2.to(device, dtype)
+        self.unet.to(device, dtype)
+        for p in self.trainable_parameters():
+            p.data = p.data.float()
+
+    def release_text_encoders(self) -> None:
+        self.text_encoder.to("cpu")
+        self.text_encoder_2.to("cpu")
+
+    # ---- training math -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        device = self.text_encoder_2.device
+        embeds, _, pooled, _ = self._prompt_pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 77, D), (B, D2)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
+        if self.conditioning != "concat":
+            return None
+        # As StableDiffusionXLInpaintPipeline: masked pixels become 0 (mid-grey) in [-1, 1].
+        latents = self.vae.encode((pixels * (pixel_mask < 0.5)).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def noise_latents(self, latents, noise, generator):
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return noisy, timesteps, target
+
+    def predict(self, noisy, timesteps, prompt_embeds, mask, masked_latents, batch):
+        if self.conditioning == "concat":
+            noisy = torch.cat([noisy, mask.to(noisy.dtype), masked_latents.to(noisy.dtype)], dim=1)  # (B, 9, h, w)
+        height, width = noisy.shape[-2] * self.vae_scale_factor, noisy.shape[-1] * self.vae_scale_factor
+        target_size = torch.tensor([height, width], device=noisy.device).expand(noisy.shape[0], 2)
+        time_ids = torch.cat(
+            [batch["original_size"].to(noisy.device), batch["crop_top_left"].to(noisy.device), target_size], dim=1
+        )  # (B, 6): SDXL micro-conditioning
+        dtype = next(self.text_encoder_2.parameters()).dtype
+        return self.denoiser(
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompt_embeds["prompt_embeds"].to(noisy.device),
+            added_cond_kwargs={
+                "text_embeds": prompt_embeds["pooled_prompt_embeds"].to(noisy.device),
+                "time_ids": time_ids.to(dtype),
+            },
+            return_dict=False,
+        )[0]
+
+    # ---- weights -------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.unet.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
+        directory = Path(directory)
+        lora = get_peft_model_state_dict(self.unet)
+        StableDiffusionXLInpaintPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers={k: v.contiguous() for k, v in lora.items()},
+            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        if self.conditioning == "concat":
+            conv = self.unet.conv_in
+            atomic_save_file(
+                {"conv_in.weight": conv.weight.detach().contiguous(), "conv_in.bias": conv.bias.detach().contiguous()},
+                directory / CONV_IN_WEIGHT_NAME,
+                metadata={"in_channels": str(conv.in_channels)},
+            )
+
+    def load_lora(self, path: Path) -> None:
+        lora_file = resolve_lora_file(path)
+        pipe = self._prompt_pipe
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        conv_file = lora_file.parent / CONV_IN_WEIGHT_NAME
+        if self.conditioning == "concat" and conv_file.is_file():
+            state = load_file(conv_file)
+            with torch.no_grad():
+                self.unet.conv_in.weight.copy_(state["conv_in.weight"])
+                self.unet.conv_in.bias.copy_(state["conv_in.bias"])
+        elif self.conditioning == "concat" and self.base_in_channels != CONCAT_CHANNELS:
+            raise FileNotFoundError(
+                f"--lora_path {path}: no {CONV_IN_WEIGHT_NAME} beside {lora_file.name}; a concat LoRA on a "
+                "4-channel base needs its trained conv_in"
+            )
+
+    def inpaint_pipeline(self) -> StableDiffusionXLInpaintPipeline:
+        return self._prompt_pipe
+
+
+def _load_scheduler(model_id: str):
+    """The scheduler class the model folder names (EulerDiscreteScheduler for SDXL base)."""
+    config = SchedulerMixin.load_config(model_id, subfolder="scheduler")
+    return getattr(diffusers, config["_class_name"]).from_config(config)

@@ -1,0 +1,103 @@
+"""Training configuration: the one source of flags, defaults, help and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ..panels import Grid
+
+
+@dataclass
+class TrainConfig:
+    """In-Context LoRA training on composite images with randomly masked panels."""
+
+    data_dir: str
+    """Folder of composite images (png/jpg/jpeg/webp) with same-stem .txt captions."""
+    output_dir: str = "output"
+    """Where checkpoints and final_model/ are written."""
+    backend: Literal["sdxl", "flux"] = "sdxl"
+    """Model family."""
+    model_id: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    """Hub id, local diffusers folder, or a built-in tiny model (tiny-sdxl, tiny-sdxl-inpaint, tiny-flux, tiny-flux-fill)."""
+    variant: Optional[str] = None
+    """Weight variant to load from model_id (e.g. fp16)."""
+    pretrained_vae: Optional[str] = None
+    """A separate VAE folder or hub id (e.g. an fp16-safe SDXL VAE)."""
+    num_epochs: int = 100
+    """Passes over the data (ignored when max_train_steps is set)."""
+    max_train_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides num_epochs)."""
+    batch_size: int = 4
+    """Samples per device per micro-batch (one aspect bucket per batch)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    use_8bit_adam: bool = False
+    """bitsandbytes AdamW8bit instead of torch AdamW."""
+    lora_rank: int = 64
+    """LoRA rank."""
+    lora_alpha: int = 64
+    """LoRA alpha (scale = alpha / rank)."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA branch."""
+    image_size: int = 1024
+    """Longer side of the composite in pixels; the other side keeps the aspect ratio."""
+    grid: str = "2x2"
+    """Panel layout ROWSxCOLS (2x2, 1x2, 1x3, 2x1, ...)."""
+    conditioning: Literal["concat", "blend"] = "concat"
+    """concat: mask + masked-image latents as extra input channels; blend: latent blending (LoRA only)."""
+    mask_probability: float = 0.7
+    """Chance that a sample has 1..max_masked_panels panels masked (else it is trained as text -> whole set)."""
+    max_masked_panels: int = 2
+    """Most panels masked in one sample (at least one always stays visible)."""
+    visible_loss_weight: float = 0.0
+    """Loss weight of visible panels relative to masked ones (0: masked panels only)."""
+    caption_dropout: float = 0.0
+    """Chance of training a sample with an empty caption."""
+    cache_text_embeddings: bool = False
+    """Encode every caption once before training and move the text encoders off the GPU."""
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    """Mixed precision (default: fp16 on CUDA, no on CPU)."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the denoiser."""
+    quantize: Optional[Literal["nf4", "int8"]] = None
+    """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
+    save_every: int = 1000
+    """Write a resumable checkpoint every this many optimizer steps."""
+    checkpoints_total_limit: Optional[int] = None
+    """Keep at most this many checkpoints (oldest removed first)."""
+    resume_from_checkpoint: Optional[str] = None
+    """A checkpoint folder, or 'latest' for the newest one in output_dir/checkpoints."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 42
+    """Seed for weights, data order, masks, noise and timesteps."""
+
+    def __post_init__(self) -> None:
+        Grid.parse(self.grid)
+        positive = ["num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
+                    "image_size", "save_every", "max_masked_panels"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ["mask_probability", "caption_dropout", "lora_dropout"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name in ["learning_rate", "lr_warmup_steps", "weight_decay", "max_grad_norm", "visible_loss_weight",
+                     "num_workers"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")

@@ -1,0 +1,298 @@
+"""The shared IC-LoRA trainer: one loop for every backend.
+
+    setup()            data (validated before any model loads), backend + LoRA, optimizer,
+                       accelerate, resume
+    train()            the loop; the per-batch math is `_loss_step`
+    save_checkpoint()  resumable state every --save_every steps
+    save_final()       final_model/: diffusers-format LoRA + iclora_config.json
+
+Randomness that decides *what* is trained (masked panels, caption dropout, noise,
+timesteps) comes from a generator seeded by (seed, micro-batch, process), and the data
+order is a function of (seed, epoch): a resumed run replays an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..backends import BACKENDS, load_backend
+from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
+from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
+from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+TRAINABLE_NAME = "trainable.safetensors"
+STATE_NAME = "trainer_state.json"
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared error weighted per latent pixel; weight (B, 1, h, w) broadcasts over C."""
+    squared = (pred.float() - target.float()) ** 2 * weight
+    return squared.sum() / (weight.sum() * pred.shape[1]).clamp_min(1e-8)
+
+
+def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, micro_step, process]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def backend_quantum(name: str) -> int:
+    """Pixel multiple of panel boundaries, known before any weights are loaded."""
+    import importlib
+
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls).pixel_quantum
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.grid = Grid.parse(cfg.grid)
+        self.output_dir = Path(cfg.output_dir)
+        self.global_step = 0
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_quantum(cfg.backend))
+        mixed = cfg.mixed_precision or ("fp16" if torch.cuda.is_available() else "no")
+        self.accelerator = Accelerator(
+            mixed_precision=mixed,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
+        )
+        set_seed(cfg.seed)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        self.resume_dir = self._find_resume_dir()
+
+        options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
+        if cfg.quantize:
+            options["quantize"] = cfg.quantize
+        self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
+        self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if cfg.gradient_checkpointing:
+            self.backend.enable_gradient_checkpointing()
+        self.backend.to(self.accelerator.device, self.weight_dtype)
+
+        self.prompt_cache = None
+        if cfg.cache_text_embeddings:
+            captions = sorted({r.caption for r in records} | ({""} if cfg.caption_dropout > 0 else set()))
+            self.prompt_cache = {c: {k: v[0].cpu() for k, v in self.backend.encode_prompt([c]).items()} for c in captions}
+            self.backend.release_text_encoders()
+
+        params = self.backend.trainable_parameters()
+        if cfg.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+        self.batch_sampler = BucketBatchSampler(records, cfg.batch_size, cfg.seed)
+        dataloader = torch.utils.data.DataLoader(
+            CompositeDataset(records), batch_sampler=self.batch_sampler, collate_fn=collate, num_workers=cfg.num_workers
+        )
+        processes = self.accelerator.num_processes
+        self.steps_per_epoch = max(1, math.ceil(len(self.batch_sampler) / processes / cfg.gradient_accumulation_steps))
+        self.max_train_steps = cfg.max_train_steps or cfg.num_epochs * self.steps_per_epoch
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * processes, num_training_steps=self.max_train_steps * processes,
+        )
+        self.backend.denoiser, self.optimizer, self.dataloader, self.lr_scheduler = self.accelerator.prepare(
+            self.backend.denoiser, optimizer, dataloader, lr_scheduler
+        )
+        self.accelerator.register_save_state_pre_hook(self._save_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_hook)
+        if self.resume_dir is not None:
+            self.accelerator.load_state(str(self.resume_dir))
+            self.global_step = json.loads((self.resume_dir / STATE_NAME).read_text())["global_step"]
+            logger.info("resumed from %s at step %d", self.resume_dir, self.global_step)
+
+    def _find_resume_dir(self) -> Path | None:
+        wanted = self.cfg.resume_from_checkpoint
+        if not wanted:
+            return None
+        if wanted == "latest":
+            found = sorted(self.output_dir.glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
+            found = [p for p in found if (p / STATE_NAME).is_file()]
+            if not found:
+                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir)
+                return None
+            return found[-1]
+        path = Path(wanted)
+        if not (path / STATE_NAME).is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {STATE_NAME})")
+        return path
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        # Save only what is trained: a full SDXL/FLUX state per checkpoint would be GBs.
+        if self.accelerator.is_main_process:
+            atomic_save_file(self.backend.trainable_state_dict(), Path(output_dir) / TRAINABLE_NAME)
+        weights.clear()
+
+    def _load_hook(self, models, input_dir) -> None:
+        self.backend.load_trainable_state_dict(load_file(Path(input_dir) / TRAINABLE_NAME))
+        models.clear()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, accelerator = self.cfg, self.accelerator
+        losses: list[float] = []
+        start_epoch, skip = divmod(self.global_step, self.steps_per_epoch)
+        micro_step = self.global_step * cfg.gradient_accumulation_steps
+        progress = tqdm(
+            total=self.max_train_steps, initial=self.global_step, desc="train",
+            disable=not accelerator.is_local_main_process,
+        )
+        self.backend.denoiser.train()
+        epoch = start_epoch
+        while self.global_step < self.max_train_steps:
+            self.batch_sampler.set_epoch(epoch)
+            batches = self.dataloader
+            if epoch == start_epoch and skip:
+                batches = accelerator.skip_first_batches(self.dataloader, skip * cfg.gradient_accumulation_steps)
+            running = []
+            for batch in batches:
+                with accelerator.accumulate(self.backend.denoiser):
+                    loss = self._loss_step(batch, micro_step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(self.backend.trainable_parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro_step += 1
+                running.append(loss.detach().float())
+                if not accelerator.sync_gradients:
+                    continue
+                self.global_step += 1
+                step_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
+                running = []
+                losses.append(step_loss)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                if self.global_step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                if self.global_step >= self.max_train_steps:
+                    break
+            epoch += 1
+        progress.close()
+        final_dir = self.save_final()
+        accelerator.end_training()
+        return TrainResult(final_dir, self.global_step, losses)
+
+    def _loss_step(self, batch: dict, micro_step: int) -> torch.Tensor:
+        """One micro-batch: sample panel masks, noise the latents, weight the loss."""
+        cfg, backend, device = self.cfg, self.backend, self.accelerator.device
+        generator = step_generator(cfg.seed, micro_step, self.accelerator.process_index)
+        pixels = batch["pixels"].to(device)  # (B, 3, H, W)
+        batch_size, _, height, width = pixels.shape
+
+        masks, captions = [], []
+        for caption in batch["caption"]:
+            masked = sample_masked_panels(self.grid.num_panels, cfg.mask_probability, cfg.max_masked_panels, generator)
+            # Nothing masked is trained as everything masked: text -> whole image set. An
+            # unmasked sample would let the model copy its answer from the conditioning.
+            masks.append(panel_mask(masked or list(range(self.grid.num_panels)), self.grid, height, width))
+            dropped = torch.rand((), generator=generator).item() < cfg.caption_dropout
+            captions.append("" if dropped else caption)
+        pixel_mask = torch.stack(masks).to(device)  # (B, 1, H, W)
+
+        if self.prompt_cache is not None:
+            embeds = {k: torch.stack([self.prompt_cache[c][k] for c in captions]).to(device)
+                      for k in next(iter(self.prompt_cache.values()))}
+        else:
+            embeds = backend.encode_prompt(captions)
+        latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
+        masked_latents = backend.masked_image_latents(pixels, pixel_mask)
+        mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
+
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
+        pred = backend.predict(noisy, timesteps, embeds, mask, masked_latents, batch)
+        weight = mask + cfg.visible_loss_weight * (1 - mask)
+        return masked_mse(pred, target, weight.float())
+
+    # ---- saving -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        accelerator = self.accelerator
+        final = self.output_dir / "checkpoints" / f"checkpoint-{self.global_step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            atomic_write_text(json.dumps({"global_step": self.global_step}), tmp / STATE_NAME)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self._prune_checkpoints()
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.cfg.checkpoints_total_limit
+        if limit is None:
+            return
+        found = sorted(self.output_dir.glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
+        for old in [p for p in found if not p.name.endswith(".tmp")][:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def metadata(self) -> dict:
+        backend = self.backend
+        return {
+            "iclora_version": __version__,
+            "backend": backend.name,
+            "base_model": backend.base_model,
+            "grid": str(self.grid),
+            "conditioning": backend.conditioning,
+            "image_size": self.cfg.image_size,
+            "global_step": self.global_step,
+            "training_args": dataclasses.asdict(self.cfg),
+        }
+
+    def save_final(self) -> Path:
+        final = self.output_dir / "final_model"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_directory(final) as tmp:
+                self.backend.save_lora(tmp, self.metadata())
+                atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _checkpoint_step(path: Path) -> int:
+    match = re.search(r"checkpoint-(\d+)$", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.train()
