@@ -48,6 +48,25 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -
     return squared.sum() / (weight.sum() * pred.shape[1]).clamp_min(1e-8)
 
 
+def diffusion_loss(
+    backend,
+    latents: torch.Tensor,
+    mask: torch.Tensor,
+    masked_latents: torch.Tensor | None,
+    prompt_embeds: dict[str, torch.Tensor],
+    batch: dict,
+    generator: torch.Generator,
+    visible_loss_weight: float = 0.0,
+) -> torch.Tensor:
+    """The model math of one training step, from encoded inputs to the weighted loss.
+    latents (B, C, h, w); mask (B, 1, h, w), 1 = masked panel."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
+    pred = backend.predict(noisy, timesteps, prompt_embeds, mask, masked_latents, batch)
+    weight = mask + visible_loss_weight * (1 - mask)
+    return masked_mse(pred, target, weight.float())
+
+
 def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, micro_step, process]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
@@ -231,12 +250,7 @@ class Trainer:
         latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
         masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
-
-        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-        noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
-        pred = backend.predict(noisy, timesteps, embeds, mask, masked_latents, batch)
-        weight = mask + cfg.visible_loss_weight * (1 - mask)
-        return masked_mse(pred, target, weight.float())
+        return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
 
     # ---- saving -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
