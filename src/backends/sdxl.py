@@ -58,7 +58,7 @@ class SDXLBackend:
     vae_scale_factor = 8
     pixel_quantum = 8
 
-    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str):
+    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
         self.base_model = base_model
         self.conditioning = conditioning
         self.unet: UNet2DConditionModel = components["unet"]
@@ -74,6 +74,8 @@ class SDXLBackend:
         self.pixel_quantum = self.vae_scale_factor
 
         base_channels = self.base_in_channels = self.unet.config.in_channels
+        if conditioning is None:  # a bare base model: use it the way it was built
+            conditioning = self.conditioning = "concat" if base_channels == CONCAT_CHANNELS else "blend"
         if conditioning == "concat":
             if base_channels not in (4, CONCAT_CHANNELS):
                 raise ValueError(f"--model_id {base_model}: UNet has {base_channels} input channels, expected 4 or 9")
@@ -89,7 +91,7 @@ class SDXLBackend:
 
     @classmethod
     def from_pretrained(
-        cls, model_id: str, conditioning: str = "concat", variant: str | None = None, vae: str | None = None
+        cls, model_id: str, conditioning: str | None = "concat", variant: str | None = None, vae: str | None = None
     ) -> "SDXLBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
         if is_tiny(model_id):

@@ -1,0 +1,79 @@
+"""Inference configuration: the one source of flags, defaults, help and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ..panels import Grid
+
+
+@dataclass
+class InferConfig:
+    """Inpaint chosen panels of a composite (or generate a whole image set) with an IC-LoRA."""
+
+    lora_path: str
+    """Folder with pytorch_lora_weights.safetensors (+ iclora_config.json), a single .safetensors file, or 'none'."""
+    prompt: str
+    """One prompt describing all panels, e.g. '[TOP-LEFT] ... [BOTTOM-RIGHT] ...'."""
+    input_image: Optional[str] = None
+    """The composite whose visible panels condition the result (optional with --panels_to_inpaint all)."""
+    panels_to_inpaint: list[Union[int, str]] = field(default_factory=lambda: [2, 3])
+    """Panel indices to regenerate, row-major from 0 (top-left), or 'all'."""
+    mask_image: Optional[str] = None
+    """A free-form mask the size of the input (white = regenerate) used instead of panel indices."""
+    output_dir: str = "inference_output"
+    """Where images and the JSON record are written."""
+    negative_prompt: Optional[str] = None
+    """What to steer away from (needs guidance_scale > 1)."""
+    num_inference_steps: int = 50
+    """Denoising steps."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance (FLUX.1-dev: the distilled guidance value)."""
+    num_images: int = 1
+    """Images to make, each with its own seed (seed, seed + 1, ...)."""
+    seed: Optional[int] = None
+    """Seed of the first image (random when not given; always recorded in the JSON)."""
+    use_gradient_mask: bool = False
+    """Feather the mask edges instead of a hard panel boundary."""
+    gradient_width: int = 20
+    """Width in pixels of the feathered band (with --use_gradient_mask)."""
+    strength: float = 1.0
+    """1.0 starts from pure noise; below 1 starts from the noised input (SDEdit)."""
+    backend: Literal["sdxl", "flux"] = "sdxl"
+    """Model family."""
+    base_model: Optional[str] = None
+    """Base model id or folder (default: the base recorded with the LoRA, else stabilityai/stable-diffusion-xl-base-1.0)."""
+    variant: Optional[str] = None
+    """Weight variant of the base model (e.g. fp16)."""
+    grid: Optional[str] = None
+    """Panel layout ROWSxCOLS (default: the LoRA's recorded grid, else 2x2)."""
+    conditioning: Optional[Literal["concat", "blend"]] = None
+    """How the visible panels condition the model (default: the LoRA's recorded mode)."""
+    width: Optional[int] = None
+    """Width of a generated image set when there is no input image (default: the LoRA's image_size)."""
+    height: Optional[int] = None
+    """Height of a generated image set when there is no input image (default: the LoRA's image_size)."""
+    save_comparison: bool = False
+    """Also write one side-by-side image: input | mask | outputs, with captions."""
+    cpu_offload: bool = False
+    """Keep models on the CPU and move each to the GPU only while it runs (less GPU memory)."""
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    """Weights dtype (default: float16 on CUDA, float32 on CPU)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
+        for name in ["num_images", "num_inference_steps"]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ["gradient_width", "guidance_scale"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        for name in ["width", "height"]:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.grid is not None:
+            Grid.parse(self.grid)
+        if not self.prompt.strip():
+            raise ValueError("--prompt must not be empty")

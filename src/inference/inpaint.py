@@ -1,0 +1,243 @@
+"""Shared panel-inpainting inference for every backend.
+
+    check_inputs()   every user error, before any model is loaded or file written
+    build_mask()     panel indices (or a free-form mask) -> soft or hard pixel mask
+    generate()       the backend's diffusers inpaint pipeline, once per seed
+    composite()      generated and original pixels through the same (soft) mask
+    write_outputs()  composites, panels, comparison and JSON, each via temp name + rename
+
+The denoising itself is diffusers': StableDiffusionXLInpaintPipeline (9-channel `concat`
+UNets get mask + masked-image latents as input; 4-channel `blend` ones get latent
+blending of the visible panels each step), FluxInpaintPipeline / FluxFillPipeline for
+FLUX. We swap its mask processor for one that does not binarize, so feathered masks stay
+soft through the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from ..backends.lora_files import atomic_write_text, read_metadata, resolve_lora_file
+from ..panels import Grid, feather, fit_to_grid, inpaint_mask, panel_box, parse_panels
+from .config import InferConfig
+
+COMPARISON_GAP = 4  # white pixels between tiles of the comparison image
+DEFAULT_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "flux": "black-forest-labs/FLUX.1-dev"}
+
+
+@dataclass
+class Plan:
+    """Everything resolved from the flags and the LoRA's record, before any model loads."""
+
+    cfg: InferConfig
+    base_model: str
+    grid: Grid
+    conditioning: str | None
+    panels: list[int]
+    image: Image.Image | None  # the input at its own size (RGB)
+    mask: torch.Tensor  # (1, H, W) at the input's own size, 1 = regenerate
+    size: tuple[int, int]  # (width, height) of the output
+    stem: str
+
+
+def _open_image(path: str, flag: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{flag} {path}: unreadable image ({error.__class__.__name__})") from None
+
+
+def check_inputs(cfg: InferConfig) -> Plan:
+    meta: dict = {}
+    if cfg.lora_path.lower() != "none":
+        resolve_lora_file(cfg.lora_path)
+        meta = read_metadata(cfg.lora_path)
+        if meta.get("backend") not in (None, cfg.backend):
+            raise ValueError(f"--lora_path {cfg.lora_path}: trained for the {meta['backend']} backend, not {cfg.backend}")
+    grid = Grid.parse(cfg.grid or meta.get("grid", "2x2"))
+    base_model = cfg.base_model or meta.get("base_model") or DEFAULT_BASES[cfg.backend]
+    conditioning = cfg.conditioning or meta.get("conditioning")
+
+    words = [str(p).strip().lower() for p in cfg.panels_to_inpaint]
+    panels = parse_panels(words, grid)
+    image = _open_image(cfg.input_image, "--input_image", "RGB") if cfg.input_image else None
+    if image is None:
+        if cfg.mask_image:
+            raise ValueError("--mask_image needs --input_image")
+        if words != ["all"]:
+            raise ValueError("--input_image is required unless --panels_to_inpaint all (text -> whole image set)")
+        side = int(meta.get("image_size", 1024))
+        size = (cfg.width or side, cfg.height or side)
+        stem = "generated"
+    else:
+        if words != ["all"] and len(panels) == grid.num_panels and not cfg.mask_image:
+            raise ValueError(
+                "--panels_to_inpaint masks every panel of the input: use --panels_to_inpaint all "
+                "(with or without --input_image) to regenerate the whole composite"
+            )
+        size = image.size
+        stem = Path(cfg.input_image).stem
+
+    width, height = size
+    if cfg.mask_image:
+        mask_image = _open_image(cfg.mask_image, "--mask_image", "L")
+        if mask_image.size != image.size:
+            raise ValueError(
+                f"--mask_image {cfg.mask_image}: size {mask_image.width}x{mask_image.height} differs from "
+                f"--input_image {image.width}x{image.height}"
+            )
+        mask = torch.from_numpy(np.asarray(mask_image, dtype=np.float32) / 255.0)[None]  # (1, H, W)
+        if cfg.use_gradient_mask:
+            mask = feather(mask, cfg.gradient_width)
+        panels = [i for i in range(grid.num_panels) if _box_max(mask, grid, i) > 0]
+    else:
+        mask = inpaint_mask(panels, grid, height, width, cfg.gradient_width if cfg.use_gradient_mask else 0)
+    return Plan(cfg, base_model, grid, conditioning, panels, image, mask, size, stem)
+
+
+def _box_max(mask: torch.Tensor, grid: Grid, index: int) -> float:
+    left, top, right, bottom = panel_box(index, grid, mask.shape[-1], mask.shape[-2])
+    return float(mask[:, top:bottom, left:right].max())
+
+
+def load_pipeline(plan: Plan):
+    """The backend with the LoRA loaded, and its inpaint pipeline ready on the device."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ..backends import load_backend
+
+    cfg = plan.cfg
+    backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, variant=cfg.variant)
+    if cfg.lora_path.lower() != "none":
+        backend.load_lora(Path(cfg.lora_path))
+    pipe = backend.inpaint_pipeline()
+    # diffusers binarizes inpaint masks by default; a feathered mask must stay soft.
+    pipe.mask_processor = VaeImageProcessor(
+        vae_scale_factor=backend.vae_scale_factor, do_normalize=False, do_binarize=False, do_convert_grayscale=True
+    )
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.float16 if cuda else torch.float32)
+    pipe.to(dtype=dtype)
+    if cfg.cpu_offload and cuda:
+        pipe.enable_model_cpu_offload()
+    elif cuda:
+        pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return backend, pipe
+
+
+def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
+    """One composite per seed, at the input's own size, visible pixels pasted back."""
+    cfg = plan.cfg
+    width, height = fit_to_grid(*plan.size, plan.grid, backend.pixel_quantum)
+    blank = Image.new("RGB", (width, height), (127, 127, 127))
+    image = plan.image.resize((width, height), Image.Resampling.LANCZOS) if plan.image else blank
+    mask = torch.nn.functional.interpolate(plan.mask[None], size=(height, width), mode="bilinear", align_corners=False)
+    mask = mask.clamp(0, 1)  # (1, 1, H, W) at the working size
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs = {
+        "prompt": cfg.prompt, "image": image, "mask_image": mask, "height": height, "width": width,
+        "strength": cfg.strength, "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale, "output_type": "pil",
+    }
+    if cfg.negative_prompt is not None:
+        if "negative_prompt" not in accepted:
+            raise ValueError(f"--negative_prompt is not supported by {type(pipe).__name__}")
+        kwargs["negative_prompt"] = cfg.negative_prompt
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+
+    first = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    seeds = [first + i for i in range(cfg.num_images)]
+    outputs = []
+    for seed in seeds:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        result = pipe(generator=generator, **kwargs).images[0]
+        outputs.append(composite(result.resize(plan.size, Image.Resampling.LANCZOS), plan.image, plan.mask))
+    return outputs, seeds
+
+
+def composite(generated: Image.Image, original: Image.Image | None, mask: torch.Tensor) -> Image.Image:
+    """mask * generated + (1 - mask) * original, in pixel space, through the same soft mask.
+    Where the mask is 0 the original pixels are kept exactly."""
+    if original is None:
+        return generated
+    m = mask[0].numpy()[..., None]  # (H, W, 1)
+    gen = np.asarray(generated, dtype=np.float32)
+    orig = np.asarray(original, dtype=np.float32)
+    out = np.where(m > 0, m * gen + (1 - m) * orig, orig)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def comparison_image(plan: Plan, outputs: list[Image.Image], seeds: list[int]) -> Image.Image:
+    """input | mask | output 1 | ... in one row, under a caption row naming each tile."""
+    width, height = plan.size
+    mask = Image.fromarray((plan.mask[0].numpy() * 255).round().astype(np.uint8)).convert("RGB")
+    tiles = [("input", plan.image or Image.new("RGB", plan.size, (0, 0, 0))), ("mask", mask)]
+    tiles += [(f"output {i + 1} (seed {s})", img) for i, (img, s) in enumerate(zip(outputs, seeds))]
+    caption_h, gap = max(16, height // 16), COMPARISON_GAP
+    sheet = Image.new("RGB", (len(tiles) * (width + gap) - gap, height + caption_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for column, (label, tile) in enumerate(tiles):
+        left = column * (width + gap)
+        draw.text((left + 4, 2), label, fill=(0, 0, 0))
+        sheet.paste(tile, (left, caption_h))
+    return sheet
+
+
+def write_outputs(plan: Plan, outputs: list[Image.Image], seeds: list[int], resolved: dict) -> list[Path]:
+    """Write everything under temporary names first, then rename, so a failure leaves no
+    partial set behind."""
+    cfg = plan.cfg
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Image.Image | str] = {}
+    for i, image in enumerate(outputs):
+        files[f"{plan.stem}_{i}.png"] = image
+        for k in plan.panels:
+            files[f"{plan.stem}_{i}_panel{k}.png"] = image.crop(panel_box(k, plan.grid, *image.size))
+    if cfg.save_comparison:
+        files[f"{plan.stem}_comparison.png"] = comparison_image(plan, outputs, seeds)
+    record = {
+        "arguments": asdict(cfg),
+        "resolved": resolved,
+        "images": [{"file": f"{plan.stem}_{i}.png", "seed": s} for i, s in enumerate(seeds)],
+    }
+    files[f"{plan.stem}_inference.json"] = json.dumps(record, indent=2)
+    temps = []
+    try:
+        for name, content in files.items():
+            tmp = out_dir / f".{name}.tmp"
+            if isinstance(content, str):
+                tmp.write_text(content)
+            else:
+                content.save(tmp, format="PNG")
+            temps.append((tmp, out_dir / name))
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in temps:
+        tmp.replace(final)
+    return [final for _, final in temps]
+
+
+def run(cfg: InferConfig) -> list[Path]:
+    plan = check_inputs(cfg)
+    backend, pipe = load_pipeline(plan)
+    outputs, seeds = generate(plan, backend, pipe)
+    resolved = {
+        "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
+        "conditioning": backend.conditioning, "panels": plan.panels, "size": list(plan.size),
+    }
+    return write_outputs(plan, outputs, seeds, resolved)
