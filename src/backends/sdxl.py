@@ -88,6 +88,7 @@ class SDXLBackend:
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             module.requires_grad_(False)
         self._prompt_pipe = StableDiffusionXLInpaintPipeline(**self._components())
+        self._checked_prompts: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -150,11 +151,27 @@ class SDXLBackend:
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        self._warn_truncation(prompts)
         device = self.text_encoder_2.device
-        embeds, _, pooled, _ = self._prompt_pipe.encode_prompt(
-            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        pipe_logger = logging.getLogger(type(self._prompt_pipe).__module__)
+        level = pipe_logger.level
+        pipe_logger.setLevel(logging.ERROR)  # its truncation warning would repeat every step
+        try:
+            embeds, _, pooled, _ = self._prompt_pipe.encode_prompt(
+                prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        finally:
+            pipe_logger.setLevel(level)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 77, D), (B, D2)
+
+    def _warn_truncation(self, prompts: list[str]) -> None:
+        """Warn once per prompt that CLIP reads only its first 77 tokens."""
+        limit = self.tokenizer.model_max_length
+        for prompt in set(prompts) - self._checked_prompts:
+            self._checked_prompts.add(prompt)
+            length = len(self.tokenizer(prompt, truncation=False).input_ids)
+            if length > limit:
+                logger.warning("prompt of %d tokens is truncated to %d: %.60s...", length, limit, prompt)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""Two training processes (DDP over gloo on the CPU) through the script run by path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_training_saves_one_lora_and_resumes(tmp_path):
+    # `accelerate launch --cpu --num_processes 2` silently runs one process on a CPU;
+    # torchrun gives two real ranks.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    base = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "src/training/train_sdxl_ic_lora.py"), "--data_dir", str(REPO / "data/sample"),
+        "--output_dir", str(out), "--model_id", "tiny-sdxl", "--image_size", "64", "--batch_size", "2",
+        "--lora_rank", "4", "--save_every", "2", "--learning_rate", "1e-3",
+    ]
+    first = subprocess.run(base + ["--max_train_steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    # One RNG state per rank: each process resumes its own stream.
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    resumed = subprocess.run(
+        base + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    meta = json.loads((out / "final_model" / "iclora_config.json").read_text())
+    assert meta["global_step"] == 3
+    lora = load_file(out / "final_model" / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("unet.") for k in lora)
+    leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert leftovers == []
