@@ -1,0 +1,345 @@
+"""FLUX.1 backend: FluxTransformer2DModel on rectified flow, CLIP + T5 text encoders.
+
+Latents cross the contract as (B, C, h, w). Only `predict` turns them into the
+transformer's token sequence of 2x2 latent patches (diffusers' `_pack_latents`, one token
+per patch, 4C channels) and back, so panel boundaries must fall on 2 latent pixels:
+`pixel_quantum` = 2 * vae_scale_factor = 16.
+
+Conditioning:
+    blend   FLUX.1-dev (transformer in_channels = 4C): the input is the packed noisy
+            latents only; FluxInpaintPipeline blends the visible panels back each step.
+    concat  FLUX.1-Fill-dev (in_channels = 4C + 4C + 4 f^2): per token [noisy latents,
+            masked-image latents, mask], exactly as FluxFillPipeline builds it. Its mask
+            channels are the *pixel* mask cut into f x f blocks; we rebuild that from the
+            latent mask by nearest upsampling, which is exact because training panel masks
+            are aligned to latent pixels.
+
+Training choices, and why:
+    sigma    logit-normal (mean 0, std 1), continuous, as diffusers'
+             train_dreambooth_lora_flux.py with --weighting_scheme logit_normal and
+             ai-toolkit's default ("sigmoid") timesteps. No resolution-dependent shift:
+             neither of them applies one in training (the scheduler's dynamic shift is
+             an inference-time spacing of steps).
+    guidance the guidance embedding is fed 1.0 (TRAIN_GUIDANCE), as ai-toolkit does
+             (cfg_scale 1.0), which trained the official IC-LoRAs; diffusers' script
+             feeds --guidance_scale 3.5. Inference still runs at 3.5 (dev) / 30 (Fill).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    BitsAndBytesConfig,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxFillPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from .lora_files import LORA_WEIGHT_NAME, resolve_lora_file
+from .tiny import TINY_MODELS, is_tiny
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FLUX.1-dev's maximum
+TRAIN_GUIDANCE = 1.0  # guidance-embedding input during training (see the module docstring)
+# diffusers' train_dreambooth_lora_flux.py default targets (attention and feed-forward of
+# the double-stream blocks; the suffixes also catch the single blocks' to_q/to_k/to_v),
+# plus the single blocks' MLP in and out. A regex (PEFT full-matches it against module
+# names) because a bare "proj_out" would also catch the transformer's final projection.
+_SUFFIXES = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+LORA_TARGET_MODULES = (
+    r"(?:.*\.(?:" + "|".join(s.replace(".", r"\.") for s in _SUFFIXES) + r"))"
+    r"|(?:single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out))"
+)
+QUANTIZE_CONFIGS = {
+    "nf4": lambda: BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    ),
+    "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+}
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): one token per 2x2 patch, row-major."""
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int, vae_scale_factor: int) -> torch.Tensor:
+    """Inverse of `pack`: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+    return FluxPipeline._unpack_latents(tokens, h * vae_scale_factor, w * vae_scale_factor, vae_scale_factor)
+
+
+def fill_mask_channels(pixel_mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+    """FLUX.1-Fill's mask input before packing: (B, 1, H, W) -> (B, f*f, h, w), each latent
+    pixel's f x f pixel block laid out on the channel axis (FluxFillPipeline.prepare_mask_latents)."""
+    f = vae_scale_factor
+    b, _, height, width = pixel_mask.shape
+    mask = pixel_mask[:, 0].view(b, height // f, f, width // f, f)  # (B, h, f, w, f)
+    return mask.permute(0, 2, 4, 1, 3).reshape(b, f * f, height // f, width // f)  # (B, f*f, h, w)
+
+
+class FluxBackend:
+    name = "flux"
+    vae_scale_factor = 8
+    pixel_quantum = 16  # a packed 2x2 patch of latent pixels
+
+    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str):
+        if conditioning not in ("blend", "concat"):
+            raise ValueError(f"--conditioning: expected blend or concat, got {conditioning!r}")
+        self.base_model = base_model
+        self.conditioning = conditioning
+        self.transformer: FluxTransformer2DModel = components["transformer"]
+        self.vae: AutoencoderKL = components["vae"]
+        self.text_encoder = components["text_encoder"]
+        self.text_encoder_2 = components["text_encoder_2"]
+        self.tokenizer = components["tokenizer"]
+        self.tokenizer_2 = components["tokenizer_2"]
+        self.scheduler = components["scheduler"]
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.pixel_quantum = 2 * self.vae_scale_factor
+        self.quantized = getattr(self.transformer, "hf_quantizer", None) is not None
+
+        packed = 4 * self.vae.config.latent_channels
+        fill = 2 * packed + 4 * self.vae_scale_factor**2
+        channels = self.transformer.config.in_channels
+        if conditioning == "concat" and channels != fill:
+            raise ValueError(
+                f"--conditioning concat needs a FLUX.1-Fill base (transformer with {fill} input channels); "
+                f"{base_model} has {channels}: use --conditioning blend"
+            )
+        if conditioning == "blend" and channels != packed:
+            raise ValueError(
+                f"--conditioning blend needs a FLUX.1 base with {packed} transformer input channels; "
+                f"{base_model} has {channels} (a FLUX.1-Fill model?): use --conditioning concat"
+            )
+        self.denoiser = self.transformer
+        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+            module.requires_grad_(False)
+        pipeline = FluxFillPipeline if conditioning == "concat" else FluxInpaintPipeline
+        self._pipe = pipeline(**self._components())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        conditioning: str = "blend",
+        variant: str | None = None,
+        vae: str | None = None,
+        quantize: str | None = None,
+    ) -> "FluxBackend":
+        """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        if quantize is not None:
+            if quantize not in QUANTIZE_CONFIGS:
+                raise ValueError(f"--quantize: expected one of {', '.join(QUANTIZE_CONFIGS)}, got {quantize!r}")
+            if not torch.cuda.is_available():
+                raise ValueError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes 4/8-bit weights); none was found")
+        if is_tiny(model_id):
+            if not model_id.startswith("tiny-flux"):
+                raise ValueError(f"--model_id {model_id} is not a FLUX.1 model (it is for --backend sdxl)")
+            components = TINY_MODELS[model_id]()
+            if vae:
+                components["vae"] = AutoencoderKL.from_pretrained(vae)
+            if quantize:
+                with tempfile.TemporaryDirectory() as folder:  # bitsandbytes quantizes while loading
+                    components["transformer"].save_pretrained(folder)
+                    components["transformer"] = _load_transformer(folder, None, None, quantize)
+        else:
+            _check_is_flux(model_id)
+            kw = {"variant": variant} if variant else {}
+            components = {
+                "transformer": _load_transformer(model_id, "transformer", variant, quantize),
+                "vae": AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw),
+                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **kw),
+                "text_encoder_2": T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", **kw),
+                "tokenizer": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+                "tokenizer_2": T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_2"),
+                "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler"),
+            }
+        return cls(components, model_id, conditioning)
+
+    def _components(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler, "vae": self.vae, "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer, "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2,
+            "transformer": self.transformer,
+        }
+
+    # ---- set-up -------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+            target_modules=LORA_TARGET_MODULES,
+        )
+        self.transformer.add_adapter(config)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        if dtype == torch.float16:
+            logger.warning("FLUX.1 is made for bf16; fp16 activations can overflow: prefer --mixed_precision bf16")
+        # The FLUX VAE is fine in bf16; fp16 gains little over float32 and risks overflow.
+        self.vae.to(device, dtype if dtype == torch.bfloat16 else torch.float32)
+        self.text_encoder.to(device, dtype)
+        self.text_encoder_2.to(device, dtype)
+        if dtype == torch.float16:
+            # T5 v1.1 overflows in fp16 unless these layers (`wo`) stay float32, which is what
+            # transformers does when it loads T5 in fp16; a plain .to() would undo that.
+            keep = set(getattr(self.text_encoder_2, "_keep_in_fp32_modules", None) or [])
+            for name, module in self.text_encoder_2.named_modules():
+                if name.rsplit(".", 1)[-1] in keep:
+                    module.to(torch.float32)
+        # bitsandbytes weights stay where and as they were loaded (on the GPU; casting is refused).
+        if not self.quantized:
+            self.transformer.to(device, dtype)
+        for p in self.trainable_parameters():
+            p.data = p.data.float()
+
+    def release_text_encoders(self) -> None:
+        self.text_encoder.to("cpu")
+        self.text_encoder_2.to("cpu")
+
+    def release_vae(self) -> None:
+        self.vae.to("cpu")
+
+    # ---- training math -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self._pipe.encode_prompt(
+            prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        # text ids are all zeros in FLUX.1: predict() rebuilds them, they are not cached.
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 512, D), (B, D_clip)
+
+    def _scale(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._scale(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample())
+
+    @torch.no_grad()
+    def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
+        if self.conditioning != "concat":
+            return None
+        # As FluxFillPipeline: binarized mask, masked pixels become 0 (mid-grey) in [-1, 1].
+        # The posterior mean, not a sample (the pipeline samples; the FLUX VAE's std is tiny).
+        blanked = (pixels * (pixel_mask < 0.5)).to(self.vae.device, self.vae.dtype)
+        return self._scale(self.vae.encode(blanked).latent_dist.mode())
+
+    def noise_latents(self, latents, noise, generator):
+        sigmas = compute_density_for_timestep_sampling(
+            "logit_normal", batch_size=latents.shape[0], logit_mean=0.0, logit_std=1.0, generator=generator
+        ).to(latents.device)  # (B,) in (0, 1); 1 = pure noise
+        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = (1.0 - s) * latents + s * noise  # rectified flow: straight line from data to noise
+        return noisy, sigmas * 1000, noise - latents  # timesteps on the scheduler's 0..1000 scale; velocity
+
+    def predict(self, noisy, timesteps, prompt_embeds, mask, masked_latents, batch):
+        b, _, h, w = noisy.shape
+        device, dtype = noisy.device, noisy.dtype
+        tokens = pack(noisy)  # (B, h/2 * w/2, 4C)
+        if self.conditioning == "concat":
+            pixel_mask = F.interpolate(mask.to(dtype), scale_factor=self.vae_scale_factor, mode="nearest")  # (B, 1, H, W)
+            tokens = torch.cat(
+                [tokens, pack(masked_latents.to(device, dtype)), pack(fill_mask_channels(pixel_mask, self.vae_scale_factor))],
+                dim=2,
+            )  # (B, h/2 * w/2, 4C + 4C + 4 f^2): FluxFillPipeline's order
+        text = prompt_embeds["prompt_embeds"].to(device, dtype)  # (B, T, D)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
+        out = self.denoiser(
+            hidden_states=tokens,
+            timestep=(timesteps / 1000).to(device, dtype),
+            guidance=guidance,
+            pooled_projections=prompt_embeds["pooled_prompt_embeds"].to(device, dtype),
+            encoder_hidden_states=text,
+            txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+            return_dict=False,
+        )[0]  # (B, h/2 * w/2, 4C)
+        return unpack(out, h, w, self.vae_scale_factor)  # (B, C, h, w)
+
+    # ---- weights -------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.transformer.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.transformer.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
+        lora = get_peft_model_state_dict(self.transformer)
+        # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
+        # must not: load_lora_weights leaves the new dropout layers in train mode, so a
+        # nonzero value would make inference random.
+        adapter_metadata = {**self.transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+        FluxPipeline.save_lora_weights(
+            Path(directory),
+            transformer_lora_layers={k: v.contiguous() for k, v in lora.items()},
+            transformer_lora_adapter_metadata=adapter_metadata,
+            weight_name=LORA_WEIGHT_NAME,
+        )
+
+    def load_lora(self, path: Path) -> None:
+        """Ours, or foreign FLUX LoRAs: diffusers converts kohya / ai-toolkit / xlabs keys."""
+        lora_file = resolve_lora_file(path)
+        self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+
+    def inpaint_pipeline(self) -> FluxInpaintPipeline | FluxFillPipeline:
+        return self._pipe
+
+
+def _load_transformer(source: str, subfolder: str | None, variant: str | None, quantize: str | None):
+    kw: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
+    if variant:
+        kw["variant"] = variant
+    if not quantize:
+        return FluxTransformer2DModel.from_pretrained(source, **kw)
+    from peft import prepare_model_for_kbit_training
+
+    transformer = FluxTransformer2DModel.from_pretrained(
+        source, quantization_config=QUANTIZE_CONFIGS[quantize](), torch_dtype=torch.bfloat16, **kw
+    )
+    # QLoRA as diffusers' FLUX LoRA scripts: freeze, upcast the unquantized leftovers to float32.
+    return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+
+
+def _check_is_flux(model_id: str) -> None:
+    """Name the problem when --model_id is some other pipeline (an SDXL folder, say)."""
+    try:
+        config = DiffusionPipeline.load_config(model_id)
+    except (OSError, ValueError):
+        return  # no model_index.json: the component loaders report what is missing
+    if "transformer" not in config or not str(config.get("_class_name", "")).startswith("Flux"):
+        raise ValueError(f"--model_id {model_id} is not a FLUX.1 model (it is a {config.get('_class_name', 'unknown pipeline')})")
