@@ -10,6 +10,7 @@ ValueError is printed as one `error:` line.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from typing import Any, Sequence, TypeVar
@@ -20,11 +21,23 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 T = TypeVar("T")
 
 
+class _Parser(ArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        # One line, no usage block: jsonargparse splits type errors over lines ('Parser key
+        # "x":' / 'Expected ...') and prints the whole usage first. `--help` shows usage.
+        text = " ".join(str(message).split())
+        text = re.sub(r'Parser key "(\w+)"( element \d+)?:', lambda m: f"--{m.group(1)}{m.group(2) or ''}:", text)
+        text = re.sub(r"<class '(\w+)'>", r"\1", text)
+        text = re.sub(r"arguments are required: (.*)", lambda m: "arguments are required: " + ", ".join(
+            a if a.startswith("-") else f"--{a}" for a in m.group(1).split(", ")), text)
+        self.exit(2, f"error: {text}\n")
+
+
 def build_parser(config_cls: type, prog: str, description: str, defaults: dict[str, Any] | None = None) -> ArgumentParser:
     defaults = defaults or {}
     docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(config_cls).params}
     hints = typing.get_type_hints(config_cls)
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    parser = _Parser(prog=prog, description=description, exit_on_error=True)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file setting any of the flags below.")
     for field in dataclasses.fields(config_cls):
         kind = hints[field.name]
@@ -41,7 +54,10 @@ def build_parser(config_cls: type, prog: str, description: str, defaults: dict[s
             options["required"] = True
         else:
             options["default"] = default
-        if kind is bool:
+        choices = _literal_choices(kind)
+        if choices:
+            parser.add_argument(f"--{field.name}", choices=choices, **options)
+        elif kind is bool:
             parser.add_argument(f"--{field.name}", action=ActionYesNo, **options)
         elif typing.get_origin(kind) is list:
             parser.add_argument(f"--{field.name}", nargs="+", type=typing.get_args(kind)[0], **options)
@@ -50,11 +66,19 @@ def build_parser(config_cls: type, prog: str, description: str, defaults: dict[s
     return parser
 
 
+def _literal_choices(kind) -> list[str] | None:
+    """['a', 'b'] for Literal['a', 'b'] or Optional[Literal['a', 'b']], else None."""
+    if typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = args[0] if len(args) == 1 else kind
+    return list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+
+
 def parse_config(config_cls: type[T], argv: Sequence[str] | None, prog: str, description: str = "",
                  defaults: dict[str, Any] | None = None) -> T:
     """Parse `argv` into `config_cls`; any error ends the program with one clear line."""
     parser = build_parser(config_cls, prog, description, defaults)
-    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    namespace = parser.parse_args(_config_files_first(list(sys.argv[1:] if argv is None else argv)))
     values = {f.name: namespace[f.name] for f in dataclasses.fields(config_cls)}
     try:
         return config_cls(**values)
@@ -63,10 +87,24 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None, prog: str, des
         raise  # unreachable: parser.error exits
 
 
+def _config_files_first(argv: list[str]) -> list[str]:
+    """Move `--config FILE` to the front: argparse applies arguments in order, and every flag
+    on the command line must override the file wherever it is written."""
+    configs, others, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            configs += argv[i : i + 2]
+            i += 2
+        else:
+            (configs if argv[i].startswith("--config=") else others).append(argv[i])
+            i += 1
+    return configs + others
+
+
 def run_cli(main, argv: Sequence[str] | None = None) -> None:
     """Call `main(argv)` and turn the errors users cause into one line and exit status 2."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, OSError, NotImplementedError) as error:  # OSError: missing files, models
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

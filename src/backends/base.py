@@ -44,6 +44,8 @@ class Backend(Protocol):
     pixel_quantum: int
     """Every panel boundary must fall on a multiple of this many pixels (a latent pixel for
     SDXL, a packed 2x2 latent patch for FLUX)."""
+    preferred_mixed_precision: str
+    """Mixed precision used on CUDA when --mixed_precision is not given ('fp16' or 'bf16')."""
     denoiser: torch.nn.Module
     """The module that is trained (UNet / transformer). The trainer may replace it by its
     distributed wrapper; the backend must call it through this attribute."""
@@ -63,6 +65,9 @@ class Backend(Protocol):
 
     def release_text_encoders(self) -> None:
         """Move the text encoders off the accelerator (after prompts are cached)."""
+
+    def release_vae(self) -> None:
+        """Move the VAE off the accelerator (after latents are cached)."""
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text embeddings for a batch of prompts, each tensor batch-first, so they can be

@@ -102,6 +102,7 @@ class FluxBackend:
     name = "flux"
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
+    preferred_mixed_precision = "bf16"
 
     def __init__(self, components: dict[str, Any], base_model: str, conditioning: str):
         if conditioning not in ("blend", "concat"):

@@ -17,7 +17,6 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    SchedulerMixin,
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
@@ -57,6 +56,7 @@ class SDXLBackend:
     name = "sdxl"
     vae_scale_factor = 8
     pixel_quantum = 8
+    preferred_mixed_precision = "fp16"
 
     def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
         self.base_model = base_model
@@ -92,9 +92,14 @@ class SDXLBackend:
 
     @classmethod
     def from_pretrained(
-        cls, model_id: str, conditioning: str | None = "concat", variant: str | None = None, vae: str | None = None
+        cls, model_id: str, conditioning: str | None = "concat", variant: str | None = None, vae: str | None = None,
+        quantize: str | None = None,
     ) -> "SDXLBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        if quantize:
+            # The SDXL UNet (2.6 B parameters) trains in 16 GB in fp16 with checkpointing and
+            # 8-bit Adam; a 4/8-bit base buys little and costs speed.
+            raise ValueError(f"--quantize {quantize} is for the flux backend; SDXL trains unquantized")
         if is_tiny(model_id):
             if not model_id.startswith("tiny-sdxl"):
                 raise ValueError(f"--model_id {model_id} is not an SDXL model")
@@ -147,6 +152,9 @@ class SDXLBackend:
     def release_text_encoders(self) -> None:
         self.text_encoder.to("cpu")
         self.text_encoder_2.to("cpu")
+
+    def release_vae(self) -> None:
+        self.vae.to("cpu")
 
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
@@ -232,10 +240,14 @@ class SDXLBackend:
     def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
         directory = Path(directory)
         lora = get_peft_model_state_dict(self.unet)
+        # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
+        # must not: load_lora_weights leaves the new dropout layers in train mode, so a
+        # nonzero value would make inference random.
+        adapter_metadata = {**self.unet.peft_config["default"].to_dict(), "lora_dropout": 0.0}
         StableDiffusionXLInpaintPipeline.save_lora_weights(
             directory,
             unet_lora_layers={k: v.contiguous() for k, v in lora.items()},
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=adapter_metadata,
             weight_name=LORA_WEIGHT_NAME,
         )
         if self.conditioning == "concat":
@@ -268,5 +280,5 @@ class SDXLBackend:
 
 def _load_scheduler(model_id: str):
     """The scheduler class the model folder names (EulerDiscreteScheduler for SDXL base)."""
-    config = SchedulerMixin.load_config(model_id, subfolder="scheduler")
+    config = DDPMScheduler.load_config(model_id, subfolder="scheduler")  # any scheduler class reads the file
     return getattr(diffusers, config["_class_name"]).from_config(config)

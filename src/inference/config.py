@@ -73,6 +73,12 @@ class InferConfig:
         for name in ["width", "height"]:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(
+                f"--strength {self.strength} x --num_inference_steps {self.num_inference_steps} leaves no denoising step"
+            )
+        if self.input_image and (self.width or self.height):
+            raise ValueError("--width/--height set the size of a generated set; with --input_image the output keeps its size")
         if self.grid is not None:
             Grid.parse(self.grid)
         if not self.prompt.strip():

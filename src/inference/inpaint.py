@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,9 +102,21 @@ def check_inputs(cfg: InferConfig) -> Plan:
         if cfg.use_gradient_mask:
             mask = feather(mask, cfg.gradient_width)
         panels = [i for i in range(grid.num_panels) if _box_max(mask, grid, i) > 0]
+        if not panels:
+            raise ValueError(f"--mask_image {cfg.mask_image}: all black, nothing to regenerate (white = regenerate)")
     else:
         mask = inpaint_mask(panels, grid, height, width, cfg.gradient_width if cfg.use_gradient_mask else 0)
+    _check_output_dir(Path(cfg.output_dir))
     return Plan(cfg, base_model, grid, conditioning, panels, image, mask, size, stem)
+
+
+def _check_output_dir(folder: Path) -> None:
+    """Fail before any model loads if the outputs could not be written."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--output_dir {folder}: {existing} is not writable")
 
 
 def _box_max(mask: torch.Tensor, grid: Grid, index: int) -> float:
@@ -122,6 +135,11 @@ def load_pipeline(plan: Plan):
     if cfg.lora_path.lower() != "none":
         backend.load_lora(Path(cfg.lora_path))
     pipe = backend.inpaint_pipeline()
+    # Injected LoRA layers start in train mode, and their dropout (the trained lora_dropout)
+    # would make every output random whatever the seed.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     # diffusers binarizes inpaint masks by default; a feathered mask must stay soft.
     pipe.mask_processor = VaeImageProcessor(
         vae_scale_factor=backend.vae_scale_factor, do_normalize=False, do_binarize=False, do_convert_grayscale=True

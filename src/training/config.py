@@ -66,8 +66,11 @@ class TrainConfig:
     """Chance of training a sample with an empty caption."""
     cache_text_embeddings: bool = False
     """Encode every caption once before training and move the text encoders off the GPU."""
+    cache_latents: bool = False
+    """Encode every composite once before training and move the VAE off the GPU (blend only:
+    concat encodes a freshly masked image every step)."""
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
-    """Mixed precision (default: fp16 on CUDA, no on CPU)."""
+    """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the denoiser."""
     quantize: Optional[Literal["nf4", "int8"]] = None
@@ -99,5 +102,7 @@ class TrainConfig:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.cache_latents and self.conditioning != "blend":
+            raise ValueError("--cache_latents needs --conditioning blend (concat encodes the masked image every step)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
