@@ -7,8 +7,10 @@
     save_final()       final_model/: diffusers-format LoRA + iclora_config.json
 
 Randomness that decides *what* is trained (masked panels, caption dropout, noise,
-timesteps) comes from a generator seeded by (seed, micro-batch, process), and the data
-order is a function of (seed, epoch): a resumed run replays an uninterrupted one exactly.
+timesteps, and through the global RNG LoRA dropout and VAE sampling) comes from a generator
+seeded by (seed, micro-batch, process), and the data order is a function of (seed, epoch):
+a checkpoint records (epoch, micro-batches done in it, micro-batch count), so a resumed run
+replays an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
@@ -72,12 +75,13 @@ def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def backend_quantum(name: str) -> int:
-    """Pixel multiple of panel boundaries, known before any weights are loaded."""
+def backend_class(name: str) -> type:
+    """The backend's class, whose attributes (pixel quantum, preferred precision) are known
+    before any weights are loaded."""
     import importlib
 
     module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls).pixel_quantum
+    return getattr(importlib.import_module(module), cls)
 
 
 @dataclass
@@ -93,12 +97,21 @@ class Trainer:
         self.grid = Grid.parse(cfg.grid)
         self.output_dir = Path(cfg.output_dir)
         self.global_step = 0
+        self.micro_step = 0  # micro-batches trained so far
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of self.epoch already trained
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_quantum(cfg.backend))
-        mixed = cfg.mixed_precision or ("fp16" if torch.cuda.is_available() else "no")
+        backend_cls = backend_class(cfg.backend)
+        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum)
+        mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
+        # accelerate keeps process-wide state that refuses a second in-process run with other
+        # settings (e.g. mixed precision): start each run from a clean one, keeping the
+        # distributed set-up (PartialState).
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -123,6 +136,17 @@ class Trainer:
             self.prompt_cache = {c: {k: v[0].cpu() for k, v in self.backend.encode_prompt([c]).items()} for c in captions}
             self.backend.release_text_encoders()
 
+        dataset = CompositeDataset(records)
+        self.latent_cache = None
+        if cfg.cache_latents:
+            # One VAE sample per composite (as kohya's and ai-toolkit's caches); blend only, so
+            # no masked-image latents are needed.
+            self.latent_cache = [
+                self.backend.encode_image(dataset[i]["pixels"][None].to(self.accelerator.device))[0].to("cpu", self.weight_dtype)
+                for i in range(len(dataset))
+            ]
+            self.backend.release_vae()
+
         params = self.backend.trainable_parameters()
         if cfg.use_8bit_adam:
             import bitsandbytes as bnb
@@ -133,7 +157,7 @@ class Trainer:
 
         self.batch_sampler = BucketBatchSampler(records, cfg.batch_size, cfg.seed)
         dataloader = torch.utils.data.DataLoader(
-            CompositeDataset(records), batch_sampler=self.batch_sampler, collate_fn=collate, num_workers=cfg.num_workers
+            dataset, batch_sampler=self.batch_sampler, collate_fn=collate, num_workers=cfg.num_workers
         )
         processes = self.accelerator.num_processes
         self.steps_per_epoch = max(1, math.ceil(len(self.batch_sampler) / processes / cfg.gradient_accumulation_steps))
@@ -149,7 +173,11 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(self._load_hook)
         if self.resume_dir is not None:
             self.accelerator.load_state(str(self.resume_dir))
-            self.global_step = json.loads((self.resume_dir / STATE_NAME).read_text())["global_step"]
+            state = json.loads((self.resume_dir / STATE_NAME).read_text())
+            self.global_step, self.micro_step = state["global_step"], state["micro_step"]
+            self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+            if self.batches_in_epoch >= len(self.dataloader):  # saved at the end of an epoch
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             logger.info("resumed from %s at step %d", self.resume_dir, self.global_step)
 
     def _find_resume_dir(self) -> Path | None:
@@ -182,30 +210,31 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
         losses: list[float] = []
-        start_epoch, skip = divmod(self.global_step, self.steps_per_epoch)
-        micro_step = self.global_step * cfg.gradient_accumulation_steps
         progress = tqdm(
             total=self.max_train_steps, initial=self.global_step, desc="train",
             disable=not accelerator.is_local_main_process,
         )
         self.backend.denoiser.train()
-        epoch = start_epoch
         while self.global_step < self.max_train_steps:
-            self.batch_sampler.set_epoch(epoch)
+            # accelerate's loader re-sets the sampler's epoch from its own pass counter, which
+            # restarts at 0 in a resumed run: set it there too.
+            self.batch_sampler.set_epoch(self.epoch)
+            self.dataloader.set_epoch(self.epoch)
             batches = self.dataloader
-            if epoch == start_epoch and skip:
-                batches = accelerator.skip_first_batches(self.dataloader, skip * cfg.gradient_accumulation_steps)
+            if self.batches_in_epoch:
+                batches = accelerator.skip_first_batches(self.dataloader, self.batches_in_epoch)
             running = []
             for batch in batches:
                 with accelerator.accumulate(self.backend.denoiser):
-                    loss = self._loss_step(batch, micro_step)
+                    loss = self._loss_step(batch, self.micro_step)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.backend.trainable_parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                micro_step += 1
+                self.micro_step += 1
+                self.batches_in_epoch += 1
                 running.append(loss.detach().float())
                 if not accelerator.sync_gradients:
                     continue
@@ -219,7 +248,8 @@ class Trainer:
                     self.save_checkpoint()
                 if self.global_step >= self.max_train_steps:
                     break
-            epoch += 1
+            else:
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         progress.close()
         final_dir = self.save_final()
         accelerator.end_training()
@@ -229,6 +259,9 @@ class Trainer:
         """One micro-batch: sample panel masks, noise the latents, weight the loss."""
         cfg, backend, device = self.cfg, self.backend, self.accelerator.device
         generator = step_generator(cfg.seed, micro_step, self.accelerator.process_index)
+        # LoRA dropout and VAE latent sampling draw from the global RNG, which data loader
+        # start-up also draws from: reseed it per micro-batch so a resumed run matches.
+        torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
         pixels = batch["pixels"].to(device)  # (B, 3, H, W)
         batch_size, _, height, width = pixels.shape
 
@@ -247,7 +280,10 @@ class Trainer:
                       for k in next(iter(self.prompt_cache.values()))}
         else:
             embeds = backend.encode_prompt(captions)
-        latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
+        if self.latent_cache is not None:
+            latents = torch.stack([self.latent_cache[i] for i in batch["index"].tolist()]).to(device)
+        else:
+            latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
         masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
@@ -262,7 +298,9 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            atomic_write_text(json.dumps({"global_step": self.global_step}), tmp / STATE_NAME)
+            state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
+                     "batches_in_epoch": self.batches_in_epoch}
+            atomic_write_text(json.dumps(state), tmp / STATE_NAME)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             self._prune_checkpoints()
