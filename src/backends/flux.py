@@ -104,7 +104,10 @@ class FluxBackend:
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     preferred_mixed_precision = "bf16"
 
-    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str):
+    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
+        if conditioning is None:  # a bare base model: use it the way it was built
+            fill_channels = 2 * 4 * components["vae"].config.latent_channels + 4 * 8**2
+            conditioning = "concat" if components["transformer"].config.in_channels == fill_channels else "blend"
         if conditioning not in ("blend", "concat"):
             raise ValueError(f"--conditioning: expected blend or concat, got {conditioning!r}")
         self.base_model = base_model
@@ -143,7 +146,7 @@ class FluxBackend:
     def from_pretrained(
         cls,
         model_id: str,
-        conditioning: str = "blend",
+        conditioning: str | None = "blend",
         variant: str | None = None,
         vae: str | None = None,
         quantize: str | None = None,

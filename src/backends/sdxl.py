@@ -104,6 +104,8 @@ class SDXLBackend:
             if not model_id.startswith("tiny-sdxl"):
                 raise ValueError(f"--model_id {model_id} is not an SDXL model")
             components = TINY_MODELS[model_id]()
+            if vae:
+                components["vae"] = AutoencoderKL.from_pretrained(vae)
         else:
             kw = {"variant": variant} if variant else {}
             components = {
