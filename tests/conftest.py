@@ -1,0 +1,134 @@
+"""Shared fixtures: offline hub, small toy datasets, tiny training runs.
+
+    pytest tests/test_panels.py tests/test_data.py tests/test_train_sdxl.py
+"""
+
+import os
+
+# Before diffusers/huggingface_hub are imported (they read these once, at import): the hub
+# is unreachable, and a lookup takes ~24 s to fail.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models' ops are too small to gain from threads, and on a busy 2-core machine
+# spinning OpenMP threads make every test several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The toy captions are longer than CLIP's 77 tokens: keep the truncation warnings out.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from pathlib import Path
+
+import pytest
+
+from iclora.toy import make_dataset
+
+# The smallest settings the tiny SDXL trains at: 64 px composites (32 px panels, 4 latent
+# pixels each), rank-4 LoRA, two samples a batch.
+TINY_ARGS = [
+    "--model_id", "tiny-sdxl", "--image_size", "64", "--batch_size", "2",
+    "--lora_rank", "4", "--lora_alpha", "4",
+]
+
+
+def toy_dataset(folder: Path, n: int = 4, grid: tuple[int, int] = (2, 2), panel_size: int = 32, seed: int = 0) -> Path:
+    make_dataset(folder, n, seed=seed, panel_size=panel_size, grid=grid)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_2x2(tmp_path_factory) -> Path:
+    """Four 64x64 toy composites (2x2 grid of 32 px panels) with captions. Read-only."""
+    return toy_dataset(tmp_path_factory.mktemp("data_2x2"))
+
+
+@pytest.fixture(scope="session")
+def data_2x2_six(tmp_path_factory) -> Path:
+    """Six composites: with batch 2 an epoch is 3 batches, so 4 steps cross an epoch."""
+    return toy_dataset(tmp_path_factory.mktemp("data_2x2_six"), n=6, seed=1)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A fresh, writable dataset of four composites, for tests that damage it."""
+    return toy_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL saved as a diffusers pipeline folder (as a downloaded checkpoint)."""
+    from iclora.backends.tiny import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    save_tiny_model("tiny-sdxl", folder)
+    return folder
+
+
+def run_training(data: Path, out: Path, *flags: str):
+    """The training entry point, in-process, on tiny settings (later flags override
+    TINY_ARGS); returns its TrainResult."""
+    from iclora.training.train_sdxl_ic_lora import main
+
+    return main(["--data_dir", str(data), "--output_dir", str(out), *TINY_ARGS, *flags])
+
+
+@pytest.fixture
+def train(tmp_path):
+    """`train(data, *flags, out=None)`: run_training into a fresh folder under tmp_path
+    unless `out` is given."""
+    counter = iter(range(1000))
+
+    def run(data: Path, *flags: str, out: Path | None = None):
+        return run_training(data, out or tmp_path / f"out{next(counter)}", *flags)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference_run(data_2x2, tmp_path_factory):
+    """Two steps with the tiny defaults on data_2x2, run once: the run other settings that
+    must not change the result (seed 42 spelled out, a model folder, checkpointing, ...)
+    are compared with."""
+    return run_training(data_2x2, tmp_path_factory.mktemp("reference"), "--max_train_steps", "2")
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """A set-up Trainer (models loaded) for tests that look inside it after training."""
+    from iclora.cli import parse_config
+    from iclora.training.config import TrainConfig
+    from iclora.training.train_sdxl_ic_lora import DEFAULTS
+    from iclora.training.trainer import Trainer
+
+    counter = iter(range(1000))
+
+    def build(data: Path, *flags: str):
+        argv = ["--data_dir", str(data), "--output_dir", str(tmp_path / f"trainer{next(counter)}"), *TINY_ARGS, *flags]
+        trainer = Trainer(parse_config(TrainConfig, argv, prog="test", defaults=DEFAULTS))
+        trainer.setup()
+        return trainer
+
+    return build
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record what the SDXL backend is asked during training: the latent masks, whether
+    masked-image latents came, the denoiser input's shape, and the prompts."""
+    from iclora.backends.sdxl import SDXLBackend
+
+    calls = {"mask": [], "masked_latents": [], "noisy_shape": [], "prompts": []}
+    predict, encode_prompt = SDXLBackend.predict, SDXLBackend.encode_prompt
+
+    def spy_predict(self, noisy, timesteps, prompt_embeds, mask, masked_latents, batch):
+        calls["mask"].append(mask.detach().clone())
+        calls["masked_latents"].append(masked_latents)
+        calls["noisy_shape"].append(tuple(noisy.shape))
+        return predict(self, noisy, timesteps, prompt_embeds, mask, masked_latents, batch)
+
+    def spy_encode_prompt(self, prompts):
+        calls["prompts"].append(list(prompts))
+        return encode_prompt(self, prompts)
+
+    monkeypatch.setattr(SDXLBackend, "predict", spy_predict)
+    monkeypatch.setattr(SDXLBackend, "encode_prompt", spy_encode_prompt)
+    return calls
