@@ -291,10 +291,20 @@ def test_output_files(data_2x2, train, tmp_path):
     assert state["global_step"] == 4
     assert _debris(out) == []
 
-    # Training again into the same folder replaces final_model/ and leaves no debris.
-    again = train(data_2x2, "--max_train_steps", "1", out=out)
-    assert json.loads((again.final_dir / METADATA_NAME).read_text())["global_step"] == 1
+    # A fresh run into the same folder would mix its checkpoints with these: refused.
+    with pytest.raises(ValueError, match="checkpoints of an earlier run.*--resume_from_checkpoint latest"):
+        train(data_2x2, "--max_train_steps", "1", out=out)
+    # Continuing it replaces final_model/ and leaves no debris.
+    again = train(data_2x2, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", out=out)
+    assert json.loads((again.final_dir / METADATA_NAME).read_text())["global_step"] == 6
     assert _debris(out) == []
+
+
+def test_resume_refuses_changed_run_settings(data_2x2, train, tmp_path):
+    out = tmp_path / "run"
+    train(data_2x2, "--max_train_steps", "2", "--save_every", "2", out=out)
+    with pytest.raises(ValueError, match=r"run settings differ \(batch_size 2 -> 1\)"):
+        train(data_2x2, "--max_train_steps", "4", "--batch_size", "1", "--resume_from_checkpoint", "latest", out=out)
 
 
 def test_checkpoints_total_limit(data_2x2, train, tmp_path):

@@ -43,6 +43,10 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME = "trainable.safetensors"
 STATE_NAME = "trainer_state.json"
+# Settings a checkpoint can only be resumed with unchanged: they decide the model, the data
+# order or what a step means. (max_train_steps / num_epochs may grow on resume.)
+RESUME_KEYS = ("backend", "model_id", "conditioning", "grid", "image_size", "batch_size",
+               "gradient_accumulation_steps", "lora_rank", "lora_alpha", "seed")
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -119,7 +123,16 @@ class Trainer:
         )
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
+        self.run_signature.update(num_samples=len(records), num_processes=self.accelerator.num_processes)
         self.resume_dir = self._find_resume_dir()
+        if self.resume_dir is not None:
+            self._check_resumable(json.loads((self.resume_dir / STATE_NAME).read_text()))
+        elif _checkpoints(self.output_dir):
+            raise ValueError(
+                f"--output_dir {self.output_dir} holds checkpoints of an earlier run: continue it with "
+                "--resume_from_checkpoint latest, or choose another --output_dir"
+            )
 
         options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
         if cfg.quantize:
@@ -180,13 +193,18 @@ class Trainer:
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             logger.info("resumed from %s at step %d", self.resume_dir, self.global_step)
 
+    def _check_resumable(self, state: dict) -> None:
+        saved = state.get("run", {})
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in self.run_signature.items() if k in saved and saved[k] != v]
+        if changed:
+            raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)})")
+
     def _find_resume_dir(self) -> Path | None:
         wanted = self.cfg.resume_from_checkpoint
         if not wanted:
             return None
         if wanted == "latest":
-            found = sorted(self.output_dir.glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
-            found = [p for p in found if (p / STATE_NAME).is_file()]
+            found = _checkpoints(self.output_dir)
             if not found:
                 logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir)
                 return None
@@ -299,7 +317,7 @@ class Trainer:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
-                     "batches_in_epoch": self.batches_in_epoch}
+                     "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
             atomic_write_text(json.dumps(state), tmp / STATE_NAME)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -311,8 +329,7 @@ class Trainer:
         limit = self.cfg.checkpoints_total_limit
         if limit is None:
             return
-        found = sorted(self.output_dir.glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
-        for old in [p for p in found if not p.name.endswith(".tmp")][:-limit]:
+        for old in _checkpoints(self.output_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
     def metadata(self) -> dict:
@@ -337,6 +354,12 @@ class Trainer:
                 atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
         self.accelerator.wait_for_everyone()
         return final
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints under output_dir, oldest first."""
+    found = sorted(output_dir.glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
+    return [p for p in found if (p / STATE_NAME).is_file()]
 
 
 def _checkpoint_step(path: Path) -> int:
