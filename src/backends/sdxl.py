@@ -214,7 +214,7 @@ class SDXLBackend:
         time_ids = torch.cat(
             [batch["original_size"].to(noisy.device), batch["crop_top_left"].to(noisy.device), target_size], dim=1
         )  # (B, 6): SDXL micro-conditioning
-        dtype = next(self.text_encoder_2.parameters()).dtype
+        dtype = prompt_embeds["pooled_prompt_embeds"].dtype
         return self.denoiser(
             noisy,
             timesteps,

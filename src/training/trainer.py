@@ -166,7 +166,9 @@ class Trainer:
 
             optimizer = bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            # The fused kernel updates every tensor in one launch (CUDA only).
+            fused = self.accelerator.device.type == "cuda"
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
 
         self.batch_sampler = BucketBatchSampler(records, cfg.batch_size, cfg.seed)
         dataloader = torch.utils.data.DataLoader(
