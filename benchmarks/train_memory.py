@@ -19,6 +19,11 @@ Per setting, in a fresh process (see --isolate), it
      step (FlopCounterMode over one step) and MFU against a measured bf16 matmul peak.
 Results are a markdown table (stdout, and --out FILE written atomically) with PASS/FAIL on the
 target rows. GPU numbers go into benchmarks/RESULTS.md (see benchmarks/README.md).
+
+The code is in three files: memory_models.py builds the denoisers (public configs, random
+weights on the device, NF4, our backend around them), memory_measure.py sets up, times and
+counts one phase (ours or the reference), and this file holds the settings matrix, the
+per-setting processes and the report.
 """
 
 from __future__ import annotations
@@ -26,26 +31,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import gc
 import itertools
 import json
-import math
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import types
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run by path from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -54,79 +52,21 @@ if __package__ in (None, ""):  # run by path from a plain checkout
     sys.path.pop(0)
     ensure_package()
 
-from iclora.training.config import TrainConfig  # noqa: E402  (after the bootstrap above)
+# benchmarks/ is no package: its modules import each other by name from this folder, which
+# is on sys.path when a script runs by path but not when the test loads this file by location.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_measure import (  # noqa: E402
+    GIB,
+    TRAIN_DEFAULTS,
+    WEIGHT_DTYPES,
+    RunOptions,
+    Setting,
+    matmul_peak,
+    run_setting,
+)
+from memory_models import FAMILIES, Flux  # noqa: E402
 
-GIB = 2**30
-_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-LR, WEIGHT_DECAY, MAX_GRAD_NORM = (_TRAIN_DEFAULTS[k] for k in ("learning_rate", "weight_decay", "max_grad_norm"))
-SEED = 0
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json. in_channels stays the public 4:
-# SDXLBackend widens conv_in to 9 (concat conditioning) itself, as it does for the real model.
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-
-# black-forest-labs/FLUX.1-dev, transformer/config.json (out_channels null -> in_channels).
-FLUX_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "_class_name": "FluxTransformer2DModel",
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
+sys.path.pop(0)
 
 # Target rows: (what a row must match, peak reserved limit in GiB). Sizes match either way round.
 TARGETS = [
@@ -159,31 +99,7 @@ PRESETS: dict[str, dict[str, dict[str, list]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Setting:
-    model: str  # sdxl | flux
-    size: tuple[int, int]  # (width, height) in pixels
-    batch_size: int
-    rank: int
-    checkpointing: bool
-    adam8bit: bool
-    precision: str  # fp16 | bf16 | no
-    nf4: bool
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything besides the setting that decides what a worker runs."""
-
-    tiny: bool
-    device: str
-    warmup: int
-    steps: int
-    lora_dropout: float
-    compile: bool
-    channels_last: bool
-    reference: bool
-    cpu_threads: int | None  # torch intra-op threads; None leaves torch's default
+# ---- isolation: one process per setting ---------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -205,542 +121,6 @@ def process_state(cpu_threads: int | None):
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-
-
-# ---- building models ----------------------------------------------------------------------
-
-
-def _random_(name: str, shape: torch.Size, dtype, device, generator) -> torch.Tensor:
-    """Cheap init that keeps activations O(1): N(0, 1/fan_in) matrices, unit norm scales, zero biases."""
-    if len(shape) >= 2:
-        return torch.randn(shape, dtype=dtype, device=device, generator=generator) / math.sqrt(math.prod(shape[1:]))
-    fill = 1.0 if name in ("weight", "scale") else 0.0
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def build_on_device(model_cls, config: dict, device: torch.device, dtype: torch.dtype, quantization_config=None):
-    """`model_cls` from `config` with random weights made directly on `device` (no host copy).
-
-    With a bitsandbytes `quantization_config` it follows diffusers' from_pretrained: the
-    quantizer swaps nn.Linear for bnb Linear4bit on the meta skeleton, then each weight is
-    drawn in bf16 on the device and quantized there, one tensor at a time (the full bf16
-    model never exists)."""
-    import bitsandbytes as bnb
-
-    with torch.device("meta"):
-        model = model_cls.from_config(config)
-    quantizer = None
-    if quantization_config is not None:
-        from diffusers.quantizers import DiffusersAutoQuantizer
-
-        quantizer = DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False)
-        keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        quantizer.preprocess_model(model=model, device_map=None, keep_in_fp32_modules=keep)
-    generator = torch.Generator(device).manual_seed(SEED)
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            if isinstance(param, bnb.nn.Params4bit):
-                value = _random_(name, param.shape, quantization_config.bnb_4bit_compute_dtype, device, generator)
-                module._parameters[name] = bnb.nn.Params4bit(value, requires_grad=False, **param.__dict__).to(device)
-            else:
-                module._parameters[name] = torch.nn.Parameter(_random_(name, param.shape, dtype, device, generator),
-                                                              requires_grad=False)
-        if any(b is not None and b.is_meta for b in module._buffers.values()):
-            raise ValueError(f"{type(module).__name__} has buffers that a meta-device build leaves empty")
-    if quantizer is not None:
-        quantizer.postprocess_model(model)
-        model.hf_quantizer = quantizer  # what from_pretrained sets; FluxBackend reads it
-    return model
-
-
-@functools.cache
-def _tiny_config_cached(family, key: str) -> str:
-    return json.dumps(dict(family.stand_ins()[key].config))
-
-
-def _tiny_config(family, key: str) -> dict:
-    """The denoiser config of iclora.backends.tiny's model (built once per process)."""
-    return json.loads(_tiny_config_cached(family, key))
-
-
-class SDXL:
-    """The SDXL adapter: public config, stand-ins, inputs, and diffusers' reference step."""
-
-    name = "sdxl"
-    denoiser_key = "unet"
-    conditioning = "concat"  # the trainer's default for SDXL
-
-    @staticmethod
-    def reference_scheduler(stand_in):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(stand_in.config)  # as train_dreambooth_lora_sdxl.py
-
-    @staticmethod
-    def backend_cls():
-        from iclora.backends.sdxl import SDXLBackend
-
-        return SDXLBackend
-
-    @staticmethod
-    def stand_ins() -> dict[str, Any]:
-        from iclora.backends.tiny import build_tiny_sdxl_components
-
-        return build_tiny_sdxl_components()
-
-    @classmethod
-    def config(cls, tiny: bool) -> dict:
-        return _tiny_config(cls, "unet") if tiny else dict(SDXL_UNET_CONFIG)
-
-    @staticmethod
-    def build(config: dict, device, dtype, nf4: bool):
-        from diffusers import UNet2DConditionModel
-
-        if nf4:
-            raise ValueError("--nf4 on: the SDXL backend has no quantized loading (FLUX only)")
-        return build_on_device(UNet2DConditionModel, config, device, dtype)
-
-    @staticmethod
-    def lora_targets():
-        from iclora.backends.sdxl import LORA_TARGET_MODULES
-
-        return LORA_TARGET_MODULES
-
-    @staticmethod
-    def reference_config(config: dict) -> dict:
-        """Ours after SDXLBackend widened conv_in for concat conditioning."""
-        from iclora.backends.sdxl import CONCAT_CHANNELS
-
-        return {**config, "in_channels": CONCAT_CHANNELS}
-
-    @staticmethod
-    def latent_channels(config: dict) -> int:
-        return config["out_channels"]
-
-    @staticmethod
-    def prompt_embeds(config: dict, batch: int, device, dtype) -> dict[str, torch.Tensor]:
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        return {
-            "prompt_embeds": torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype),
-            "pooled_prompt_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-        }  # (B, 77, 2048), (B, 1280): both CLIPs' states, text_encoder_2's pooled projection
-
-    @staticmethod
-    def reference_loss(model, scheduler, inputs: dict, weight_dtype) -> torch.Tensor:
-        """train_dreambooth_lora_sdxl.py's step; the 9-channel input as an inpainting UNet takes it."""
-        latents = inputs["latents"]
-        noise = torch.randn_like(latents)
-        bsz = latents.shape[0]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if model.config.in_channels != latents.shape[1]:
-            noisy = torch.cat([noisy, inputs["mask"], inputs["masked_latents"].to(noisy.dtype)], dim=1)  # (B, 9, h, w)
-        height, width = latents.shape[2] * 8, latents.shape[3] * 8
-        time_ids = torch.cat([
-            torch.tensor([[*s.tolist(), *c.tolist(), height, width]]).to(latents.device, dtype=weight_dtype)
-            for s, c in zip(inputs["batch"]["original_size"], inputs["batch"]["crop_top_left"])
-        ])  # (B, 6)
-        embeds = inputs["prompt_embeds"]
-        pred = model(
-            noisy, timesteps, embeds["prompt_embeds"],
-            added_cond_kwargs={"time_ids": time_ids, "text_embeds": embeds["pooled_prompt_embeds"]}, return_dict=False,
-        )[0]
-        return F.mse_loss(pred.float(), noise.float(), reduction="mean")
-
-
-class Flux:
-    """The FLUX.1 adapter (dev layout, `blend` conditioning)."""
-
-    name = "flux"
-    denoiser_key = "transformer"
-    conditioning = "blend"  # FLUX.1-dev; concat needs a FLUX.1-Fill transformer
-
-    @staticmethod
-    def reference_scheduler(stand_in):
-        return stand_in  # FlowMatchEulerDiscreteScheduler with FLUX.1-dev's config
-
-    @staticmethod
-    def backend_cls():
-        from iclora.backends.flux import FluxBackend
-
-        return FluxBackend
-
-    @staticmethod
-    def stand_ins() -> dict[str, Any]:
-        from iclora.backends.tiny import build_tiny_flux_components
-
-        return build_tiny_flux_components()
-
-    @classmethod
-    def config(cls, tiny: bool) -> dict:
-        return _tiny_config(cls, "transformer") if tiny else dict(FLUX_DEV_TRANSFORMER_CONFIG)
-
-    @staticmethod
-    def build(config: dict, device, dtype, nf4: bool):
-        from diffusers import FluxTransformer2DModel
-
-        if not nf4:
-            return build_on_device(FluxTransformer2DModel, config, device, dtype)
-        from iclora.backends.flux import QUANTIZE_CONFIGS
-        from peft import prepare_model_for_kbit_training
-
-        model = build_on_device(FluxTransformer2DModel, config, device, torch.bfloat16, QUANTIZE_CONFIGS["nf4"]())
-        # As FluxBackend's loader (and diffusers' FLUX LoRA script) do after a quantized load.
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-    @staticmethod
-    def lora_targets():
-        from iclora.backends.flux import LORA_TARGET_MODULES
-
-        return LORA_TARGET_MODULES
-
-    @staticmethod
-    def reference_config(config: dict) -> dict:
-        return config  # blend: FluxBackend keeps the transformer as it is
-
-    @staticmethod
-    def latent_channels(config: dict) -> int:
-        return (config.get("out_channels") or config["in_channels"]) // 4
-
-    @staticmethod
-    def prompt_embeds(config: dict, batch: int, device, dtype) -> dict[str, torch.Tensor]:
-        from iclora.backends.flux import MAX_SEQUENCE_LENGTH
-
-        return {
-            "prompt_embeds": torch.randn(batch, MAX_SEQUENCE_LENGTH, config["joint_attention_dim"], device=device, dtype=dtype),
-            "pooled_prompt_embeds": torch.randn(batch, config["pooled_projection_dim"], device=device, dtype=dtype),
-        }  # (B, 512, 4096) T5, (B, 768) CLIP pooled
-
-    @staticmethod
-    def reference_loss(model, scheduler, inputs: dict, weight_dtype) -> torch.Tensor:
-        """train_dreambooth_lora_flux.py's step (weighting_scheme none, guidance 3.5)."""
-        from diffusers import FluxPipeline
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
-        latents = inputs["latents"]
-        device, dtype = latents.device, latents.dtype
-        bsz, channels, h, w = latents.shape
-        img_ids = FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, device, dtype)
-        noise = torch.randn_like(latents)
-        u = compute_density_for_timestep_sampling("none", batch_size=bsz, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
-        indices = (u * scheduler.config.num_train_timesteps).long()
-        timesteps = scheduler.timesteps[indices].to(device=device)
-        schedule = scheduler.timesteps.to(device)
-        sigmas = scheduler.sigmas.to(device=device, dtype=dtype)[[(schedule == t).nonzero().item() for t in timesteps]]
-        sigmas = sigmas.view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        packed = FluxPipeline._pack_latents(noisy, bsz, channels, h, w)  # (B, h/2 * w/2, 4C)
-        embeds = inputs["prompt_embeds"]
-        guidance = torch.tensor([3.5], device=device).expand(bsz) if model.config.guidance_embeds else None
-        pred = model(
-            hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
-            pooled_projections=embeds["pooled_prompt_embeds"], encoder_hidden_states=embeds["prompt_embeds"],
-            txt_ids=torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=device, dtype=dtype), img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        pred = FluxPipeline._unpack_latents(pred, h * 8, w * 8, 8)  # (B, C, h, w)
-        weighting = compute_loss_weighting_for_sd3("none", sigmas=sigmas)
-        target = noise - latents
-        return torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
-
-
-FAMILIES = {"sdxl": SDXL, "flux": Flux}
-
-
-def make_backend(family, denoiser):
-    """Our backend around `denoiser`, through its own constructor. The VAE, text encoders,
-    tokenizers and scheduler are the tiny in-code ones (a few MB on the CPU, never run); the
-    VAE stand-in only answers config questions (scale factor, latent channels)."""
-    from diffusers import AutoencoderKL
-
-    components = family.stand_ins()
-    latent_channels = family.latent_channels(dict(denoiser.config))
-    if components["vae"].config.latent_channels != latent_channels:  # full-size FLUX: 16, tiny: 4
-        components["vae"] = AutoencoderKL.from_config({**components["vae"].config, "latent_channels": latent_channels})
-    components[family.denoiser_key] = denoiser
-    return family.backend_cls()(components, f"random-init {family.name}", family.conditioning)
-
-
-# ---- one phase: set up, time, count ---------------------------------------------------------
-
-
-def fresh_accelerator(precision: str, device: torch.device):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precisions fp16 needs a CUDA device (accelerate has no fp16 autocast on CPU): use bf16")
-    AcceleratorState._reset_state(reset_partial_state=True)  # each setting has its own mixed precision
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-
-
-def make_optimizer(params, adam8bit: bool):
-    if adam8bit:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=LR, weight_decay=WEIGHT_DECAY), "adamw8bit"
-    try:
-        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True), "adamw-fused"
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY), "adamw"
-
-
-def make_inputs(family, config: dict, setting: Setting, device, dtype, masked_dtype) -> dict[str, Any]:
-    """What the trainer hands `diffusion_loss`, at the real shapes: latents in the weight
-    dtype, a 2x2 grid with three panels masked, cached text embeddings, the collated extras."""
-    from iclora.panels import Grid, latent_mask, panel_mask
-
-    width, height = setting.size
-    b, f = setting.batch_size, 8
-    latents = torch.randn(b, family.latent_channels(config), height // f, width // f, device=device, dtype=dtype)
-    pixel_mask = torch.stack([panel_mask([1, 2, 3], Grid.parse("2x2"), height, width)] * b).to(device)  # (B, 1, H, W)
-    return {
-        "latents": latents,  # (B, C, h, w)
-        "mask": latent_mask(pixel_mask, f).to(dtype),  # (B, 1, h, w)
-        "masked_latents": torch.randn(latents.shape, device=device, dtype=masked_dtype),
-        "prompt_embeds": family.prompt_embeds(config, b, device, dtype),
-        "batch": {"original_size": torch.tensor([[height, width]] * b), "crop_top_left": torch.zeros(b, 2, dtype=torch.long)},
-    }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def flop_formulas() -> dict:
-    """FLOP formulas FlopCounterMode lacks: the fused NF4 matmul bitsandbytes runs in its
-    forward (`bitsandbytes::gemm_4bit`, on every device; its backward is a plain matmul) and
-    PyTorch's CPU flash attention. Without them NF4 forwards count as zero."""
-    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
-    def gemm_4bit(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
-        return 2 * math.prod(a_shape) * shape_b[0]  # A (..., K) @ W(N, K).T
-
-    def cpu_sdpa(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-    def cpu_sdpa_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
-
-    return {
-        torch.ops.bitsandbytes.gemm_4bit: gemm_4bit,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward,
-    }
-
-
-def measure(device, warmup: int, steps: int, step: Callable[[int], torch.Tensor],
-            forward: Callable[[int], torch.Tensor], eager: Callable[[], Any]) -> dict[str, Any]:
-    """Time warm-up + steps (synchronised, as the trainer's per-step loss.item() is), read the
-    memory peaks, then count the FLOPs of one more step and of its forward alone (autograd
-    on, so the same kernels run: bitsandbytes takes another path under no_grad). `eager()`
-    swaps a compiled module back for the count: FlopCounterMode sees eager ops only."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _free(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        loss = step(i).detach().float().item()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    result: dict[str, Any] = {"times": times, "s_per_step": statistics.median(times[warmup:]), "loss": loss}
-    if device.type == "cuda":
-        result["peak_allocated"] = torch.cuda.max_memory_allocated(device)
-        result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
-    formulas = flop_formulas()
-    with eager():
-        with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
-            step(warmup + steps)
-        result["step_flops"] = counter.get_total_flops()
-        with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
-            forward(warmup + steps + 1)  # with autograd on: the step's own forward kernels
-        result["forward_flops"] = counter.get_total_flops()
-    return result
-
-
-@contextlib.contextmanager
-def _swapped(holder, attr: str, module):
-    compiled = getattr(holder, attr)
-    setattr(holder, attr, module)
-    try:
-        yield
-    finally:
-        setattr(holder, attr, compiled)
-
-
-def maybe_compile(holder, attr: str, enabled: bool) -> Callable[[], Any]:
-    """torch.compile holder.<attr> in place when enabled; returns the eager-swap context."""
-    eager_module = getattr(holder, attr)
-    if enabled:
-        setattr(holder, attr, torch.compile(eager_module))
-    return lambda: _swapped(holder, attr, eager_module)
-
-
-def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
-    """The trainer's set-up (Trainer.setup order) and step (Trainer.train around diffusion_loss)."""
-    from diffusers.optimization import get_scheduler
-
-    from iclora.training.trainer import diffusion_loss, step_generator
-
-    family, device = FAMILIES[setting.model], torch.device(opts.device)
-    accelerator = fresh_accelerator(setting.precision, device)
-    dtype = WEIGHT_DTYPES[setting.precision]
-    config = family.config(opts.tiny)
-    backend = make_backend(family, family.build(config, device, dtype, setting.nf4))
-    backend.add_lora(setting.rank, setting.rank, opts.lora_dropout)
-    if setting.checkpointing:
-        backend.enable_gradient_checkpointing()
-    backend.to(device, dtype)
-    backend.release_text_encoders()  # as with --cache_text_embeddings
-    if opts.channels_last:
-        backend.denoiser.to(memory_format=torch.channels_last)
-    optimizer, optimizer_name = make_optimizer(backend.trainable_parameters(), setting.adam8bit)
-    lr_scheduler = get_scheduler("constant", optimizer)
-    backend.denoiser, optimizer, lr_scheduler = accelerator.prepare(backend.denoiser, optimizer, lr_scheduler)
-    eager = maybe_compile(backend, "denoiser", opts.compile)
-    backend.denoiser.train()
-    inputs = make_inputs(family, config, setting, device, dtype, backend.vae.dtype)
-    skipped = 0
-
-    def forward(i: int) -> torch.Tensor:
-        return diffusion_loss(backend, inputs["latents"], inputs["mask"], inputs["masked_latents"],
-                              inputs["prompt_embeds"], inputs["batch"], step_generator(SEED, i, 0), 0.0)
-
-    def step(i: int) -> torch.Tensor:
-        nonlocal skipped
-        with accelerator.accumulate(backend.denoiser):
-            loss = forward(i)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and MAX_GRAD_NORM > 0:
-                accelerator.clip_grad_norm_(backend.trainable_parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        skipped += int(accelerator.optimizer_step_was_skipped)
-        return loss
-
-    result = measure(device, opts.warmup, opts.steps, step, forward, eager)
-    result.update(optimizer=optimizer_name, skipped_steps=skipped)
-    accelerator.free_memory()
-    return result
-
-
-def run_reference(setting: Setting, opts: RunOptions) -> dict[str, Any]:
-    """diffusers' dreambooth LoRA step at equal settings: the architecture ours trains (after
-    our backend's changes), our LoRA targets, rank/alpha/dropout, optimizer, precision,
-    checkpointing; LoRA weights in float32 (cast_training_params) as ours."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
-    family, device = FAMILIES[setting.model], torch.device(opts.device)
-    accelerator = fresh_accelerator(setting.precision, device)
-    dtype = WEIGHT_DTYPES[setting.precision]
-    config = family.config(opts.tiny)
-    scheduler = family.reference_scheduler(family.stand_ins()["scheduler"])  # the real model's config
-
-    ref = types.SimpleNamespace(model=family.build(family.reference_config(config), device, dtype, setting.nf4))
-    ref.model.requires_grad_(False)
-    if setting.checkpointing:
-        ref.model.enable_gradient_checkpointing()
-    ref.model.add_adapter(LoraConfig(r=setting.rank, lora_alpha=setting.rank, lora_dropout=opts.lora_dropout,
-                                     init_lora_weights="gaussian", target_modules=family.lora_targets()))
-    cast_training_params(ref.model, dtype=torch.float32)
-    if opts.channels_last:
-        ref.model.to(memory_format=torch.channels_last)
-    params = [p for p in ref.model.parameters() if p.requires_grad]
-    optimizer, optimizer_name = make_optimizer(params, setting.adam8bit)
-    lr_scheduler = get_scheduler("constant", optimizer)
-    ref.model, optimizer, lr_scheduler = accelerator.prepare(ref.model, optimizer, lr_scheduler)
-    eager = maybe_compile(ref, "model", opts.compile)
-    ref.model.train()
-    inputs = make_inputs(family, config, setting, device, dtype, torch.float32)  # (SDXL's VAE output dtype)
-    skipped = 0
-
-    def forward(i: int) -> torch.Tensor:
-        return family.reference_loss(ref.model, scheduler, inputs, dtype)
-
-    def step(i: int) -> torch.Tensor:
-        nonlocal skipped
-        loss = forward(i)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        skipped += int(accelerator.optimizer_step_was_skipped)
-        return loss
-
-    result = measure(device, opts.warmup, opts.steps, step, forward, eager)
-    result.update(optimizer=optimizer_name, skipped_steps=skipped)
-    accelerator.free_memory()
-    return result
-
-
-def _guard(phase: Callable[[], dict], device: torch.device) -> dict:
-    """Run a phase; an out-of-memory becomes a result, and the memory is given back either way."""
-    if device.type == "cuda" and torch.cuda.memory_allocated(device) > 64 * 2**20:
-        print(f"warning: {torch.cuda.memory_allocated(device) / GIB:.2f} GiB still allocated from an earlier phase "
-              "is counted in this one's peaks: use --isolate process", file=sys.stderr)
-    try:
-        return phase()
-    except torch.cuda.OutOfMemoryError as error:
-        return {"error": "OOM", "detail": str(error).splitlines()[0]}
-    finally:
-        _free(device)
-
-
-def run_setting(setting: Setting, opts: RunOptions) -> dict[str, Any]:
-    """Ours, then the reference, each from a freshly built model, in this process."""
-    device = torch.device(opts.device)
-    torch.manual_seed(SEED)
-    result = {"setting": dataclasses.asdict(setting), "ours": _guard(lambda: run_ours(setting, opts), device)}
-    if opts.reference:
-        torch.manual_seed(SEED)
-        result["reference"] = _guard(lambda: run_reference(setting, opts), device)
-    return result
-
-
-def matmul_peak(device: torch.device) -> dict[str, Any]:
-    """Measured dense bf16 matmul throughput (FLOP/s): the MFU denominator. None off CUDA."""
-    if device.type != "cuda":
-        threads = torch.get_num_threads()
-        name = f"CPU {platform.processor() or platform.machine()} ({threads} thread{'s' * (threads != 1)})"
-        return {"peak_flops": None, "device_name": name}
-    n, iters, best = 8192, 50, 0.0
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    out = torch.empty_like(a)
-    for _ in range(5):
-        torch.mm(a, b, out=out)
-    for _ in range(5):
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b, out=out)
-        torch.cuda.synchronize(device)
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
-    del a, b, out
-    _free(device)
-    return {"peak_flops": best, "device_name": torch.cuda.get_device_name(device)}
-
-
-# ---- isolation: one process per setting ---------------------------------------------------------
 
 
 def _worker_call(job: dict, isolate: bool) -> dict:
@@ -912,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nf4", type=_list(_on_off), help="FLUX transformer quantized to NF4 (bitsandbytes): on,off")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3, tiny 1; raise with --compile)")
     p.add_argument("--steps", type=int, help="timed steps (default 10, tiny 2)")
-    p.add_argument("--lora_dropout", type=float, default=_TRAIN_DEFAULTS["lora_dropout"],
+    p.add_argument("--lora_dropout", type=float, default=TRAIN_DEFAULTS["lora_dropout"],
                    help="LoRA dropout, ours and the reference (default: TrainConfig's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (ours and reference)")
     p.add_argument("--channels_last", action="store_true", help="denoiser weights in channels_last (ours and reference)")

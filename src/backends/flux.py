@@ -324,19 +324,24 @@ class FluxBackend:
         return self._pipe
 
 
+def prepare_quantized(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
+    """QLoRA prep after a quantized load, as diffusers' FLUX LoRA scripts do it: freeze every
+    weight, upcast the unquantized leftovers (norms, biases, embeddings) to float32."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+
+
 def _load_transformer(source: str, subfolder: str | None, variant: str | None, quantize: str | None):
     kw: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
     if variant:
         kw["variant"] = variant
     if not quantize:
         return FluxTransformer2DModel.from_pretrained(source, **kw)
-    from peft import prepare_model_for_kbit_training
-
     transformer = FluxTransformer2DModel.from_pretrained(
         source, quantization_config=QUANTIZE_CONFIGS[quantize](), torch_dtype=torch.bfloat16, **kw
     )
-    # QLoRA as diffusers' FLUX LoRA scripts: freeze, upcast the unquantized leftovers to float32.
-    return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+    return prepare_quantized(transformer)
 
 
 def _check_is_flux(model_id: str) -> None:
