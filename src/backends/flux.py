@@ -51,6 +51,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from .lora_files import LORA_WEIGHT_NAME, resolve_lora_file
 from .tiny import TINY_MODELS, is_tiny
+from .trainable import load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -291,16 +292,10 @@ class FluxBackend:
 
     # ---- weights -------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.transformer.named_parameters() if p.requires_grad}
+        return trainable_state(self.transformer)
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.transformer.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable_state(self.transformer, state)
 
     def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
         lora = get_peft_model_state_dict(self.transformer)
