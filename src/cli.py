@@ -101,6 +101,33 @@ def _config_files_first(argv: list[str]) -> list[str]:
     return configs + others
 
 
+def train_entry(argv: Sequence[str] | None, prog: str, description: str, defaults: dict[str, Any]):
+    """What every train_*_ic_lora.py does: parse the flags (a bad flag fails here, before the
+    slow imports), then train and return the TrainResult."""
+    from .training.config import TrainConfig
+
+    cfg = parse_config(TrainConfig, argv, prog=prog, description=description, defaults=defaults)
+    from .training.trainer import train
+
+    result = train(cfg)
+    print(f"saved {result.final_dir}")
+    return result
+
+
+def infer_entry(argv: Sequence[str] | None, prog: str, description: str, defaults: dict[str, Any]):
+    """What every *_ic_lora_inference.py does: parse the flags, then inpaint and return the
+    files written."""
+    from .inference.config import InferConfig
+
+    cfg = parse_config(InferConfig, argv, prog=prog, description=description, defaults=defaults)
+    from .inference.inpaint import run
+
+    files = run(cfg)
+    for file in files:
+        print(file)
+    return files
+
+
 def run_cli(main, argv: Sequence[str] | None = None) -> None:
     """Call `main(argv)` and turn the errors users cause into one line and exit status 2."""
     try:

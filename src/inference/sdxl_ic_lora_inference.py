@@ -16,20 +16,13 @@ if __package__ in (None, ""):  # run by path
     sys.path.pop(0)
     ensure_package()
 
-from iclora.cli import parse_config, run_cli
-from iclora.inference.config import InferConfig
+from iclora.cli import infer_entry, run_cli
 
 DEFAULTS = {"backend": "sdxl", "num_inference_steps": 50, "guidance_scale": 7.5}
 
 
 def main(argv=None):
-    cfg = parse_config(InferConfig, argv, prog="sdxl_ic_lora_inference.py", description=__doc__, defaults=DEFAULTS)
-    from iclora.inference.inpaint import run  # heavy imports after the flags are checked
-
-    files = run(cfg)
-    for file in files:
-        print(file)
-    return files
+    return infer_entry(argv, "sdxl_ic_lora_inference.py", __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ if __package__ in (None, ""):  # run by path
     sys.path.pop(0)
     ensure_package()
 
-from iclora.cli import parse_config, run_cli
-from iclora.training.config import TrainConfig
+from iclora.cli import train_entry, run_cli
 
 # The official IC-LoRA recipe (ali-vilab/In-Context-LoRA): FLUX.1-dev, rank 16, alpha 16.
 DEFAULTS = {
@@ -33,12 +32,7 @@ DEFAULTS = {
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, prog="train_flux_ic_lora.py", description=__doc__, defaults=DEFAULTS)
-    from iclora.training.trainer import train  # heavy imports after the flags are checked
-
-    result = train(cfg)
-    print(f"saved {result.final_dir}")
-    return result
+    return train_entry(argv, "train_flux_ic_lora.py", __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":
