@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_ARGS, toy_dataset
 from iclora.backends.lora_files import LORA_WEIGHT_NAME, METADATA_NAME
-from iclora.backends.sdxl import CONV_IN_WEIGHT_NAME, LORA_TARGET_MODULES, SDXLBackend, widen_conv_in
+from iclora.backends.sdxl import CONV_IN_WEIGHT_NAME, KOHYA_WEIGHT_NAME, LORA_TARGET_MODULES, SDXLBackend, widen_conv_in
 from iclora.backends.tiny import build_tiny_sdxl_components
 from iclora.cli import build_parser, parse_config, run_cli
 from iclora.data import DatasetError
@@ -88,7 +88,7 @@ NON_DEFAULTS = {
     "weight_decay": 0.5, "max_grad_norm": 0.25, "use_8bit_adam": True, "lora_rank": 12, "lora_alpha": 24,
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "cache_text_embeddings": True, "cache_latents": True,
-    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "save_every": 9,
+    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": True, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
 }
 
@@ -631,7 +631,7 @@ def test_stock_diffusers_pipeline_loads_the_lora(conditioning, data_2x2, tiny_sd
 
     # alpha != rank: loading must honour the saved alpha, not assume alpha = rank.
     trainer = make_trainer(data_2x2, "--conditioning", conditioning, "--lora_rank", "4", "--lora_alpha", "16",
-                           "--learning_rate", "1e-2", "--max_train_steps", "3")
+                           "--learning_rate", "1e-2", "--max_train_steps", "3", "--output_kohya_format")
     result = trainer.train()
     ours = trainer.backend.unet.eval()
 
@@ -653,6 +653,15 @@ def test_stock_diffusers_pipeline_loads_the_lora(conditioning, data_2x2, tiny_sd
     assert torch.equal(stock, again)  # inference is deterministic (no LoRA dropout left on)
     assert torch.allclose(stock, expected, atol=1e-5)
     assert (stock - base).abs().max() > 1e-2  # the LoRA does something
+
+    # The kohya-key copy (for ComfyUI) carries the same weights and the real alpha.
+    kohya = load_file(result.final_dir / KOHYA_WEIGHT_NAME)
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {16.0}
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(result.final_dir), weight_name=KOHYA_WEIGHT_NAME)
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(sample, t, **kwargs).sample, expected, atol=1e-5)
 
 
 # ---- the script, run by path ----------------------------------------------------------------------------

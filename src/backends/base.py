@@ -97,8 +97,9 @@ class Backend(Protocol):
         """The denoiser's prediction (B, C, h, w), comparable to the loss target. `batch`
         carries per-sample extras (SDXL micro-conditioning: original size, crop)."""
 
-    def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
-        """Write the trained weights in the diffusers LoRA format into `directory`."""
+    def save_lora(self, directory: Path, kohya: bool = False) -> None:
+        """Write the trained weights in the diffusers LoRA format into `directory`; with
+        `kohya`, also a copy that ComfyUI / A1111 load (where the diffusers file does not)."""
 
     def load_lora(self, path: Path) -> None:
         """Load a LoRA folder (ours) or a single .safetensors file (ours or foreign)."""

@@ -297,7 +297,8 @@ class FluxBackend:
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.transformer, state)
 
-    def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
+    def save_lora(self, directory: Path, kohya: bool = False) -> None:
+        # kohya: nothing more to write, ComfyUI loads FLUX LoRAs with diffusers keys as they are.
         lora = get_peft_model_state_dict(self.transformer)
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
         # must not: load_lora_weights leaves the new dropout layers in train mode, so a

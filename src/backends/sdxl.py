@@ -21,6 +21,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from peft import LoraConfig
+from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 CONV_IN_WEIGHT_NAME = "conv_in.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 CONCAT_CHANNELS = 9  # 4 noisy latent + 1 mask + 4 masked-image latent
 
 
@@ -234,7 +236,7 @@ class SDXLBackend:
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.unet, state)
 
-    def save_lora(self, directory: Path, metadata: dict[str, Any]) -> None:
+    def save_lora(self, directory: Path, kohya: bool = False) -> None:
         directory = Path(directory)
         lora = get_peft_model_state_dict(self.unet)
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
@@ -247,6 +249,13 @@ class SDXLBackend:
             unet_lora_adapter_metadata=adapter_metadata,
             weight_name=LORA_WEIGHT_NAME,
         )
+        if kohya:
+            # ComfyUI ignores diffusers-format SDXL keys ("lora key not loaded", no error).
+            # diffusers' converter writes alpha = rank; the real alpha must go in instead.
+            alpha = torch.tensor(float(adapter_metadata["lora_alpha"]))
+            converted = convert_state_dict_to_kohya({f"unet.{k}": v.contiguous() for k, v in lora.items()})
+            converted = {k: alpha.clone() if k.endswith(".alpha") else v for k, v in converted.items()}
+            atomic_save_file(converted, directory / KOHYA_WEIGHT_NAME)
         if self.conditioning == "concat":
             conv = self.unet.conv_in
             atomic_save_file(

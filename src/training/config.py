@@ -75,6 +75,8 @@ class TrainConfig:
     """Trade compute for memory in the denoiser."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
+    output_kohya_format: bool = False
+    """Also write final_model/pytorch_lora_weights_kohya.safetensors for ComfyUI / A1111 (SDXL; FLUX files load there as they are)."""
     save_every: int = 1000
     """Write a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: Optional[int] = None

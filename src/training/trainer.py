@@ -352,7 +352,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with atomic_directory(final) as tmp:
-                self.backend.save_lora(tmp, self.metadata())
+                self.backend.save_lora(tmp, kohya=self.cfg.output_kohya_format)
                 atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
         self.accelerator.wait_for_everyone()
         return final
