@@ -6,8 +6,10 @@ slow and left out of the default run. Run it with
 
     python -m pytest -m slow tests/test_known_answer.py
 
-The margins asserted are the ones measured in benchmarks/RESULTS.md, with slack for
-run-to-run differences across machines (the run itself is seeded).
+The run is seeded; the thresholds are about half the margins measured in
+benchmarks/RESULTS.md (2 CPU cores, seed 0), to allow for floating-point differences
+between machines. Measured (hidden panels, unseen pairs, MAE 0-255): (a) 24.8, (b) 11.5,
+(c) 19.4, flat background 14.6; right colour (b) 62%, (c) 12%.
 """
 
 import importlib.util
@@ -44,9 +46,13 @@ def test_masked_panel_training_beats_untrained_and_unmasked_training(tmp_path):
     for row in (a, b, c):
         assert row["visible"] == 0.0
 
-    # Hidden panels of (colour, shape) pairs never seen in training.
-    assert b["hidden_unseen"] < a["hidden_unseen"] - 50, table
-    assert b["hidden_unseen"] < c["hidden_unseen"] - 5, table
+    # Hidden panels of (colour, shape) pairs never seen in training. Measured margins:
+    # 13.3 below (a), 8.0 below (c), 3.2 below a blank guess.
+    assert b["hidden_unseen"] < a["hidden_unseen"] - 6, table
+    assert b["hidden_unseen"] < c["hidden_unseen"] - 4, table
     assert b["hidden_unseen"] < blank["hidden_unseen"], table
-    # The in-context part: the hidden objects take the visible panels' colour.
-    assert b["colour_unseen"] >= c["colour_unseen"] + 0.5, table
+    # And on the training composites (measured: 8.1 below (c)).
+    assert b["hidden_seen"] < c["hidden_seen"] - 4, table
+    # The in-context part: the hidden objects take the visible panels' colour
+    # (measured: 62% of hidden panels for (b), 12% for (c)).
+    assert b["colour_unseen"] >= c["colour_unseen"] + 0.25, table
