@@ -191,7 +191,7 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     """The trainer's set-up (Trainer.setup order) and step (Trainer.train around diffusion_loss)."""
     from diffusers.optimization import get_scheduler
 
-    from iclora.training.trainer import diffusion_loss, step_generator
+    from iclora.training.trainer import diffusion_loss, optimizer_step, step_generator
 
     family, device = FAMILIES[setting.model], torch.device(opts.device)
     accelerator = fresh_accelerator(setting.precision, device)
@@ -221,12 +221,7 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
         nonlocal skipped
         with accelerator.accumulate(backend.denoiser):
             loss = forward(i)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and MAX_GRAD_NORM > 0:
-                accelerator.clip_grad_norm_(backend.trainable_parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, backend, optimizer, lr_scheduler, loss, MAX_GRAD_NORM)
         skipped += int(accelerator.optimizer_step_was_skipped)
         return loss
 

@@ -74,6 +74,16 @@ def diffusion_loss(
     return masked_mse(pred, target, weight.float())
 
 
+def optimizer_step(accelerator, backend, optimizer, lr_scheduler, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """Backward, clip and step for one micro-batch (inside `accelerator.accumulate`)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(backend.trainable_parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, micro_step, process]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
@@ -247,12 +257,7 @@ class Trainer:
             for batch in batches:
                 with accelerator.accumulate(self.backend.denoiser):
                     loss = self._loss_step(batch, self.micro_step)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.backend.trainable_parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(accelerator, self.backend, self.optimizer, self.lr_scheduler, loss, cfg.max_grad_norm)
                 self.micro_step += 1
                 self.batches_in_epoch += 1
                 running.append(loss.detach().float())
