@@ -347,18 +347,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
+    from iclora.backends.lora_files import atomic_write_text
+
     peak = _worker_call({"kind": "peak", "options": options}, isolate)
+    command = ("python benchmarks/train_memory.py " + shlex.join(argv)).strip()
     results = []
     for i, setting in enumerate(settings, 1):
         print(f"[{i}/{len(settings)}] {setting}", file=sys.stderr, flush=True)
         job = {"kind": "setting", "setting": dataclasses.asdict(setting), "options": options}
         results.append(_worker_call(job, isolate))
-    command = "python benchmarks/train_memory.py " + shlex.join(argv)
-    report = render(results, peak, command.strip(), args, notes)
+        # Each row as soon as it is measured: a long matrix cut short keeps what it measured.
+        print("| " + " | ".join(table_row(results[-1], peak["peak_flops"], args.tiny)) + " |", file=sys.stderr, flush=True)
+        if args.out:
+            atomic_write_text(render(results, peak, command, args, notes), args.out)
+    report = render(results, peak, command, args, notes)
     print(report)
     if args.out:
-        from iclora.backends.lora_files import atomic_write_text
-
         atomic_write_text(report, args.out)
     return results
 

@@ -119,3 +119,13 @@ def test_target_rows_are_judged_on_peak_reserved_memory_and_time():
     result["ours"] = {"error": "OOM"}
     row = dict(zip(bench.COLUMNS, bench.table_row(result, peak_flops=1e15, tiny=False)))
     assert row["peak resv GiB"] == "OOM" and row["targets"] == "resv ≤ 9 GiB FAIL"
+
+
+def test_each_row_is_reported_as_soon_as_it_is_measured(tmp_path, capsys):
+    out = tmp_path / "partial.md"
+    bench.main(["--tiny", "--models", "sdxl", "--batch_sizes", "1", "--checkpointing", "off,on", "--no_reference",
+                "--out", str(out)])
+    err = capsys.readouterr().err
+    rows = [line for line in err.splitlines() if line.startswith("| sdxl | 64×64 | 1 |")]
+    assert len(rows) == 2 and err.index(rows[0]) < err.index("[2/2]")  # row 1 printed before setting 2 ran
+    assert len(_table(out.read_text())) == 2

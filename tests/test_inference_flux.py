@@ -99,3 +99,18 @@ def test_flux_lora_refused_by_the_sdxl_entry_point(flux_loras, tmp_path):
                                               "--panels_to_inpaint", "all", "--output_dir", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_inference_without_cuda_is_one_clear_error(flux_loras, tmp_path, capsys, mode):
+    from iclora.cli import run_cli
+
+    data, loras = flux_loras
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cli.main, ["--lora_path", str(loras["blend"]), "--input_image", str(data / "00001.png"),
+                           "--prompt", "p", "--panels_to_inpaint", "3", "--quantize", mode,
+                           "--output_dir", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --quantize {mode} needs a CUDA GPU (bitsandbytes 4/8-bit weights); none was found"
+    assert not (tmp_path / "x").exists()

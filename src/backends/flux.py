@@ -206,6 +206,12 @@ class FluxBackend:
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         if dtype == torch.float16:
             logger.warning("FLUX.1 is made for bf16; fp16 activations can overflow: prefer --mixed_precision bf16")
+        if torch.device(device).type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+            # cuDNN's fused attention failed in the backward of full-size FLUX.1 in bf16
+            # (CUDA illegal memory access; torch 2.11+cu130 on an H100, plain diffusers code
+            # too): training attends through flash / memory-efficient SDPA instead.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            logger.info("FLUX training: cuDNN scaled-dot-product attention disabled for this process")
         # The FLUX VAE is fine in bf16; fp16 gains little over float32 and risks overflow.
         self.vae.to(device, dtype if dtype == torch.bfloat16 else torch.float32)
         self.text_encoder.to(device, dtype)

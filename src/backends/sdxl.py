@@ -102,7 +102,7 @@ class SDXLBackend:
         if quantize:
             # The SDXL UNet (2.6 B parameters) trains in 16 GB in fp16 with checkpointing and
             # 8-bit Adam; a 4/8-bit base buys little and costs speed.
-            raise ValueError(f"--quantize {quantize} is for the flux backend; SDXL trains unquantized")
+            raise ValueError(f"--quantize {quantize} is for the flux backend; SDXL runs unquantized")
         if is_tiny(model_id):
             if not model_id.startswith("tiny-sdxl"):
                 raise ValueError(f"--model_id {model_id} is not an SDXL model")

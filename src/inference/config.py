@@ -59,7 +59,9 @@ class InferConfig:
     cpu_offload: bool = False
     """Keep models on the CPU and move each to the GPU only while it runs (less GPU memory)."""
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
-    """Weights dtype (default: float16 on CUDA, float32 on CPU)."""
+    """Weights dtype (default on CUDA: the backend's own, float16 for SDXL and bfloat16 for FLUX; float32 on CPU)."""
+    quantize: Optional[Literal["nf4", "int8"]] = None
+    """Load the FLUX transformer quantized through bitsandbytes (CUDA only; FLUX.1 in bf16 needs ~24 GB)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:

@@ -131,7 +131,10 @@ def load_pipeline(plan: Plan):
     from ..backends import load_backend
 
     cfg = plan.cfg
-    backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, variant=cfg.variant)
+    options = {"variant": cfg.variant}
+    if cfg.quantize:
+        options["quantize"] = cfg.quantize
+    backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, **options)
     if cfg.lora_path.lower() != "none":
         backend.load_lora(Path(cfg.lora_path))
     pipe = backend.inpaint_pipeline()
@@ -145,8 +148,15 @@ def load_pipeline(plan: Plan):
         vae_scale_factor=backend.vae_scale_factor, do_normalize=False, do_binarize=False, do_convert_grayscale=True
     )
     cuda = torch.cuda.is_available()
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.float16 if cuda else torch.float32)
-    pipe.to(dtype=dtype)
+    native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend.preferred_mixed_precision]
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
+    if getattr(backend, "quantized", False):
+        # bitsandbytes weights keep their own dtype and device: cast the other components only.
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module) and component is not backend.denoiser:
+                component.to(dtype=dtype)
+    else:
+        pipe.to(dtype=dtype)
     if cfg.cpu_offload and cuda:
         pipe.enable_model_cpu_offload()
     elif cuda:
