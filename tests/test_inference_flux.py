@@ -114,3 +114,13 @@ def test_quantized_inference_without_cuda_is_one_clear_error(flux_loras, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: --quantize {mode} needs a CUDA GPU (bitsandbytes 4/8-bit weights); none was found"
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("guidance, warned", [(3.5, True), (30.0, False)])
+def test_fill_base_at_dev_guidance_is_warned(flux_loras, caplog, guidance, warned):
+    data, loras = flux_loras
+    cfg = InferConfig(lora_path=str(loras["concat"]), prompt="a set", input_image=str(data / "00001.png"),
+                      backend="flux", guidance_scale=guidance)
+    with caplog.at_level("WARNING", logger="iclora.inference.inpaint"):
+        load_pipeline(check_inputs(cfg))
+    assert any("pass --guidance_scale 30" in r.getMessage() for r in caplog.records) == warned

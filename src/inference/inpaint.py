@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import secrets
 from dataclasses import asdict, dataclass
@@ -29,6 +30,11 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from ..backends.lora_files import atomic_write_text, read_metadata, resolve_lora_file
 from ..panels import Grid, feather, fit_to_grid, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
+
+logger = logging.getLogger(__name__)
+# FLUX.1-Fill-dev's guidance embedding was distilled around 30 (its model card's value);
+# the FLUX.1-dev default of 3.5 leaves Fill completions faint.
+FILL_GUIDANCE_HINT = 10.0
 
 COMPARISON_GAP = 4  # white pixels between tiles of the comparison image
 DEFAULT_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "flux": "black-forest-labs/FLUX.1-dev"}
@@ -162,6 +168,11 @@ def load_pipeline(plan: Plan):
     elif cuda:
         pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
+    transformer = getattr(pipe, "transformer", None)
+    if (backend.conditioning == "concat" and transformer is not None and transformer.config.guidance_embeds
+            and cfg.guidance_scale < FILL_GUIDANCE_HINT):
+        logger.warning("--guidance_scale %g with a FLUX.1-Fill base: Fill was distilled for guidance ~30 "
+                       "(pass --guidance_scale 30)", cfg.guidance_scale)
     return backend, pipe
 
 
