@@ -3,6 +3,8 @@
     python benchmarks/known_answer.py                        # SDXL, concat: ~7 min on 2 CPU cores
     python benchmarks/known_answer.py --picture docs/known_answer.png   # + the README picture
     python benchmarks/known_answer.py --conditioning blend   # the latent-blending path instead
+    python benchmarks/known_answer.py --backend flux         # FLUX.1-Fill layout (concat)
+    python benchmarks/known_answer.py --backend flux --conditioning blend   # FLUX.1-dev layout
     python -m pytest -m slow tests/test_known_answer.py      # the concat run, with its assertions
 
 The toy task (iclora.toy) draws one object (8 colours x 4 shapes) into every panel of a 2x2
@@ -20,7 +22,10 @@ never in these combinations); training sees the other 24 composites.
    errors are in pixels, and the toy base UNet (benchmarks/assets/toy_sdxl_unet,
    fit_toy_base.py): pretrained to draw any object in any panel, independently, never a
    composite. Training and inference load it with --model_id / --base_model FOLDER.
-2. Train with the real CLI entry point (train_sdxl_ic_lora.main): (b) the IC-LoRA with the
+   With --backend flux: fit_toy_flux.make_flux_base_model, the tiny FLUX text encoders, the
+   same toy VAE (FLUX shift/scale) and a toy transformer pretrained the same way
+   (benchmarks/assets/toy_flux_transformer for blend, toy_flux_fill_transformer for concat).
+2. Train with the real CLI entry point (train_<backend>_ic_lora.main): (b) the IC-LoRA with the
    default --mask_probability 0.7, (c) the same run with --mask_probability 0 (every sample
    trained as text -> whole composite).
 3. Complete panels 2 3 of each evaluation composite with the real inference code
@@ -54,6 +59,7 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fit_toy_base import TOY_UNET, TOY_VAE, make_base_model  # noqa: E402
+from fit_toy_flux import TOY_FLUX, make_flux_base_model  # noqa: E402
 
 from iclora.panels import Grid, panel_box  # noqa: E402
 from iclora.toy import BACKGROUND, PALETTE, SHAPES, make_caption, make_sample  # noqa: E402
@@ -64,6 +70,9 @@ HIDDEN, VISIBLE = [2, 3], [0, 1]
 COLOURS = list(PALETTE)
 # One held-out shape per colour, each shape twice: pair i = (colour i, shape i mod 4).
 HELD_OUT = [(colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS)]
+# Per backend: a FLUX step on CPU costs more (512 T5 tokens attend with the 64 image tokens).
+DEFAULT_STEPS = {"sdxl": 1500, "flux": 600}
+DEFAULT_LR = {"sdxl": 3e-3, "flux": 3e-3}
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -96,7 +105,9 @@ def write_folder(folder: Path, images: dict[tuple[str, str], Image.Image]) -> li
 
 def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: float, args) -> tuple[Path, float]:
     """One run of the training CLI, in-process. Returns (final_model dir, seconds)."""
-    from iclora.training.train_sdxl_ic_lora import main as train_main
+    from iclora.training import train_flux_ic_lora, train_sdxl_ic_lora
+
+    train_main = train_flux_ic_lora.main if args.backend == "flux" else train_sdxl_ic_lora.main
 
     argv = [
         "--backend", args.backend, "--model_id", str(model_dir), "--data_dir", str(data_dir),
@@ -255,11 +266,13 @@ def mask_tile(size: int) -> np.ndarray:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["sdxl"], default="sdxl")
-    parser.add_argument("--conditioning", choices=["concat", "blend"], default="concat")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per training run")
+    parser.add_argument("--backend", choices=["sdxl", "flux"], default="sdxl")
+    parser.add_argument("--conditioning", choices=["concat", "blend"], default="concat",
+                        help="concat: SDXL inpainting UNet / FLUX.1-Fill layout; blend: latent blending")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps per training run (default: {DEFAULT_STEPS})")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {DEFAULT_LR})")
     parser.add_argument("--lr_scheduler", default="cosine")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rank", type=int, default=32)
@@ -269,13 +282,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n_seen", type=int, default=8, help="training composites also scored")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae", default=str(TOY_VAE), help="fitted toy VAE folder")
-    parser.add_argument("--unet", default=str(TOY_UNET),
-                        help="pretrained toy base UNet folder, or 'random' for the in-code tiny UNet")
+    parser.add_argument("--unet", default=None,
+                        help="pretrained toy base denoiser folder (SDXL UNet / FLUX transformer), or 'random' "
+                             "for an untrained one (default: the fitted one in benchmarks/assets)")
     parser.add_argument("--work_dir", default=None, help="keep models and LoRAs here (default: a temp dir)")
     parser.add_argument("--picture", default=None,
                         help="write the comparison picture here (e.g. docs/known_answer.png)")
     parser.add_argument("--json", default=None, help="write the table and settings here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or DEFAULT_STEPS[args.backend]
+    args.lr = args.lr or DEFAULT_LR[args.backend]
+    if args.unet is None:
+        args.unet = str(TOY_FLUX[args.conditioning] if args.backend == "flux" else TOY_UNET)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -295,7 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
         seen = sorted(train_set)[:: max(1, len(train_set) // args.n_seen)][: args.n_seen]
         eval_set = {**{k: all_images[k] for k in HELD_OUT}, **{k: all_images[k] for k in seen}}
         unet = Path(args.unet) if args.unet != "random" else None
-        model_dir = make_base_model(work / "base", Path(args.vae), unet)
+        if args.backend == "flux":
+            model_dir = make_flux_base_model(work / "base", args.conditioning, Path(args.vae), unet)
+        else:
+            model_dir = make_base_model(work / "base", Path(args.vae), unet)
         write_folder(work / "train", train_set)
         eval_paths = write_folder(work / "eval", eval_set)
         keys = sorted(eval_set)  # write_folder's order

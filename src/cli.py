@@ -9,6 +9,7 @@ ValueError is printed as one `error:` line.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import sys
@@ -55,7 +56,9 @@ def build_parser(config_cls: type, prog: str, description: str, defaults: dict[s
         else:
             options["default"] = default
         choices = _literal_choices(kind)
-        if choices:
+        if choices and _is_optional(kind):  # `--quantize none` unsets a value a --config file set
+            parser.add_argument(f"--{field.name}", choices=[*choices, "none"], action=_OptionalChoice, **options)
+        elif choices:
             parser.add_argument(f"--{field.name}", choices=choices, **options)
         elif kind is bool:
             parser.add_argument(f"--{field.name}", action=ActionYesNo, **options)
@@ -64,6 +67,18 @@ def build_parser(config_cls: type, prog: str, description: str, defaults: dict[s
         else:
             parser.add_argument(f"--{field.name}", type=kind, **options)
     return parser
+
+
+def _is_optional(kind) -> bool:
+    return typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+
+
+class _OptionalChoice(argparse.Action):
+    """An optional choice: `none` on the command line stores None (e.g. to unset a value
+    that a --config file set)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, None if values == "none" else values)
 
 
 def _literal_choices(kind) -> list[str] | None:

@@ -282,3 +282,20 @@ def test_conditioning_must_fit_the_base():
         FluxBackend.from_pretrained("tiny-flux", conditioning="concat")
     with pytest.raises(ValueError, match="--conditioning blend needs .* use --conditioning concat"):
         FluxBackend.from_pretrained("tiny-flux-fill", conditioning="blend")
+
+
+def test_storyboard_example_config_trains_through_the_flux_entry_point(tmp_path):
+    """examples/flux_storyboard_3x1.yaml as a user runs it, with the tiny model and CPU-sized
+    overrides on the command line (which win over the file)."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "flux_storyboard_3x1.yaml"
+    data = tmp_path / "shots"
+    make_dataset(data, n=2, panel_size=32, grid=(3, 1))  # 32 x 96 three-shot strips
+    argv = ["--config", str(example), "--data_dir", str(data), "--output_dir", str(tmp_path / "out")]
+    cfg = parse_config(TrainConfig, argv, prog="t", defaults=DEFAULTS)
+    assert (cfg.grid, cfg.conditioning, cfg.quantize, cfg.mask_probability) == ("3x1", "blend", "nf4", 0.0)
+    result = main(argv + ["--model_id", "tiny-flux", "--image_size", "96", "--quantize", "none",
+                          "--mixed_precision", "no", "--no_use_8bit_adam", "--max_train_steps", "1"])
+    assert result.global_step == 1 and np.isfinite(result.losses[0])
+    assert json.loads((result.final_dir / "iclora_config.json").read_text())["grid"] == "3x1"
