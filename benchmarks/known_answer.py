@@ -3,7 +3,7 @@
     python benchmarks/known_answer.py                        # SDXL, concat: ~7 min on 2 CPU cores
     python benchmarks/known_answer.py --picture docs/known_answer.png   # + the README picture
     python benchmarks/known_answer.py --conditioning blend   # the latent-blending path instead
-    python benchmarks/known_answer.py --backend flux         # FLUX.1-Fill layout (concat)
+    python benchmarks/known_answer.py --backend flux         # FLUX.1-Fill layout (concat), ~10 min
     python benchmarks/known_answer.py --backend flux --conditioning blend   # FLUX.1-dev layout
     python -m pytest -m slow tests/test_known_answer.py      # the concat run, with its assertions
 
@@ -71,7 +71,7 @@ COLOURS = list(PALETTE)
 # One held-out shape per colour, each shape twice: pair i = (colour i, shape i mod 4).
 HELD_OUT = [(colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS)]
 # Per backend: a FLUX step on CPU costs more (512 T5 tokens attend with the 64 image tokens).
-DEFAULT_STEPS = {"sdxl": 1500, "flux": 600}
+DEFAULT_STEPS = {"sdxl": 1500, "flux": 900}
 DEFAULT_LR = {"sdxl": 3e-3, "flux": 3e-3}
 
 
