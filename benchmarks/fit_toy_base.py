@@ -87,40 +87,55 @@ def latent_pool(backend, n: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.cat(chunks)  # (n, 4, 16, 16)
 
 
-def fit(backend, pool: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    unet = backend.unet
-    unet.requires_grad_(True)
-    unet.train()
-    generator = torch.Generator().manual_seed(seed)
-    captions = ["", make_caption((2, 2))]
-    embeds = {c: backend.encode_prompt([c]) for c in captions}
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+def draw_batch(pool: torch.Tensor, embeds: dict[str, dict], batch_size: int, generator: torch.Generator):
+    """Random pool entries, half of them mirrored (still valid toy-like images), each with a
+    random caption of `embeds`. Returns (picked indices, mirrored flags, latents, prompt)."""
+    pick = torch.randint(len(pool), (batch_size,), generator=generator)
+    flip = torch.rand(batch_size, generator=generator) < 0.5
+    latents = torch.where(flip[:, None, None, None], pool[pick].flip(-1), pool[pick])  # (B, C, h, w)
+    captions = list(embeds)
+    which = torch.randint(len(captions), (batch_size,), generator=generator).tolist()
+    prompt = {k: torch.cat([embeds[captions[i]][k] for i in which]) for k in embeds[captions[0]]}
+    return pick, flip, latents, prompt
+
+
+def fit_all_weights(model: torch.nn.Module, steps: int, lr: float, step_loss) -> list[float]:
+    """Train every weight of `model`: AdamW without decay, cosine to zero, gradients clipped at
+    1. `step_loss()` draws a batch and returns its loss. Prints the mean loss every 250 steps."""
+    model.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    size = torch.tensor([[2 * PANEL_SIZE, 2 * PANEL_SIZE]])
-    micro = {"original_size": size.expand(batch_size, 2),  # SDXL time ids, as the trainer's batches
-             "crop_top_left": torch.zeros(batch_size, 2, dtype=torch.long)}
     losses = []
     for step in range(1, steps + 1):
-        latents = pool[torch.randint(len(pool), (batch_size,), generator=generator)]  # (B, 4, h, w)
-        flip = torch.rand(batch_size, generator=generator) < 0.5  # mirror: still a valid toy-like image
-        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
-        which = torch.randint(2, (batch_size,), generator=generator).tolist()
-        prompt = {k: torch.cat([embeds[captions[i]][k] for i in which]) for k in embeds[""]}
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
-        pred = backend.predict(noisy, timesteps, prompt, None, None, micro)
-        loss = F.mse_loss(pred, target)
+        loss = step_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if step % 250 == 0:
             print(f"step {step}  loss {np.mean(losses[-250:]):.4f}", flush=True)
-    unet.eval()
-    unet.requires_grad_(False)
+    model.eval()
+    model.requires_grad_(False)
     return losses
+
+
+def fit(backend, pool: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    embeds = {c: backend.encode_prompt([c]) for c in ["", make_caption((2, 2))]}
+    size = torch.tensor([[2 * PANEL_SIZE, 2 * PANEL_SIZE]])
+    micro = {"original_size": size.expand(batch_size, 2),  # SDXL time ids, as the trainer's batches
+             "crop_top_left": torch.zeros(batch_size, 2, dtype=torch.long)}
+
+    def step_loss() -> torch.Tensor:
+        _, _, latents, prompt = draw_batch(pool, embeds, batch_size, generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
+        return F.mse_loss(backend.predict(noisy, timesteps, prompt, None, None, micro), target)
+
+    return fit_all_weights(backend.unet, steps, lr, step_loss)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fit_toy_vae import PANEL_SIZE, independent_panels  # noqa: E402
+from fit_toy_base import draw_batch, fit_all_weights  # noqa: E402
+from fit_toy_vae import independent_panels  # noqa: E402
 
 from iclora.panels import Grid, latent_mask, panel_mask  # noqa: E402
 from iclora.toy import make_caption  # noqa: E402
@@ -101,26 +102,15 @@ def make_flux_base_model(folder: Path, conditioning: str = "blend", vae_dir: Pat
 
 
 def fit(backend, images: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    model = backend.transformer
-    model.requires_grad_(True)
-    model.train()
     generator = torch.Generator().manual_seed(seed)
-    captions = ["", make_caption((GRID.rows, GRID.cols))]
-    embeds = {c: backend.encode_prompt([c]) for c in captions}
-    latent_pool = torch.cat([backend.encode_image(images[i:i + 64]) for i in range(0, len(images), 64)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    embeds = {c: backend.encode_prompt([c]) for c in ["", make_caption((GRID.rows, GRID.cols))]}
+    pool = torch.cat([backend.encode_image(images[i:i + 64]) for i in range(0, len(images), 64)])
     size = images.shape[-1]
-    concat = backend.conditioning == "concat"
-    losses = []
-    for step in range(1, steps + 1):
-        pick = torch.randint(len(latent_pool), (batch_size,), generator=generator)
-        flip = torch.rand(batch_size, generator=generator) < 0.5  # a mirrored toy image is still one
-        latents = torch.where(flip[:, None, None, None], latent_pool[pick].flip(-1), latent_pool[pick])
-        which = torch.randint(2, (batch_size,), generator=generator).tolist()
-        prompt = {k: torch.cat([embeds[captions[i]][k] for i in which]) for k in embeds[""]}
+
+    def step_loss() -> torch.Tensor:
+        pick, flip, latents, prompt = draw_batch(pool, embeds, batch_size, generator)
         mask = masked = None
-        if concat:  # a random subset of panels (possibly none, possibly all) to inpaint
+        if backend.conditioning == "concat":  # a random subset of panels (possibly none or all) to inpaint
             chosen = torch.rand(batch_size, 4, generator=generator) < 0.5
             pixel = torch.stack([panel_mask(torch.nonzero(c).flatten().tolist(), GRID, size, size) for c in chosen])
             pixels = torch.where(flip[:, None, None, None], images[pick].flip(-1), images[pick])
@@ -128,19 +118,9 @@ def fit(backend, images: torch.Tensor, steps: int, batch_size: int, lr: float, s
             mask = latent_mask(pixel, backend.vae_scale_factor)
         noise = torch.randn(latents.shape, generator=generator)
         noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
-        pred = backend.predict(noisy, timesteps, prompt, mask, masked, {})
-        loss = F.mse_loss(pred, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 250 == 0:
-            print(f"step {step}  loss {np.mean(losses[-250:]):.4f}", flush=True)
-    model.eval()
-    model.requires_grad_(False)
-    return losses
+        return F.mse_loss(backend.predict(noisy, timesteps, prompt, mask, masked, {}), target)
+
+    return fit_all_weights(backend.transformer, steps, lr, step_loss)
 
 
 def main(argv: list[str] | None = None) -> dict:
