@@ -221,7 +221,7 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
         nonlocal skipped
         with accelerator.accumulate(backend.denoiser):
             loss = forward(i)
-            optimizer_step(accelerator, backend, optimizer, lr_scheduler, loss, MAX_GRAD_NORM)
+            optimizer_step(accelerator, optimizer, lr_scheduler, loss, MAX_GRAD_NORM)
         skipped += int(accelerator.optimizer_step_was_skipped)
         return loss
 
