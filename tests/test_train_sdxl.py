@@ -693,3 +693,26 @@ def test_script_trains(data_2x2, tmp_path):
     assert f"saved {out / 'final_model'}" in done.stdout
     assert (out / "final_model" / LORA_WEIGHT_NAME).is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_optimizer_step_clips_the_trained_parameters_to_max_grad_norm():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from iclora.training.trainer import optimizer_step
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].requires_grad_(False)  # frozen: not the optimizer's, not clipped, not moved
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = (model(torch.full((2, 4), 100.0)) ** 2).sum()  # gradient norm in the thousands
+    optimizer_step(accelerator, optimizer, schedule, loss, 0.5)
+    after = list(model.parameters())
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after[2:], before[2:])))
+    assert abs(float(step) - 0.5) < 1e-4  # SGD at lr 1 moves by exactly the clipped gradient
