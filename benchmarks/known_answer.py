@@ -70,8 +70,11 @@ HIDDEN, VISIBLE = [2, 3], [0, 1]
 COLOURS = list(PALETTE)
 # One held-out shape per colour, each shape twice: pair i = (colour i, shape i mod 4).
 HELD_OUT = [(colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS)]
-# Per backend: a FLUX step on CPU costs more (512 T5 tokens attend with the 64 image tokens).
-DEFAULT_STEPS = {"sdxl": 1500, "flux": 900}
+# Per backend, each sized to train (b) and (c) inside 10 minutes on 2 CPU cores. A FLUX step
+# costs more (512 T5 tokens attend with the 64 image tokens); at equal compute, more steps
+# of batch 4 beat fewer of batch 8 (benchmarks/RESULTS.md).
+DEFAULT_STEPS = {"sdxl": 1500, "flux": 1650}
+DEFAULT_BATCH_SIZE = {"sdxl": 8, "flux": 4}
 DEFAULT_LR = {"sdxl": 3e-3, "flux": 3e-3}
 
 
@@ -271,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="concat: SDXL inpainting UNet / FLUX.1-Fill layout; blend: latent blending")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps per training run (default: {DEFAULT_STEPS})")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=None, help=f"default: {DEFAULT_BATCH_SIZE}")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {DEFAULT_LR})")
     parser.add_argument("--lr_scheduler", default="cosine")
     parser.add_argument("--warmup", type=int, default=20)
@@ -291,6 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the table and settings here")
     args = parser.parse_args(argv)
     args.steps = args.steps or DEFAULT_STEPS[args.backend]
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.backend]
     args.lr = args.lr or DEFAULT_LR[args.backend]
     if args.unet is None:
         args.unet = str(TOY_FLUX[args.conditioning] if args.backend == "flux" else TOY_UNET)

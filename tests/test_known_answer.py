@@ -11,9 +11,9 @@ benchmarks/RESULTS.md (2 CPU cores, seed 0), to allow for floating-point differe
 between machines. Measured (hidden panels, unseen pairs, MAE 0-255): (a) 24.8, (b) 11.5,
 (c) 19.4, flat background 14.6; right colour (b) 62%, (c) 12%.
 
-FLUX (toy FLUX.1-Fill layout, concat), ~10 min: (a) 28.9, (b) 17.3, (c) 16.2; right colour
-(b) 38%, (c) 6%. There masked training wins on the in-context measure (the hidden objects
-take the visible colour) but not on pixel error, so that is what the FLUX test asserts.
+FLUX (toy FLUX.1-Fill layout, concat), ~10 min: (a) 28.9, (b) 14.6, (c) 15.9 (training
+composites: (b) 14.5, (c) 16.8); right colour (b) 25%, (c) 0%. The FLUX margins over (c) are
+small, so its thresholds are too.
 
     python -m pytest -m slow tests/test_known_answer.py -k flux
 """
@@ -71,9 +71,12 @@ def test_flux_masked_panel_training_reads_the_visible_panels(tmp_path):
     b, a, c = table[B], table[A], table[C]
     for row in (a, b, c):
         assert row["visible"] == 0.0
-    # Measured: (b) 11.6 below the untrained model on unseen pairs.
-    assert b["hidden_unseen"] < a["hidden_unseen"] - 5, table
-    # Measured: hidden objects in the visible panels' colour for 38% of hidden panels with
-    # masked training, 6% without, on unseen pairs and on training composites alike.
-    assert b["colour_unseen"] >= c["colour_unseen"] + 0.15, table
-    assert b["colour_seen"] >= c["colour_seen"] + 0.15, table
+    # Measured: (b) 14.3 below the untrained model and 1.3 below (c) on unseen pairs, 2.3
+    # below (c) on training composites.
+    assert b["hidden_unseen"] < a["hidden_unseen"] - 7, table
+    assert b["hidden_unseen"] < c["hidden_unseen"] - 0.5, table
+    assert b["hidden_seen"] < c["hidden_seen"] - 1, table
+    # Measured: hidden objects in the visible panels' colour for 25% / 31% of hidden panels
+    # (unseen / training) with masked training, 0% / 6% without.
+    assert b["colour_unseen"] >= c["colour_unseen"] + 0.12, table
+    assert b["colour_seen"] >= c["colour_seen"] + 0.12, table
