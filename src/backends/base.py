@@ -46,6 +46,9 @@ class Backend(Protocol):
     SDXL, a packed 2x2 latent patch for FLUX)."""
     preferred_mixed_precision: str
     """Mixed precision used on CUDA when --mixed_precision is not given ('fp16' or 'bf16')."""
+    quantized: bool
+    """Whether the denoiser's frozen weights are bitsandbytes 4/8-bit (they keep their own
+    dtype and device: callers must not cast it)."""
     denoiser: torch.nn.Module
     """The module that is trained (UNet / transformer). The trainer may replace it by its
     distributed wrapper; the backend must call it through this attribute."""

@@ -60,6 +60,7 @@ class SDXLBackend:
     vae_scale_factor = 8
     pixel_quantum = 8
     preferred_mixed_precision = "fp16"
+    quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
 
     def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
         self.base_model = base_model

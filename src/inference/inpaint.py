@@ -156,7 +156,7 @@ def load_pipeline(plan: Plan):
     cuda = torch.cuda.is_available()
     native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend.preferred_mixed_precision]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
-    if getattr(backend, "quantized", False):
+    if backend.quantized:
         # bitsandbytes weights keep their own dtype and device: cast the other components only.
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module) and component is not backend.denoiser:
