@@ -22,6 +22,11 @@ Conditioning on the visible panels ("conditioning" attribute):
             blending (diffusers' inpaint pipelines: after each step the visible region is
             reset to the input latents noised to the next timestep), so training and
             inference see the same thing. The loss is taken on the masked panels.
+    context The denoiser input is the noisy latent where panels are masked and the *clean*
+            latent where they are visible (`with_clean_context`); the loss is on the masked
+            panels. Inference keeps the visible panels clean at every step, never
+            re-noised. 4-channel bases, LoRA only. How the clean tokens are modulated
+            (`context_timestep`: the shared t, or timestep 0 per token) is the backend's.
 """
 
 from __future__ import annotations
@@ -32,13 +37,25 @@ from typing import Any, Protocol
 import torch
 
 
+CONDITIONINGS = ("concat", "blend", "context")
+
+
+def with_clean_context(noisy: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """'context' conditioning's denoiser input: `noisy` where the latent mask (B, 1, h, w) is
+    1 (masked), `clean` where it is 0 (visible)."""
+    return torch.where(mask > 0.5, noisy, clean)
+
+
 class Backend(Protocol):
     name: str
     """Short name: 'sdxl' or 'flux'."""
     base_model: str
     """The model id or folder the backend was loaded from (recorded with the LoRA)."""
     conditioning: str
-    """'concat' or 'blend' (see the module docstring)."""
+    """'concat', 'blend' or 'context' (see the module docstring)."""
+    context_timestep: str | None
+    """With 'context': how the clean tokens are modulated ('shared' t, or 'zero' per token);
+    None otherwise. Recorded with the LoRA, so inference uses what training used."""
     vae_scale_factor: int
     """Pixels per latent pixel."""
     pixel_quantum: int

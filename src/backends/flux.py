@@ -8,6 +8,9 @@ per patch, 4C channels) and back, so panel boundaries must fall on 2 latent pixe
 Conditioning:
     blend   FLUX.1-dev (transformer in_channels = 4C): the input is the packed noisy
             latents only; FluxInpaintPipeline blends the visible panels back each step.
+    context FLUX.1-dev (in_channels = 4C): visible tokens enter clean, masked ones noisy;
+            with context_timestep 'zero' the clean tokens are modulated as timestep 0
+            (flux_context.py). FluxContextPipeline never re-noises them at inference.
     concat  FLUX.1-Fill-dev (in_channels = 4C + 4C + 4 f^2): per token [noisy latents,
             masked-image latents, mask], exactly as FluxFillPipeline builds it. Its mask
             channels are the *pixel* mask cut into f x f blocks; we rebuild that from the
@@ -49,6 +52,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
 from .lora_files import LORA_WEIGHT_NAME, resolve_lora_file
 from .tiny import TINY_MODELS, is_tiny
 from .trainable import load_trainable_state, trainable_state
@@ -105,12 +109,20 @@ class FluxBackend:
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     preferred_mixed_precision = "bf16"
 
-    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
+    def __init__(
+        self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
+    ):
         if conditioning is None:  # a bare base model: use it the way it was built
             fill_channels = 2 * 4 * components["vae"].config.latent_channels + 4 * 8**2
             conditioning = "concat" if components["transformer"].config.in_channels == fill_channels else "blend"
-        if conditioning not in ("blend", "concat"):
-            raise ValueError(f"--conditioning: expected blend or concat, got {conditioning!r}")
+        if conditioning not in ("blend", "concat", "context"):
+            raise ValueError(f"--conditioning: expected blend, concat or context, got {conditioning!r}")
+        if context_timestep is not None and (conditioning != "context" or context_timestep not in CONTEXT_TIMESTEPS):
+            raise ValueError(
+                f"--context_timestep {context_timestep}: expected one of {', '.join(CONTEXT_TIMESTEPS)}, "
+                "with --conditioning context"
+            )
+        self.context_timestep = (context_timestep or CONTEXT_TIMESTEPS[0]) if conditioning == "context" else None
         self.base_model = base_model
         self.conditioning = conditioning
         self.transformer: FluxTransformer2DModel = components["transformer"]
@@ -132,16 +144,20 @@ class FluxBackend:
                 f"--conditioning concat needs a FLUX.1-Fill base (transformer with {fill} input channels); "
                 f"{base_model} has {channels}: use --conditioning blend"
             )
-        if conditioning == "blend" and channels != packed:
+        if conditioning in ("blend", "context") and channels != packed:
             raise ValueError(
-                f"--conditioning blend needs a FLUX.1 base with {packed} transformer input channels; "
+                f"--conditioning {conditioning} needs a FLUX.1 base with {packed} transformer input channels; "
                 f"{base_model} has {channels} (a FLUX.1-Fill model?): use --conditioning concat"
             )
-        self.denoiser = self.transformer
+        # Per-token modulation runs through its own forward; the wrapper keeps it the module
+        # a distributed wrapper calls.
+        self.denoiser = ContextDenoiser(self.transformer) if self.context_timestep == "zero" else self.transformer
         for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
             module.requires_grad_(False)
-        pipeline = FluxFillPipeline if conditioning == "concat" else FluxInpaintPipeline
+        pipeline = {"concat": FluxFillPipeline, "blend": FluxInpaintPipeline, "context": FluxContextPipeline}[conditioning]
         self._pipe = pipeline(**self._components())
+        if conditioning == "context":
+            self._pipe.context_timestep = self.context_timestep
 
     @classmethod
     def from_pretrained(
@@ -151,6 +167,7 @@ class FluxBackend:
         variant: str | None = None,
         vae: str | None = None,
         quantize: str | None = None,
+        context_timestep: str | None = None,
     ) -> "FluxBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
         if quantize is not None:
@@ -180,7 +197,7 @@ class FluxBackend:
                 "tokenizer_2": T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_2"),
                 "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler"),
             }
-        return cls(components, model_id, conditioning)
+        return cls(components, model_id, conditioning, context_timestep)
 
     def _components(self) -> dict[str, Any]:
         return {
@@ -284,7 +301,13 @@ class FluxBackend:
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
+        extra = {}
+        if self.context_timestep == "zero":  # clean tokens modulated as timestep 0
+            extra["clean_tokens"] = clean_token_mask(mask)  # (B, N, 1)
+        else:
+            extra["return_dict"] = False
         out = self.denoiser(
+            **extra,
             hidden_states=tokens,
             timestep=(timesteps / 1000).to(device, dtype),
             guidance=guidance,
@@ -292,7 +315,6 @@ class FluxBackend:
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
             img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
-            return_dict=False,
         )[0]  # (B, h/2 * w/2, 4C)
         return unpack(out, h, w, self.vae_scale_factor)  # (B, C, h, w)
 

@@ -26,6 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .sdxl_context import SDXLContextPipeline
 from .lora_files import LORA_WEIGHT_NAME, atomic_save_file, resolve_lora_file
 from .tiny import TINY_MODELS, is_tiny
 from .trainable import load_trainable_state, trainable_state
@@ -62,7 +63,9 @@ class SDXLBackend:
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
 
-    def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
+    def __init__(
+        self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
+    ):
         self.base_model = base_model
         self.conditioning = conditioning
         self.unet: UNet2DConditionModel = components["unet"]
@@ -84,20 +87,31 @@ class SDXLBackend:
             if base_channels not in (4, CONCAT_CHANNELS):
                 raise ValueError(f"--model_id {base_model}: UNet has {base_channels} input channels, expected 4 or 9")
             widen_conv_in(self.unet, CONCAT_CHANNELS)
-        elif base_channels != 4:
+        elif conditioning in ("blend", "context"):
+            if base_channels != 4:
+                raise ValueError(
+                    f"--conditioning {conditioning} needs a 4-channel UNet, {base_model} has {base_channels}: "
+                    "use --conditioning concat"
+                )
+        else:
+            raise ValueError(f"--conditioning: expected concat, blend or context, got {conditioning!r}")
+        if context_timestep not in (None, "shared") or (context_timestep and conditioning != "context"):
+            # The UNet takes one timestep per sample: clean panels share the current t.
             raise ValueError(
-                f"--conditioning blend needs a 4-channel UNet, {base_model} has {base_channels}: use --conditioning concat"
+                f"--context_timestep {context_timestep}: SDXL supports only 'shared', with --conditioning context"
             )
+        self.context_timestep = "shared" if conditioning == "context" else None
         self.denoiser = self.unet
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             module.requires_grad_(False)
-        self._prompt_pipe = StableDiffusionXLInpaintPipeline(**self._components())
+        pipeline = SDXLContextPipeline if conditioning == "context" else StableDiffusionXLInpaintPipeline
+        self._prompt_pipe = pipeline(**self._components())
         self._checked_prompts: set[str] = set()
 
     @classmethod
     def from_pretrained(
         cls, model_id: str, conditioning: str | None = "concat", variant: str | None = None, vae: str | None = None,
-        quantize: str | None = None,
+        quantize: str | None = None, context_timestep: str | None = None,
     ) -> "SDXLBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
         if quantize:
@@ -121,7 +135,7 @@ class SDXLBackend:
                 "tokenizer_2": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),
                 "scheduler": _load_scheduler(model_id),
             }
-        return cls(components, model_id, conditioning)
+        return cls(components, model_id, conditioning, context_timestep)
 
     def _components(self) -> dict[str, Any]:
         return {

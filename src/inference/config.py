@@ -48,8 +48,10 @@ class InferConfig:
     """Weight variant of the base model (e.g. fp16)."""
     grid: Optional[str] = None
     """Panel layout ROWSxCOLS (default: the LoRA's recorded grid, else 2x2)."""
-    conditioning: Optional[Literal["concat", "blend"]] = None
+    conditioning: Optional[Literal["concat", "blend", "context"]] = None
     """How the visible panels condition the model (default: the LoRA's recorded mode)."""
+    context_timestep: Optional[Literal["zero", "shared"]] = None
+    """With context conditioning: how clean panels are modulated (default: the LoRA's recorded choice)."""
     width: Optional[int] = None
     """Width of a generated image set when there is no input image (default: the LoRA's image_size)."""
     height: Optional[int] = None

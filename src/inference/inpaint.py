@@ -48,6 +48,7 @@ class Plan:
     base_model: str
     grid: Grid
     conditioning: str | None
+    context_timestep: str | None
     panels: list[int]
     image: Image.Image | None  # the input at its own size (RGB)
     mask: torch.Tensor  # (1, H, W) at the input's own size, 1 = regenerate
@@ -75,6 +76,11 @@ def check_inputs(cfg: InferConfig) -> Plan:
     grid = Grid.parse(cfg.grid or meta.get("grid", "2x2"))
     base_model = cfg.base_model or meta.get("base_model") or DEFAULT_BASES[cfg.backend]
     conditioning = cfg.conditioning or meta.get("conditioning")
+    context_timestep = cfg.context_timestep
+    if context_timestep is None and conditioning == "context" and meta.get("conditioning") == "context":
+        context_timestep = meta.get("context_timestep")
+    if context_timestep and conditioning != "context":
+        raise ValueError(f"--context_timestep {context_timestep} needs --conditioning context")
 
     words = [str(p).strip().lower() for p in cfg.panels_to_inpaint]
     panels = parse_panels(words, grid)
@@ -113,7 +119,7 @@ def check_inputs(cfg: InferConfig) -> Plan:
     else:
         mask = inpaint_mask(panels, grid, height, width, cfg.gradient_width if cfg.use_gradient_mask else 0)
     _check_output_dir(Path(cfg.output_dir))
-    return Plan(cfg, base_model, grid, conditioning, panels, image, mask, size, stem)
+    return Plan(cfg, base_model, grid, conditioning, context_timestep, panels, image, mask, size, stem)
 
 
 def _check_output_dir(folder: Path) -> None:
@@ -140,6 +146,8 @@ def load_pipeline(plan: Plan):
     options = {"variant": cfg.variant}
     if cfg.quantize:
         options["quantize"] = cfg.quantize
+    if plan.context_timestep:
+        options["context_timestep"] = plan.context_timestep
     backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, **options)
     if cfg.lora_path.lower() != "none":
         backend.load_lora(Path(cfg.lora_path))
@@ -277,6 +285,6 @@ def run(cfg: InferConfig) -> list[Path]:
     outputs, seeds = generate(plan, backend, pipe)
     resolved = {
         "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
-        "conditioning": backend.conditioning, "panels": plan.panels, "size": list(plan.size),
+        "conditioning": backend.conditioning, "context_timestep": backend.context_timestep, "panels": plan.panels, "size": list(plan.size),
     }
     return write_outputs(plan, outputs, seeds, resolved)

@@ -54,8 +54,12 @@ class TrainConfig:
     """Longer side of the composite in pixels; the other side keeps the aspect ratio."""
     grid: str = "2x2"
     """Panel layout ROWSxCOLS (2x2, 1x2, 1x3, 2x1, ...)."""
-    conditioning: Literal["concat", "blend"] = "concat"
-    """concat: mask + masked-image latents as extra input channels; blend: latent blending (LoRA only)."""
+    conditioning: Literal["concat", "blend", "context"] = "concat"
+    """concat: mask + masked-image latents as extra input channels; blend: latent blending (LoRA only);
+    context: visible panels enter the denoiser clean, masked ones noisy (LoRA only, 4-channel bases)."""
+    context_timestep: Optional[Literal["zero", "shared"]] = None
+    """With --conditioning context: modulate the clean panels' tokens as timestep 0 ('zero', FLUX only;
+    its default) or with the shared current timestep ('shared', SDXL's only choice)."""
     mask_probability: float = 0.7
     """Chance that a sample has 1..max_masked_panels panels masked (else it is trained as text -> whole set)."""
     max_masked_panels: int = 2
@@ -67,8 +71,8 @@ class TrainConfig:
     cache_text_embeddings: bool = False
     """Encode every caption once before training and move the text encoders off the GPU."""
     cache_latents: bool = False
-    """Encode every composite once before training and move the VAE off the GPU (blend only:
-    concat encodes a freshly masked image every step)."""
+    """Encode every composite once before training and move the VAE off the GPU (not with
+    concat, which encodes a freshly masked image every step)."""
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
@@ -104,7 +108,14 @@ class TrainConfig:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
-        if self.cache_latents and self.conditioning != "blend":
-            raise ValueError("--cache_latents needs --conditioning blend (concat encodes the masked image every step)")
+        if self.cache_latents and self.conditioning == "concat":
+            raise ValueError("--cache_latents does not work with --conditioning concat (it encodes the masked image every step)")
+        if self.context_timestep and self.conditioning != "context":
+            raise ValueError(f"--context_timestep {self.context_timestep} needs --conditioning context")
+        if self.conditioning == "context" and self.visible_loss_weight > 0:
+            raise ValueError(
+                "--visible_loss_weight must be 0 with --conditioning context: the visible panels are clean inputs there, "
+                "with nothing to denoise"
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..backends import BACKENDS, load_backend
+from ..backends.base import with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
@@ -45,7 +46,7 @@ TRAINABLE_NAME = "trainable.safetensors"
 STATE_NAME = "trainer_state.json"
 # Settings a checkpoint can only be resumed with unchanged: they decide the model, the data
 # order or what a step means. (max_train_steps / num_epochs may grow on resume.)
-RESUME_KEYS = ("backend", "model_id", "conditioning", "grid", "image_size", "batch_size",
+RESUME_KEYS = ("backend", "model_id", "conditioning", "context_timestep", "grid", "image_size", "batch_size",
                "gradient_accumulation_steps", "lora_rank", "lora_alpha", "seed")
 
 
@@ -69,6 +70,8 @@ def diffusion_loss(
     latents (B, C, h, w); mask (B, 1, h, w), 1 = masked panel."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
+    if backend.conditioning == "context":  # the visible panels enter clean, never noised
+        noisy = with_clean_context(noisy, latents, mask)
     pred = backend.predict(noisy, timesteps, prompt_embeds, mask, masked_latents, batch)
     weight = mask + visible_loss_weight * (1 - mask)
     return masked_mse(pred, target, weight.float())
@@ -151,6 +154,8 @@ class Trainer:
         options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
         if cfg.quantize:
             options["quantize"] = cfg.quantize
+        if cfg.context_timestep:
+            options["context_timestep"] = cfg.context_timestep
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         if cfg.gradient_checkpointing:
@@ -166,8 +171,8 @@ class Trainer:
         dataset = CompositeDataset(records)
         self.latent_cache = None
         if cfg.cache_latents:
-            # One VAE sample per composite (as kohya's and ai-toolkit's caches); blend only, so
-            # no masked-image latents are needed.
+            # One VAE sample per composite (as kohya's and ai-toolkit's caches); not for
+            # concat, which needs masked-image latents of each step's mask.
             self.latent_cache = [
                 self.backend.encode_image(dataset[i]["pixels"][None].to(self.accelerator.device))[0].to("cpu", self.weight_dtype)
                 for i in range(len(dataset))
@@ -351,6 +356,7 @@ class Trainer:
             "base_model": backend.base_model,
             "grid": str(self.grid),
             "conditioning": backend.conditioning,
+            "context_timestep": backend.context_timestep,
             "image_size": self.cfg.image_size,
             "global_step": self.global_step,
             "training_args": dataclasses.asdict(self.cfg),

@@ -1,0 +1,228 @@
+"""FLUX.1 with clean context tokens: the visible panels' tokens enter the transformer as
+their clean latents, the masked panels' tokens as noisy latents at sigma.
+
+Two ways to tell the transformer which tokens are clean (`context_timestep`):
+
+    shared  every token is modulated with the one global timestep (FLUX.1 Kontext feeds its
+            clean context tokens this way): the stock forward, unchanged.
+    zero    clean tokens are modulated as timestep 0, noisy ones at t, per token
+            (OminiControl's token integration; LTX-2's per-token timesteps). Only the adaLN
+            modulation of the double blocks, the single blocks and `norm_out` changes:
+            sequence length, RoPE ids and attention are the stock ones, so it costs no
+            extra compute. `context_forward` mirrors diffusers' FluxTransformer2DModel
+            .forward block for block; with no clean token it reproduces it exactly.
+
+`FluxContextPipeline` is the inference side: the visible tokens stay clean at every step
+(never re-noised), the masked ones are denoised by the model's own flow-matching scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux_inpaint import FluxInpaintPipeline, retrieve_latents
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..panels import latent_mask
+
+CONTEXT_TIMESTEPS = ("zero", "shared")
+
+
+def clean_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Latent mask (B, 1, h, w), 1 = masked -> (B, h/2 * w/2, 1) bool, True where a whole
+    2x2 patch is visible (a token with any masked latent pixel is denoised)."""
+    b, _, h, w = mask.shape
+    tokens = FluxPipeline._pack_latents(mask, b, 1, h, w)  # (B, N, 4)
+    return tokens.amax(dim=-1, keepdim=True) < 0.5
+
+
+def _per_token(clean: torch.Tensor, at_zero: torch.Tensor, at_t: torch.Tensor) -> torch.Tensor:
+    """(B, N, 1) bool, (B, D), (B, D) -> (B, N, D): the clean tokens' modulation or the noisy ones'."""
+    return torch.where(clean, at_zero[:, None], at_t[:, None])
+
+
+def _modulations(norm: torch.nn.Module, temb_zero: torch.Tensor, temb: torch.Tensor, chunks: int, clean: torch.Tensor):
+    zero = norm.linear(norm.silu(temb_zero)).chunk(chunks, dim=1)
+    at_t = norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
+    return [_per_token(clean, z, t) for z, t in zip(zero, at_t)]
+
+
+def _double_block(block, hidden, context, temb, temb_zero, clean, rotary):
+    """FluxTransformerBlock.forward with per-token modulation of the image stream (the text
+    stream keeps the global timestep)."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulations(block.norm1, temb_zero, temb, 6, clean)
+    norm_hidden = block.norm1.norm(hidden) * (1 + scale_msa) + shift_msa
+    norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(context, emb=temb)
+    attn_output, context_attn_output = block.attn(
+        hidden_states=norm_hidden, encoder_hidden_states=norm_context, image_rotary_emb=rotary
+    )[:2]
+
+    hidden = hidden + gate_msa * attn_output
+    norm_hidden = block.norm2(hidden) * (1 + scale_mlp) + shift_mlp
+    hidden = hidden + gate_mlp * block.ff(norm_hidden)
+
+    context = context + c_gate_msa.unsqueeze(1) * context_attn_output
+    norm_context = block.norm2_context(context) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    context = context + c_gate_mlp.unsqueeze(1) * block.ff_context(norm_context)
+    if context.dtype == torch.float16:
+        context = context.clip(-65504, 65504)
+    return context, hidden
+
+
+def _single_block(block, hidden, context, temb, temb_zero, clean, rotary):
+    """FluxSingleTransformerBlock.forward with per-token modulation (text tokens: global t)."""
+    text_len = context.shape[1]
+    x = torch.cat([context, hidden], dim=1)  # (B, T + N, D)
+    clean_all = torch.cat([clean.new_zeros(clean.shape[0], text_len, 1), clean], dim=1)  # (B, T + N, 1)
+    shift, scale, gate = _modulations(block.norm, temb_zero, temb, 3, clean_all)
+    norm_x = block.norm.norm(x) * (1 + scale) + shift
+    mlp = block.act_mlp(block.proj_mlp(norm_x))
+    attn_output = block.attn(hidden_states=norm_x, image_rotary_emb=rotary)
+    x = x + gate * block.proj_out(torch.cat([attn_output, mlp], dim=2))
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x[:, :text_len], x[:, text_len:]
+
+
+def context_forward(
+    transformer,
+    clean_tokens: torch.Tensor,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    txt_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FluxTransformer2DModel.forward (same arguments, return_dict=False's first output)
+    with the image tokens where `clean_tokens` (B, N, 1) is True modulated as timestep 0."""
+    hidden = transformer.x_embedder(hidden_states)
+    timestep = timestep.to(hidden.dtype) * 1000
+    zero = torch.zeros_like(timestep)
+    if guidance is None:
+        temb = transformer.time_text_embed(timestep, pooled_projections)
+        temb_zero = transformer.time_text_embed(zero, pooled_projections)
+    else:
+        guidance = guidance.to(hidden.dtype) * 1000
+        temb = transformer.time_text_embed(timestep, guidance, pooled_projections)
+        temb_zero = transformer.time_text_embed(zero, guidance, pooled_projections)
+    context = transformer.context_embedder(encoder_hidden_states)
+    rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+
+    checkpointing = torch.is_grad_enabled() and transformer.gradient_checkpointing
+    for blocks, fn in ((transformer.transformer_blocks, _double_block), (transformer.single_transformer_blocks, _single_block)):
+        for block in blocks:
+            step = functools.partial(fn, block)
+            if checkpointing:
+                context, hidden = transformer._gradient_checkpointing_func(step, hidden, context, temb, temb_zero, clean_tokens, rotary)
+            else:
+                context, hidden = step(hidden, context, temb, temb_zero, clean_tokens, rotary)
+
+    norm = transformer.norm_out
+    scale, shift = (
+        _per_token(clean_tokens, z, t)
+        for z, t in zip(
+            norm.linear(norm.silu(temb_zero).to(hidden.dtype)).chunk(2, dim=1),
+            norm.linear(norm.silu(temb).to(hidden.dtype)).chunk(2, dim=1),
+        )
+    )
+    hidden = norm.norm(hidden) * (1 + scale) + shift
+    return transformer.proj_out(hidden)
+
+
+class ContextDenoiser(torch.nn.Module):
+    """The trained module in `zero` mode: the transformer behind a forward that takes the
+    clean-token mask, so a distributed wrapper sees (and syncs) every call."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, clean_tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor]:
+        return (context_forward(self.transformer, clean_tokens, **kwargs),)  # as return_dict=False
+
+
+class FluxContextPipeline(FluxInpaintPipeline):
+    """Panel completion with clean context: FluxInpaintPipeline's components and helpers,
+    a denoising loop that feeds the visible tokens clean at every step."""
+
+    context_timestep: str = "zero"
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        image,
+        mask_image,
+        height: int,
+        width: int,
+        strength: float = 1.0,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> FluxPipelineOutput:
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        prompt_embeds, pooled, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=512
+        )
+        channels = self.transformer.config.in_channels // 4
+        h, w = 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
+
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
+        clean = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax")  # the posterior mean
+        clean = ((clean - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(dtype)  # (1, C, h, w)
+        pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (1, 1, H, W)
+        mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (1, 1, h, w), 1 = masked
+        clean_tokens = clean_token_mask(mask)  # (1, N, 1)
+        clean_packed = self._pack_latents(clean, 1, channels, h, w)  # (1, N, 4C)
+
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = calculate_shift(
+            h * w // 4, self.scheduler.config.get("base_image_seq_len", 256),
+            self.scheduler.config.get("max_image_seq_len", 4096), self.scheduler.config.get("base_shift", 0.5),
+            self.scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+
+        noise = randn_tensor((1, channels, h, w), generator=generator, device=device, dtype=dtype)
+        latents = self._pack_latents(noise, 1, channels, h, w)  # (1, N, 4C)
+        if strength < 1.0:  # SDEdit: the masked region starts from the noised input
+            latents = self.scheduler.scale_noise(clean_packed, timesteps[:1], latents)
+        image_ids = self._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+
+        for t in self.progress_bar(timesteps):
+            inputs = dict(
+                hidden_states=torch.where(clean_tokens, clean_packed, latents),
+                timestep=t.expand(1).to(dtype) / 1000, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+            )
+            if self.context_timestep == "zero":
+                velocity = context_forward(self.transformer, clean_tokens, **inputs)
+            else:
+                velocity = self.transformer(**inputs, return_dict=False)[0]
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        latents = torch.where(clean_tokens, clean_packed, latents)
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # (1, C, h, w)
+        if output_type == "latent":
+            return FluxPipelineOutput(images=latents)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        self.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
+
+
+__all__ = ["CONTEXT_TIMESTEPS", "clean_token_mask", "context_forward", "ContextDenoiser", "FluxContextPipeline"]

@@ -1,0 +1,90 @@
+"""SDXL with clean context: panel completion where the visible panels reach the UNet as
+their clean latents at every step.
+
+The UNet has one global timestep, so the clean panels are modulated with the current t
+(FLUX.1 Kontext's way). In the UNet's input space (DDPM's x_t, what
+`scheduler.scale_model_input` returns for every scheduler) a clean latent is x_0 itself, so
+the model input is `where(masked, scale_model_input(latents, t), clean)`: exactly what
+training feeds (iclora.backends.base.with_clean_context).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionXLInpaintPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..panels import latent_mask
+from .base import with_clean_context
+
+
+class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
+    """StableDiffusionXLInpaintPipeline's components and helpers with a denoising loop that
+    never re-noises the visible panels (4-channel UNets)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        image,
+        mask_image,
+        height: int,
+        width: int,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> StableDiffusionXLPipelineOutput:
+        device = self._execution_device
+        dtype = self.unet.dtype
+        cfg = guidance_scale > 1.0
+        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt,
+        )
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)  # (1, 6)
+        if cfg:
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+            time_ids = time_ids.repeat(2, 1)
+
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        vae_dtype = self.vae.dtype
+        self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        clean = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax") * self.vae.config.scaling_factor
+        clean = clean.to(dtype)  # (1, 4, h, w), the posterior mean
+        pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (1, 1, H, W)
+        mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (1, 1, h, w), 1 = masked
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
+        if strength < 1.0:  # SDEdit: the masked region starts from the noised input
+            latents = self.scheduler.add_noise(clean, noise, timesteps[:1])
+        else:
+            latents = noise * self.scheduler.init_noise_sigma
+        step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
+
+        for t in self.progress_bar(timesteps):
+            model_input = with_clean_context(self.scheduler.scale_model_input(latents, t), clean, mask)
+            model_input = torch.cat([model_input] * 2) if cfg else model_input
+            noise_pred = self.unet(
+                model_input, t, encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
+            )[0]
+            if cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+        latents = with_clean_context(latents, clean, mask)
+        if output_type == "latent":
+            self.vae.to(vae_dtype)
+            return StableDiffusionXLPipelineOutput(images=latents)
+        decoded = self.vae.decode(latents.float() / self.vae.config.scaling_factor, return_dict=False)[0]
+        self.vae.to(vae_dtype)
+        self.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
