@@ -50,6 +50,7 @@ from iclora.toy import make_caption  # noqa: E402
 
 TOY_VAE = HERE / "assets" / "toy_vae"
 TOY_FLUX = {"blend": HERE / "assets" / "toy_flux_transformer", "concat": HERE / "assets" / "toy_flux_fill_transformer"}
+TOY_FLUX["context"] = TOY_FLUX["blend"]  # a 4C-channel FLUX.1-dev layout, like blend
 GRID = Grid(2, 2)
 
 

@@ -116,6 +116,7 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
         "--backend", args.backend, "--model_id", str(model_dir), "--data_dir", str(data_dir),
         "--output_dir", str(out_dir), "--image_size", str(2 * PANEL_SIZE), "--grid", str(GRID),
         "--conditioning", args.conditioning, "--mask_probability", str(mask_probability),
+        *(["--context_timestep", args.context_timestep] if args.context_timestep else []),
         "--max_train_steps", str(args.steps), "--batch_size", str(args.batch_size),
         "--learning_rate", str(args.lr), "--lr_scheduler", args.lr_scheduler,
         "--lr_warmup_steps", str(args.warmup),
@@ -127,8 +128,11 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
     return result.final_dir, time.monotonic() - start
 
 
-def complete(model_dir: Path, lora: str, images: list[Path], args) -> list[np.ndarray]:
-    """Panels 2 3 of every image completed by the real inference code, one fixed seed."""
+def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning: str | None = None) -> list[np.ndarray]:
+    """Panels 2 3 of every image completed by the real inference code, one fixed seed
+    (with `conditioning`, that inference mode instead of the trained one)."""
+    conditioning = conditioning or args.conditioning
+    context_timestep = args.context_timestep if conditioning == "context" else None
     from iclora.inference.config import InferConfig
     from iclora.inference.inpaint import check_inputs, generate, load_pipeline
 
@@ -136,7 +140,7 @@ def complete(model_dir: Path, lora: str, images: list[Path], args) -> list[np.nd
         check_inputs(InferConfig(
             lora_path=lora, prompt=make_caption((GRID.rows, GRID.cols)), input_image=str(path),
             panels_to_inpaint=HIDDEN, backend=args.backend, base_model=str(model_dir),
-            conditioning=args.conditioning, num_inference_steps=args.inference_steps,
+            conditioning=conditioning, context_timestep=context_timestep, num_inference_steps=args.inference_steps,
             guidance_scale=args.guidance_scale, seed=args.seed,
         ))
         for path in images
@@ -270,8 +274,13 @@ def mask_tile(size: int) -> np.ndarray:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sdxl", "flux"], default="sdxl")
-    parser.add_argument("--conditioning", choices=["concat", "blend"], default="concat",
-                        help="concat: SDXL inpainting UNet / FLUX.1-Fill layout; blend: latent blending")
+    parser.add_argument("--conditioning", choices=["concat", "blend", "context"], default="concat",
+                        help="concat: SDXL inpainting UNet / FLUX.1-Fill layout; blend: latent blending; "
+                             "context: visible panels clean in the denoiser input")
+    parser.add_argument("--context_timestep", choices=["zero", "shared"], default=None,
+                        help="with context: clean tokens at timestep 0 (FLUX default) or the shared t")
+    parser.add_argument("--skip_c", action="store_true",
+                        help="do not train (c): its training does not depend on --context_timestep")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps per training run (default: {DEFAULT_STEPS})")
     parser.add_argument("--batch_size", type=int, default=None, help=f"default: {DEFAULT_BATCH_SIZE}")
@@ -331,13 +340,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         timings = {}
         lora_b, timings["train (b)"] = train(model_dir, work / "train", work / "lora_b", 0.7, args)
-        lora_c, timings["train (c)"] = train(model_dir, work / "train", work / "lora_c", 0.0, args)
+        if not args.skip_c:
+            lora_c, timings["train (c)"] = train(model_dir, work / "train", work / "lora_c", 0.0, args)
         t = time.monotonic()
         rows = {
             "(a) untrained model": complete(model_dir, "none", eval_paths, args),
             "(b) IC-LoRA, --mask_probability 0.7": complete(model_dir, str(lora_b), eval_paths, args),
-            "(c) LoRA, --mask_probability 0": complete(model_dir, str(lora_c), eval_paths, args),
         }
+        if not args.skip_c:
+            rows["(c) LoRA, --mask_probability 0"] = complete(model_dir, str(lora_c), eval_paths, args)
+        if args.conditioning == "context":  # what stock latent-blend inference makes of the same LoRA
+            rows["(b) through blend inference"] = complete(model_dir, str(lora_b), eval_paths, args, "blend")
         timings["inference"] = time.monotonic() - t
         rows["(d) copy panel 0->2, 1->3"] = [copy_baseline(x) for x in truths]
         rows["(e) flat background"] = [background_baseline(x) for x in truths]
@@ -347,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows["VAE round trip of the truth (floor)"] = [vae_round_trip(vae, x) for x in truths]
         table = summarise(rows, truths, colours, unseen)
 
-        if args.picture:
+        if args.picture and not args.skip_c:
             shown = [i for i, u in enumerate(unseen) if u][:4]
             b, c = list(rows.values())[1:3]
             tiles = [(truths[i], mask_tile(truths[i].shape[0]), b[i], c[i]) for i in shown]
