@@ -293,6 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="1: no CFG (captions are constant and never dropped in training)")
     parser.add_argument("--n_seen", type=int, default=8, help="training composites also scored")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: all cores; 1 on a machine shared with other jobs)")
     parser.add_argument("--vae", default=str(TOY_VAE), help="fitted toy VAE folder")
     parser.add_argument("--unet", default=None,
                         help="pretrained toy base denoiser folder (SDXL UNet / FLUX transformer), or 'random' "
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The toy caption is longer than CLIP's 77 byte-tokens: one truncation warning per call.
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="known_answer_") as tmp:
         work = Path(args.work_dir or tmp)
