@@ -85,13 +85,13 @@ def independent_pool(n: int, rng: np.random.Generator, grid: Grid, size: int = P
     return torch.stack(out)
 
 
-def object_colour(panel: np.ndarray, share: float = 0.03) -> np.ndarray:
-    """The colour a model drew: the median of the `share` of pixels farthest from the
-    background (the smallest object covers ~6 % of a panel)."""
+def object_colour(panel: np.ndarray) -> np.ndarray:
+    """The colour a model drew: the median of the pixels more than half as far from the
+    background as the farthest one (robust to the VAE's blurred and ringing edges: the VAE
+    round trip of the truth scores ~8 with it, ~15 with the farthest 3 % of pixels)."""
     pixels = panel.reshape(-1, 3).astype(np.float64)
     distance = np.abs(pixels - np.array(BACKGROUND, dtype=np.float64)).max(1)
-    keep = max(1, int(round(share * len(pixels))))
-    return np.median(pixels[np.argsort(distance)[-keep:]], axis=0)
+    return np.median(pixels[distance >= 0.5 * distance.max()], axis=0)
 
 
 def colour_error(image: np.ndarray, grid: Grid, hidden: list[int], rgb: tuple[int, int, int]) -> list[float]:

@@ -106,7 +106,8 @@ def write_folder(folder: Path, images: dict[tuple[str, str], Image.Image]) -> li
 # ---- the product: training and inference ------------------------------------------------------
 
 
-def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: float, args) -> tuple[Path, float]:
+def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: float, args, grid: Grid = GRID,
+          image_size: int = 2 * PANEL_SIZE) -> tuple[Path, float]:
     """One run of the training CLI, in-process. Returns (final_model dir, seconds)."""
     from iclora.training import train_flux_ic_lora, train_sdxl_ic_lora
 
@@ -114,7 +115,7 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
 
     argv = [
         "--backend", args.backend, "--model_id", str(model_dir), "--data_dir", str(data_dir),
-        "--output_dir", str(out_dir), "--image_size", str(2 * PANEL_SIZE), "--grid", str(GRID),
+        "--output_dir", str(out_dir), "--image_size", str(image_size), "--grid", str(grid),
         "--conditioning", args.conditioning, "--mask_probability", str(mask_probability),
         *(["--context_timestep", args.context_timestep] if args.context_timestep else []),
         "--max_train_steps", str(args.steps), "--batch_size", str(args.batch_size),
@@ -128,9 +129,10 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
     return result.final_dir, time.monotonic() - start
 
 
-def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning: str | None = None) -> list[np.ndarray]:
-    """Panels 2 3 of every image completed by the real inference code, one fixed seed
-    (with `conditioning`, that inference mode instead of the trained one)."""
+def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning: str | None = None,
+             prompt: str | None = None, hidden: list[int] = HIDDEN, grid: Grid = GRID) -> list[np.ndarray]:
+    """The `hidden` panels of every image completed by the real inference code, one fixed
+    seed (with `conditioning`, that inference mode instead of the trained one)."""
     conditioning = conditioning or args.conditioning
     context_timestep = args.context_timestep if conditioning == "context" else None
     from iclora.inference.config import InferConfig
@@ -138,8 +140,8 @@ def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning:
 
     plans = [
         check_inputs(InferConfig(
-            lora_path=lora, prompt=make_caption((GRID.rows, GRID.cols)), input_image=str(path),
-            panels_to_inpaint=HIDDEN, backend=args.backend, base_model=str(model_dir),
+            lora_path=lora, prompt=prompt or make_caption((GRID.rows, GRID.cols)), input_image=str(path),
+            panels_to_inpaint=hidden, grid=str(grid), backend=args.backend, base_model=str(model_dir),
             conditioning=conditioning, context_timestep=context_timestep, num_inference_steps=args.inference_steps,
             guidance_scale=args.guidance_scale, seed=args.seed,
         ))
@@ -247,15 +249,15 @@ def format_table(table: dict[str, dict]) -> str:
 def picture(path: Path, rows: list[tuple[np.ndarray, ...]], labels: list[str], scale: int = 2) -> None:
     """One row per composite: truth | mask | completions, each tile enlarged `scale` times."""
     gap, caption_h = 4, 14
-    tile = rows[0][0].shape[0] * scale
-    sheet = Image.new("RGB", (len(labels) * (tile + gap) - gap, caption_h + len(rows) * (tile + gap)), "white")
+    tile_h, tile_w = rows[0][0].shape[0] * scale, rows[0][0].shape[1] * scale
+    sheet = Image.new("RGB", (len(labels) * (tile_w + gap) - gap, caption_h + len(rows) * (tile_h + gap)), "white")
     draw = ImageDraw.Draw(sheet)
     for col, label in enumerate(labels):
-        draw.text((col * (tile + gap) + 2, 1), label, fill=(0, 0, 0))
+        draw.text((col * (tile_w + gap) + 2, 1), label, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         for col, array in enumerate(row):
-            image = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
-            sheet.paste(image, (col * (tile + gap), caption_h + r * (tile + gap)))
+            image = Image.fromarray(array).resize((tile_w, tile_h), Image.Resampling.NEAREST)
+            sheet.paste(image, (col * (tile_w + gap), caption_h + r * (tile_h + gap)))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
