@@ -261,10 +261,16 @@ def test_visible_panels_reach_the_denoiser_clean_at_every_inference_step(backend
 @pytest.mark.parametrize("extra", [
     ["--strength", "0.6"],
     ["--use_gradient_mask", "--gradient_width", "16"],
+    ["--mask_image", "MASK"],
 ])
 def test_context_inference_options(extra, data, tmp_path):
     lora = train_flux_ic_lora.main(["--data_dir", str(data), "--output_dir", str(tmp_path / "lora"), *FLUX_TINY,
                                     "--max_train_steps", "1"]).final_dir
+    if "MASK" in extra:  # a free-form mask: a blob in the bottom-right panel
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[40:60, 36:62] = 255
+        Image.fromarray(mask).save(tmp_path / "mask.png")
+        extra = ["--mask_image", str(tmp_path / "mask.png")]
     files = flux_ic_lora_inference.main([
         "--lora_path", str(lora), "--input_image", str(data / "00001.png"), "--prompt", "a set",
         "--panels_to_inpaint", "3", "--num_inference_steps", "4", "--seed", "0", "--output_dir", str(tmp_path / "o"),

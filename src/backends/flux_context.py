@@ -203,6 +203,11 @@ class FluxContextPipeline(FluxInpaintPipeline):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
 
+        hook = getattr(self.transformer, "_hf_hook", None)
+        if hook is not None and self.context_timestep == "zero":
+            # Model CPU offload moves the transformer when its forward is called, which the
+            # per-token forward bypasses (it calls the blocks): move it here instead.
+            hook.pre_forward(self.transformer)
         for t in self.progress_bar(timesteps):
             inputs = dict(
                 hidden_states=torch.where(clean_tokens, clean_packed, latents),
