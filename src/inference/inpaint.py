@@ -265,9 +265,11 @@ def write_outputs(plan: Plan, outputs: list[Image.Image], seeds: list[int], reso
                 tmp.write_text(content)
             else:
                 content.save(tmp, format="PNG")
-    except BaseException:
+    except BaseException as error:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk: one line naming the file, not a traceback
+            raise OSError(f"--output_dir {out_dir}: could not write {name} ({error.strerror or error})") from None
         raise
     for tmp, final in temps:
         tmp.replace(final)

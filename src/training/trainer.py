@@ -259,16 +259,18 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> TrainResult:
-        cfg, accelerator = self.cfg, self.accelerator
+        accelerator = self.accelerator
         losses: list[float] = []
         progress = tqdm(
             total=self.max_train_steps, initial=self.global_step, desc="train",
             disable=not accelerator.is_local_main_process,
         )
         self.backend.denoiser.train()
-        with StopSignals() as signals:
-            self._loop(losses, progress, signals)
-        progress.close()
+        try:
+            with StopSignals() as signals:
+                self._loop(losses, progress, signals)
+        finally:
+            progress.close()  # before any error line, so that line is the last one printed
         final_dir = self.save_final()
         accelerator.end_training()
         return TrainResult(final_dir, self.global_step, losses)
