@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import typing
@@ -157,7 +158,9 @@ def run_cli(main, argv: Sequence[str] | None = None) -> None:
     try:
         main(argv)
     except RunStopped as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Every process of a multi-process run stops together, for the same reason: one says so.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
     except (ValueError, OSError, NotImplementedError) as error:  # OSError: missing files, models
         print(f"error: {error}", file=sys.stderr)
