@@ -35,9 +35,9 @@ CHECKPOINT_FILES = (STATE_NAME, TRAINABLE_NAME, "optimizer.bin", "scheduler.bin"
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 # LoRA parameters per unit of rank with our target modules, for the disk estimate made
-# before any model is loaded (counted from the SDXL UNet's and FLUX.1 transformer's layer
-# shapes: SDXL ~2.6 M x rank, FLUX ~4.1 M x rank; the built-in tiny models ~18 k).
-PARAMS_PER_RANK = {"sdxl": 2_620_000, "flux": 4_090_000}
+# before any model is loaded: counted by adding the adapters to empty (meta-device) SDXL
+# base and FLUX.1-dev architectures. The built-in tiny models have ~18 k.
+PARAMS_PER_RANK = {"sdxl": 2_616_320, "flux": 4_085_760}
 TINY_PARAMS_PER_RANK = 20_000
 # Bytes on disk per trainable fp32 parameter: the checkpoint holds the weights and AdamW's two
 # moments (4 + 8; 8-bit Adam: 4 + 2), the final model the weights again (4).
