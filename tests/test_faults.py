@@ -307,7 +307,8 @@ def replaced(ctx, result):
 
 
 def stale_temporaries(ctx):
-    for name in ("checkpoints/checkpoint-4.tmp", "checkpoints/.checkpoint-2.deleting", ".final_model.k3j9.tmp"):
+    for name in ("checkpoints/checkpoint-4.tmp", "checkpoints/.checkpoint-2.deleting", ".final_model.k3j9.tmp",
+                 ".checkpoints.deleting/checkpoint-1"):
         (ctx.out / name).mkdir(parents=True)
         (ctx.out / name / "trainer_state.json").write_text("{}")
     return ctx.train_argv("--max_train_steps", "1", "--save_every", "5")

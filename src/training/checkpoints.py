@@ -8,6 +8,7 @@ half-made folder that counts.
         checkpoints/checkpoint-N.tmp/        a checkpoint being written
         checkpoints/.checkpoint-N.deleting/  a pruned checkpoint being removed
         .final_model.XXXX.tmp/, .final_model.old/   lora_files.atomic_directory's
+        .checkpoints.deleting/               an earlier run's, going (--overwrite_output_dir)
 
 A checkpoint is complete when every file it needs is there (`CHECKPOINT_FILES` plus one RNG
 state per process); `trainer_state.json` is written last and records the process count.
@@ -94,7 +95,7 @@ def clean_stale(output_dir: Path) -> list[str]:
     old, final = output_dir / f".{FINAL_NAME}.old", output_dir / FINAL_NAME
     if old.is_dir() and not final.exists():
         os.replace(old, final)
-    stale = [old, *output_dir.glob(f".{FINAL_NAME}.*.tmp")]
+    stale = [old, output_dir / ".checkpoints.deleting", *output_dir.glob(f".{FINAL_NAME}.*.tmp")]
     checkpoints = output_dir / "checkpoints"
     if checkpoints.is_dir():
         stale += [p for p in checkpoints.iterdir()

@@ -5,12 +5,15 @@ gathered from every process before anyone acts on them."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
 from ..cli import RunStopped
+from .checkpoints import find_checkpoints
 
 RESUME_HINT = "continue with the same command and --resume_from_checkpoint latest"
 
@@ -61,6 +64,19 @@ def agree(accelerator, loss: torch.Tensor, signals: StopSignals) -> tuple[bool, 
     return flags[0].item() == 0, int(flags[1].item()) or None
 
 
-def nonfinite_count(params) -> int:
-    """Trainable tensors holding a NaN or an infinity (checked before anything is saved)."""
-    return sum(not bool(torch.isfinite(p).all()) for p in params)
+def non_finite(step: int, what: str | float, output_dir: Path) -> NonFinite:
+    """The error for a non-finite loss (this process's loss value) or gradient (a sentence)
+    found in `step`, before its optimizer step."""
+    if isinstance(what, float):
+        what = f"the loss is {what}" if not math.isfinite(what) else "the loss is not finite on another process"
+    newest = find_checkpoints(output_dir)
+    kept = f"the newest checkpoint, {newest[-1]}, is kept" if newest else "no checkpoint was written"
+    return NonFinite(f"step {step}: {what}; training stopped before the optimizer step, "
+                     f"no final model written and {kept} (try a lower --learning_rate)")
+
+
+def check_finite_weights(params, step: int, destination: Path) -> None:
+    """Nothing is saved from weights holding a NaN or an infinity."""
+    bad = sum(not bool(torch.isfinite(p).all()) for p in params)
+    if bad:
+        raise NonFinite(f"step {step}: {bad} trainable tensors are not finite; {destination} not written")

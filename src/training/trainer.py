@@ -45,7 +45,7 @@ from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
 from . import checkpoints
 from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
 from .config import TrainConfig
-from .guards import RESUME_HINT, Interrupted, NonFinite, StopSignals, agree, nonfinite_count
+from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
 
 logger = logging.getLogger(__name__)
 # Settings a checkpoint can only be resumed with unchanged: everything that decides the
@@ -292,12 +292,11 @@ class Trainer:
                     loss = self._loss_step(batch, self.micro_step)
                     finite, stop = agree(accelerator, loss, signals)
                     if not finite:
-                        local = loss.item()
-                        self._stop_non_finite(f"the loss is {local if not math.isfinite(local) else 'not finite'}")
+                        raise non_finite(self.global_step + 1, loss.item(), self.output_dir)
                     try:
                         optimizer_step(accelerator, self.optimizer, self.lr_scheduler, loss, cfg.max_grad_norm)
                     except FloatingPointError as error:
-                        self._stop_non_finite(str(error))
+                        raise non_finite(self.global_step + 1, str(error), self.output_dir) from None
                 self.micro_step += 1
                 self.batches_in_epoch += 1
                 running.append(loss.detach().float())
@@ -352,21 +351,10 @@ class Trainer:
         mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
 
-    # ---- stopping and saving -------------------------------------------------------------
-    def _stop_non_finite(self, what: str) -> None:
-        newest = find_checkpoints(self.output_dir)
-        kept = f"the newest checkpoint, {newest[-1]}, is kept" if newest else "no checkpoint was written"
-        raise NonFinite(f"step {self.global_step + 1}: {what}; training stopped before the optimizer step, "
-                        f"no final model written and {kept} (try a lower --learning_rate)")
-
-    def _check_finite_weights(self, what: str) -> None:
-        bad = nonfinite_count(self.backend.trainable_parameters())
-        if bad:
-            raise NonFinite(f"step {self.global_step}: {bad} trainable tensors are not finite; {what} not written")
-
+    # ---- saving -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         folder = self.output_dir / "checkpoints" / f"checkpoint-{self.global_step}"
-        self._check_finite_weights(f"checkpoint {folder}")
+        check_finite_weights(self.backend.trainable_parameters(), self.global_step, folder)
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                  "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
         try:
@@ -390,7 +378,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         final = self.output_dir / FINAL_NAME
-        self._check_finite_weights(str(final))
+        check_finite_weights(self.backend.trainable_parameters(), self.global_step, final)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             try:
