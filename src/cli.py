@@ -166,5 +166,5 @@ def run_cli(main, argv: Sequence[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("error: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        print("error: interrupted; nothing more was written", file=sys.stderr)
         raise SystemExit(130) from None

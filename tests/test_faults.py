@@ -527,7 +527,7 @@ ROWS = [
         f"SIGTERM at step 2: saved {{out}}/checkpoints/checkpoint-2; continue with the same command and {RESUME}",
         resumes_exactly(2)),
     Row("Ctrl-C while the model loads", "train", ctrl_c_while_loading, 130,
-        "interrupted (nothing saved since the last checkpoint)", nothing_written),
+        "interrupted; nothing more was written", nothing_written),
     # training: the output folder
     Row("--output_dir inside a file", "train", output_dir_is_a_file, 2, "taken is a file, not a folder"),
     Row("--output_dir read-only", "train", output_dir_read_only, 2, "not writable (Read-only file system)"),
