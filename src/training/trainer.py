@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 # model, the data order or the math of a step, the optimizer's and the schedule's included
 # (their state is restored from the checkpoint, so a new value would be recorded but not
 # used). What may change: max_train_steps / num_epochs, save_every, checkpoints_total_limit,
-# output and caching options, num_workers.
+# output options, cache_text_embeddings, gradient_checkpointing, num_workers.
 RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "conditioning", "grid",
                "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
@@ -245,7 +245,8 @@ class Trainer:
         changed = [f"{k} {saved[k]} -> {v}" for k, v in self.run_signature.items() if k in saved and saved[k] != v]
         if changed:
             raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)}); "
-                             "resume with the checkpoint's settings (only the run length, saving and caching may change)")
+                             "resume with the checkpoint's settings (the run length, saving, text-embedding caching, "
+                             "gradient checkpointing and workers may change)")
 
     def _save_hook(self, models, weights, output_dir) -> None:
         # Save only what is trained: a full SDXL/FLUX state per checkpoint would be GBs.
