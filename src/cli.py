@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import typing
@@ -20,6 +21,13 @@ import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 T = TypeVar("T")
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped for a reason the user must see (a non-finite loss, a signal, a full
+    disk): its message is the one line printed, `exit_code` the status."""
+
+    exit_code = 1
 
 
 class _Parser(ArgumentParser):
@@ -144,9 +152,19 @@ def infer_entry(argv: Sequence[str] | None, prog: str, description: str, default
 
 
 def run_cli(main, argv: Sequence[str] | None = None) -> None:
-    """Call `main(argv)` and turn the errors users cause into one line and exit status 2."""
+    """Call `main(argv)` and turn what users cause or meet into one `error:` line: bad input
+    exits 2, a stopped run its own status (1; 130 / 143 after SIGINT / SIGTERM), Ctrl-C
+    outside the training loop 130."""
     try:
         main(argv)
+    except RunStopped as error:
+        # Every process of a multi-process run stops together, for the same reason: one says so.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(error.exit_code) from None
     except (ValueError, OSError, NotImplementedError) as error:  # OSError: missing files, models
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing more was written", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,9 +1,13 @@
 """Composite-image datasets: a folder of images with same-stem .txt captions.
 
-Every problem in the folder is found before any model is loaded and reported in one error.
-Composites of different aspect ratios train together: each is resized (never stretched:
-scaled to cover, then centre-cropped by a few pixels) to its bucket size from
-`panels.composite_size`, and a batch only holds samples of one bucket.
+Every problem in the folder is found before any model is loaded and reported in one error:
+each image is decoded in full (a truncated file fails here, not at step 0), each caption
+must be UTF-8 (a BOM is dropped). Composites of different aspect ratios train together:
+each is resized (never stretched: scaled to cover, then centre-cropped by a few pixels) to
+its bucket size from `panels.composite_size`, and a batch only holds samples of one
+bucket. A composite whose bucket would crop more than MAX_CROP of a side (and more than the
+one grid step that rounding may cost) is refused unless allowed (`--allow_crop`). Pixels are read as 8-bit RGB by `images.open_rgb8` (16-bit,
+palette and transparent images included), as inference reads them.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .images import open_rgb8
 from .panels import Grid, composite_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MAX_UPSCALE = 2.0  # a composite whose longer side would be enlarged more than this is "too small"
+MAX_CROP = 0.05  # the most of either side the centre crop to a bucket may cut without --allow_crop
+SHOWN_PROBLEMS = 20  # problems described in full in the error; the rest are named
 
 
 class DatasetError(ValueError):
@@ -35,8 +42,9 @@ class Record:
     size: tuple[int, int]  # (height, width) after bucketing
 
 
-def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int) -> list[Record]:
-    """Read captions and image headers of every image in `data_dir` (sorted by name)."""
+def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int,
+                allow_crop: bool = False) -> list[Record]:
+    """Read captions and decode every image in `data_dir` (sorted by name)."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DatasetError(f"--data_dir {folder}: no such folder")
@@ -47,42 +55,67 @@ def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int)
     for path in images:
         caption_file = path.with_suffix(".txt")
         if not caption_file.is_file():
-            problems.append(f"{path.name}: no caption file {caption_file.name}")
+            problems.append((path.name, f"{path.name}: no caption file {caption_file.name}"))
+            continue
+        try:
+            caption = caption_file.read_bytes().decode("utf-8-sig").strip()
+        except UnicodeDecodeError as error:
+            problems.append((caption_file.name, f"{caption_file.name}: not UTF-8 text "
+                             f"(byte 0x{error.object[error.start]:02x} at offset {error.start})"))
             continue
         try:
             with Image.open(path) as image:
-                image.verify()  # catches truncated and corrupt files without decoding pixels
-            with Image.open(path) as image:
+                image.load()  # decodes every pixel: verify() alone passes truncated JPEGs
                 width, height = image.size
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            problems.append(f"{path.name}: unreadable image ({error.__class__.__name__})")
+            problems.append((path.name, f"{path.name}: unreadable image ({error.__class__.__name__}: {error})"))
             continue
         if max(width, height) * MAX_UPSCALE < image_size:
-            problems.append(
+            problems.append((path.name,
                 f"{path.name}: {width}x{height} is too small for --image_size {image_size} "
                 f"(longer side must be at least {math.ceil(image_size / MAX_UPSCALE)})"
-            )
+            ))
             continue
-        caption = caption_file.read_text(encoding="utf-8").strip()
         bucket_w, bucket_h = composite_size(width, height, image_size, grid, quantum)
+        kept_w, kept_h = crop_kept(width, height, bucket_w, bucket_h)
+        # Rounding to whole panels crops up to one grid step: more than that and MAX_CROP
+        # means the composite's shape does not fit the training size at all.
+        cut_w, cut_h = bucket_w / kept_w - bucket_w, bucket_h / kept_h - bucket_h  # bucket pixels lost
+        too_wide = cut_w > max(MAX_CROP * bucket_w / kept_w, grid.cols * quantum)
+        too_tall = cut_h > max(MAX_CROP * bucket_h / kept_h, grid.rows * quantum)
+        if (too_wide or too_tall) and not allow_crop:
+            side, kept = ("width", kept_w) if too_wide else ("height", kept_h)
+            problems.append((path.name,
+                f"{path.name}: {width}x{height} would be cropped to {kept:.1%} of its {side} to fit "
+                f"{bucket_w}x{bucket_h} for the {grid} grid (--allow_crop trains it anyway)"
+            ))
+            continue
         records.append(Record(path, caption, (height, width), (bucket_h, bucket_w)))
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        shown = "; ".join(text for _, text in problems[:SHOWN_PROBLEMS])
+        if len(problems) > SHOWN_PROBLEMS:
+            shown += f"; and {len(problems) - SHOWN_PROBLEMS} more: " + ", ".join(n for n, _ in problems[SHOWN_PROBLEMS:])
         raise DatasetError(f"--data_dir {folder}: {len(problems)} bad file(s): {shown}")
     return records
+
+
+def crop_kept(width: int, height: int, bucket_w: int, bucket_h: int) -> tuple[float, float]:
+    """Fractions of the width and height that survive `load_composite`'s scale-to-cover and
+    centre crop to a bucket."""
+    scale = max(bucket_w / width, bucket_h / height)
+    return min(1.0, bucket_w / (width * scale)), min(1.0, bucket_h / (height * scale))
 
 
 def load_composite(path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pixels (3, H, W) in [-1, 1] at `size` = (H, W), and the crop's (top, left)."""
     height, width = size
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = max(width / image.width, height / image.height)
-        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(resized, Image.Resampling.LANCZOS)
-        top, left = (resized[1] - height) // 2, (resized[0] - width) // 2
-        image = image.crop((left, top, left + width, top + height))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    image = open_rgb8(path)
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.LANCZOS)
+    top, left = (resized[1] - height) // 2, (resized[0] - width) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 

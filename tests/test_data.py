@@ -110,7 +110,7 @@ def test_every_problem_in_one_single_line_error(data_dir):
 def test_long_problem_lists_are_shortened(tmp_path):
     for i in range(25):
         _image(tmp_path / f"{i:02d}.png", 64, 64, caption=None)
-    with pytest.raises(DatasetError, match=r"25 bad file\(s\): .*; and 5 more$"):
+    with pytest.raises(DatasetError, match=r"25 bad file\(s\): .*; and 5 more: 20.png, 21.png, 22.png, 23.png, 24.png$"):
         scan_folder(tmp_path, 64, G2x2, 8)
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +39,21 @@ def test_two_process_training_saves_one_lora_and_resumes(tmp_path):
     assert lora and all(k.startswith("unet.") for k in lora)
     leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_non_finite_loss(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    done = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "src/training/train_sdxl_ic_lora.py"), "--data_dir", str(REPO / "data/sample"),
+        "--output_dir", str(out), "--model_id", "tiny-sdxl", "--image_size", "64", "--batch_size", "2",
+        "--lora_rank", "4", "--save_every", "1", "--learning_rate", "1e6", "--max_train_steps", "8",
+    ], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error: step" in line]
+    assert len(errors) == 1 and "the loss is nan" in errors[0], done.stderr[-3000:]  # one rank speaks
+    assert "exitcode  : 1" in done.stderr and done.stderr.count("exitcode  : 1") == 2  # both ranks stopped
+    assert not (out / "final_model").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-1"]

@@ -90,6 +90,7 @@ NON_DEFAULTS = {
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "cache_text_embeddings": True, "cache_latents": True,
     "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": True, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
+    "overwrite_output_dir": True, "allow_crop": True,
 }
 
 
@@ -292,7 +293,7 @@ def test_output_files(data_2x2, train, tmp_path):
     assert _debris(out) == []
 
     # A fresh run into the same folder would mix its checkpoints with these: refused.
-    with pytest.raises(ValueError, match="checkpoints of an earlier run.*--resume_from_checkpoint latest"):
+    with pytest.raises(ValueError, match="checkpoints and final_model/ of an earlier run.*--resume_from_checkpoint latest"):
         train(data_2x2, "--max_train_steps", "1", out=out)
     # Continuing it replaces final_model/ and leaves no debris.
     again = train(data_2x2, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", out=out)

@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ..backends.lora_files import atomic_write_text, read_metadata, resolve_lora_file
+from ..images import open_rgb8
 from ..panels import Grid, feather, fit_to_grid, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
 
@@ -58,8 +60,7 @@ class Plan:
 
 def _open_image(path: str, flag: str, mode: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            return image.convert(mode)
+        return open_rgb8(path).convert(mode)  # 16-bit and transparent inputs as training reads them
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as error:
@@ -244,7 +245,9 @@ def comparison_image(plan: Plan, outputs: list[Image.Image], seeds: list[int]) -
 
 def write_outputs(plan: Plan, outputs: list[Image.Image], seeds: list[int], resolved: dict) -> list[Path]:
     """Write everything under temporary names first, then rename, so a failure leaves no
-    partial set behind."""
+    partial set and no temporary file behind; then remove what an earlier run wrote for the
+    same stem and this one did not (more --num_images, a comparison sheet), so the folder
+    holds exactly the set the JSON record describes."""
     cfg = plan.cfg
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,18 +268,32 @@ def write_outputs(plan: Plan, outputs: list[Image.Image], seeds: list[int], reso
     try:
         for name, content in files.items():
             tmp = out_dir / f".{name}.tmp"
+            temps.append((tmp, out_dir / name))  # before writing: a half-written one is removed too
             if isinstance(content, str):
                 tmp.write_text(content)
             else:
                 content.save(tmp, format="PNG")
-            temps.append((tmp, out_dir / name))
-    except BaseException:
+    except BaseException as error:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk: one line naming the file, not a traceback
+            raise OSError(f"--output_dir {out_dir}: could not write {name} ({error.strerror or error})") from None
         raise
     for tmp, final in temps:
         tmp.replace(final)
+    written = {final.name for _, final in temps}
+    for stale in out_dir.iterdir():
+        if stale.name not in written and _output_of(stale.name, plan.stem):
+            stale.unlink(missing_ok=True)
     return [final for _, final in temps]
+
+
+def _output_of(name: str, stem: str) -> bool:
+    """Whether `name` is a file write_outputs makes for inputs named `stem` (or its
+    temporary file, left by a killed run): `<stem>_3.png`, `<stem>_3_panel2.png`,
+    `<stem>_comparison.png`, `<stem>_inference.json`. Another input's `<stem>_x_0.png` is not."""
+    pattern = rf"(\.)?{re.escape(stem)}_(?:\d+(?:_panel\d+)?\.png|comparison\.png|inference\.json)(?(1)\.tmp)"
+    return re.fullmatch(pattern, name) is not None
 
 
 def run(cfg: InferConfig) -> list[Path]:

@@ -16,6 +16,8 @@ class TrainConfig:
     """Folder of composite images (png/jpg/jpeg/webp) with same-stem .txt captions."""
     output_dir: str = "output"
     """Where checkpoints and final_model/ are written."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that holds another run's final_model/ or checkpoints (they are replaced)."""
     backend: Literal["sdxl", "flux"] = "sdxl"
     """Model family."""
     model_id: str = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -54,6 +56,8 @@ class TrainConfig:
     """Longer side of the composite in pixels; the other side keeps the aspect ratio."""
     grid: str = "2x2"
     """Panel layout ROWSxCOLS (2x2, 1x2, 1x3, 2x1, ...)."""
+    allow_crop: bool = False
+    """Train composites whose shape differs so much from the grid that fitting them crops more than 5% of a side."""
     conditioning: Literal["concat", "blend", "context"] = "concat"
     """concat: mask + masked-image latents as extra input channels; blend: latent blending (LoRA only);
     context: visible panels enter the denoiser clean, masked ones noisy (LoRA only, 4-channel bases)."""

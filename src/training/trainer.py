@@ -3,8 +3,12 @@
     setup()            data (validated before any model loads), backend + LoRA, optimizer,
                        accelerate, resume
     train()            the loop; the per-batch math is `_loss_step`
-    save_checkpoint()  resumable state every --save_every steps
+    save_checkpoint()  resumable state every --save_every steps (and on SIGINT / SIGTERM)
     save_final()       final_model/: diffusers-format LoRA + iclora_config.json
+
+What the run will write is checked before any model loads (checkpoints.py); a non-finite
+loss or gradient stops it at once, before the optimizer step, so nothing non-finite is ever
+saved (guards.py).
 
 Randomness that decides *what* is trained (masked panels, caption dropout, noise,
 timesteps, and through the global RNG LoRA dropout and VAE sampling) comes from a generator
@@ -19,8 +23,7 @@ import dataclasses
 import json
 import logging
 import math
-import re
-import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,17 +40,25 @@ from .. import __version__
 from ..backends import BACKENDS, load_backend
 from ..backends.base import with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
+from ..cli import RunStopped
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
+from . import checkpoints
+from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
 from .config import TrainConfig
+from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
 
 logger = logging.getLogger(__name__)
-TRAINABLE_NAME = "trainable.safetensors"
-STATE_NAME = "trainer_state.json"
-# Settings a checkpoint can only be resumed with unchanged: they decide the model, the data
-# order or what a step means. (max_train_steps / num_epochs may grow on resume.)
-RESUME_KEYS = ("backend", "model_id", "conditioning", "context_timestep", "grid", "image_size", "batch_size",
-               "gradient_accumulation_steps", "lora_rank", "lora_alpha", "seed")
+# Settings a checkpoint can only be resumed with unchanged: everything that decides the
+# model, the data order or the math of a step, the optimizer's and the schedule's included
+# (their state is restored from the checkpoint, so a new value would be recorded but not
+# used). What may change: max_train_steps / num_epochs, save_every, checkpoints_total_limit,
+# output options, cache_text_embeddings, gradient_checkpointing, num_workers.
+RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "conditioning", "context_timestep",
+               "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+               "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
+               "lora_dropout", "mask_probability", "max_masked_panels", "visible_loss_weight", "caption_dropout",
+               "cache_latents", "seed")
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -78,14 +89,20 @@ def diffusion_loss(
 
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, loss: torch.Tensor, max_grad_norm: float) -> None:
-    """Backward, clip and step for one micro-batch (inside `accelerator.accumulate`)."""
+    """Backward, clip and step for one micro-batch (inside `accelerator.accumulate`). Raises
+    FloatingPointError before the step when the gradient norm is not finite (with fp16 the
+    grad scaler handles that itself: it skips the step and lowers the scale)."""
     accelerator.backward(loss)
-    if accelerator.sync_gradients and max_grad_norm > 0:
+    if accelerator.sync_gradients:
         # The optimizer's own parameters: walking all 3 080 SDXL parameters for the trainable
         # ones took ~12 ms of host time per step (2-core CPU), paid in full by a GPU step
         # that is bound by kernel launches (benchmarks/RESULTS.md).
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        accelerator.clip_grad_norm_(params, max_grad_norm)
+        # max_norm inf clips nothing but still returns the norm to check.
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        if accelerator.scaler is None and norm is not None and not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the gradient norm is {float(norm)}")
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -126,7 +143,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         backend_cls = backend_class(cfg.backend)
-        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum)
+        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum, cfg.allow_crop)
         mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
         # accelerate keeps process-wide state that refuses a second in-process run with other
         # settings (e.g. mixed precision): start each run from a clean one, keeping the
@@ -141,15 +158,9 @@ class Trainer:
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
-        self.run_signature.update(num_samples=len(records), num_processes=self.accelerator.num_processes)
-        self.resume_dir = self._find_resume_dir()
-        if self.resume_dir is not None:
-            self._check_resumable(json.loads((self.resume_dir / STATE_NAME).read_text()))
-        elif _checkpoints(self.output_dir):
-            raise ValueError(
-                f"--output_dir {self.output_dir} holds checkpoints of an earlier run: continue it with "
-                "--resume_from_checkpoint latest, or choose another --output_dir"
-            )
+        self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
+                                  num_processes=self.accelerator.num_processes)
+        self._check_outputs()
 
         options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
         if cfg.quantize:
@@ -158,6 +169,9 @@ class Trainer:
             options["context_timestep"] = cfg.context_timestep
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if self.accelerator.is_main_process:  # now exactly: the estimate was made before loading
+            checkpoints.check_free_space(self.output_dir, sum(p.numel() for p in self.backend.trainable_parameters()),
+                                         cfg.use_8bit_adam, "counted")
         if cfg.gradient_checkpointing:
             self.backend.enable_gradient_checkpointing()
         self.backend.to(self.accelerator.device, self.weight_dtype)
@@ -214,26 +228,30 @@ class Trainer:
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             logger.info("resumed from %s at step %d", self.resume_dir, self.global_step)
 
+    def _check_outputs(self) -> None:
+        """Before any model loads: the output folder takes files and has room, no other run's
+        results are in the way, and what killed runs left half-written is gone."""
+        cfg, main = self.cfg, self.accelerator.is_main_process
+        if main:
+            checkpoints.prepare_output_dir(self.output_dir)
+        self.accelerator.wait_for_everyone()
+        self.resume_dir = checkpoints.resume_folder(cfg.resume_from_checkpoint, self.output_dir)
+        if self.resume_dir is not None:
+            self._check_resumable(json.loads((self.resume_dir / STATE_NAME).read_text()))
+        checkpoints.check_earlier_run(self.output_dir, self.resume_dir, cfg.overwrite_output_dir, main)
+        if main:
+            params = checkpoints.estimate_trainable_params(cfg.backend, cfg.model_id, cfg.lora_rank)
+            checkpoints.check_free_space(self.output_dir, params, cfg.use_8bit_adam,
+                                         f"estimated for --lora_rank {cfg.lora_rank}")
+        self.accelerator.wait_for_everyone()
+
     def _check_resumable(self, state: dict) -> None:
         saved = state.get("run", {})
         changed = [f"{k} {saved[k]} -> {v}" for k, v in self.run_signature.items() if k in saved and saved[k] != v]
         if changed:
-            raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)})")
-
-    def _find_resume_dir(self) -> Path | None:
-        wanted = self.cfg.resume_from_checkpoint
-        if not wanted:
-            return None
-        if wanted == "latest":
-            found = _checkpoints(self.output_dir)
-            if not found:
-                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", self.output_dir)
-                return None
-            return found[-1]
-        path = Path(wanted)
-        if not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {STATE_NAME})")
-        return path
+            raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)}); "
+                             "resume with the checkpoint's settings (the run length, saving, text-embedding caching, "
+                             "gradient checkpointing and workers may change)")
 
     def _save_hook(self, models, weights, output_dir) -> None:
         # Save only what is trained: a full SDXL/FLUX state per checkpoint would be GBs.
@@ -247,13 +265,25 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> TrainResult:
-        cfg, accelerator = self.cfg, self.accelerator
+        accelerator = self.accelerator
         losses: list[float] = []
         progress = tqdm(
             total=self.max_train_steps, initial=self.global_step, desc="train",
             disable=not accelerator.is_local_main_process,
         )
         self.backend.denoiser.train()
+        try:
+            with StopSignals() as signals:
+                self._loop(losses, progress, signals)
+        finally:
+            progress.close()  # before any error line, so that line is the last one printed
+        final_dir = self.save_final()
+        accelerator.end_training()
+        return TrainResult(final_dir, self.global_step, losses)
+
+    def _loop(self, losses: list[float], progress, signals: StopSignals) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        stop = None  # the signal any rank received, acted on at the next step boundary
         while self.global_step < self.max_train_steps:
             # accelerate's loader re-sets the sampler's epoch from its own pass counter, which
             # restarts at 0 in a resumed run: set it there too.
@@ -266,7 +296,13 @@ class Trainer:
             for batch in batches:
                 with accelerator.accumulate(self.backend.denoiser):
                     loss = self._loss_step(batch, self.micro_step)
-                    optimizer_step(accelerator, self.optimizer, self.lr_scheduler, loss, cfg.max_grad_norm)
+                    finite, stop = agree(accelerator, loss, signals)
+                    if not finite:
+                        raise non_finite(self.global_step + 1, loss.item(), self.output_dir)
+                    try:
+                        optimizer_step(accelerator, self.optimizer, self.lr_scheduler, loss, cfg.max_grad_norm)
+                    except FloatingPointError as error:
+                        raise non_finite(self.global_step + 1, str(error), self.output_dir) from None
                 self.micro_step += 1
                 self.batches_in_epoch += 1
                 running.append(loss.detach().float())
@@ -278,16 +314,15 @@ class Trainer:
                 losses.append(step_loss)
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                if self.global_step % cfg.save_every == 0:
-                    self.save_checkpoint()
+                if self.global_step % cfg.save_every == 0 or stop:
+                    saved = self.save_checkpoint()
+                if stop:
+                    name = signal.Signals(stop).name
+                    raise Interrupted(f"{name} at step {self.global_step}: saved {saved}; {RESUME_HINT}", stop)
                 if self.global_step >= self.max_train_steps:
                     break
             else:
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-        progress.close()
-        final_dir = self.save_final()
-        accelerator.end_training()
-        return TrainResult(final_dir, self.global_step, losses)
 
     def _loss_step(self, batch: dict, micro_step: int) -> torch.Tensor:
         """One micro-batch: sample panel masks, noise the latents, weight the loss."""
@@ -324,29 +359,15 @@ class Trainer:
 
     # ---- saving -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        accelerator = self.accelerator
-        final = self.output_dir / "checkpoints" / f"checkpoint-{self.global_step}"
-        tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
-                     "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
-            atomic_write_text(json.dumps(state), tmp / STATE_NAME)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self._prune_checkpoints()
-        accelerator.wait_for_everyone()
-        return final
-
-    def _prune_checkpoints(self) -> None:
-        limit = self.cfg.checkpoints_total_limit
-        if limit is None:
-            return
-        for old in _checkpoints(self.output_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        folder = self.output_dir / "checkpoints" / f"checkpoint-{self.global_step}"
+        check_finite_weights(self.backend.trainable_parameters(), self.global_step, folder)
+        state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
+                 "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
+        try:
+            checkpoints.write_checkpoint(self.accelerator, folder, state, self.cfg.checkpoints_total_limit)
+        except OSError as error:
+            raise RunStopped(f"step {self.global_step}: {error}; training stopped") from None
+        return folder
 
     def metadata(self) -> dict:
         backend = self.backend
@@ -363,25 +384,20 @@ class Trainer:
         }
 
     def save_final(self) -> Path:
-        final = self.output_dir / "final_model"
+        final = self.output_dir / FINAL_NAME
+        check_finite_weights(self.backend.trainable_parameters(), self.global_step, final)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            with atomic_directory(final) as tmp:
-                self.backend.save_lora(tmp, kohya=self.cfg.output_kohya_format)
-                atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
+            try:
+                with atomic_directory(final) as tmp:
+                    self.backend.save_lora(tmp, kohya=self.cfg.output_kohya_format)
+                    atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
+            except Exception as error:
+                newest = find_checkpoints(self.output_dir)
+                hint = f"; {RESUME_HINT} after freeing space" if newest else ""
+                raise RunStopped(f"could not write {final} ({checkpoints.describe(error)}){hint}") from None
         self.accelerator.wait_for_everyone()
         return final
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints under output_dir, oldest first."""
-    found = sorted(output_dir.glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
-    return [p for p in found if (p / STATE_NAME).is_file()]
-
-
-def _checkpoint_step(path: Path) -> int:
-    match = re.search(r"checkpoint-(\d+)$", path.name)
-    return int(match.group(1)) if match else -1
 
 
 def train(cfg: TrainConfig) -> TrainResult:
