@@ -3,8 +3,8 @@
     setup()            data (validated before any model loads), backend + LoRA, optimizer,
                        accelerate, resume
     train()            the loop; the per-batch math is `_loss_step`
-    save_checkpoint()  resumable state every --save_every steps
-    save_final()       final_model/: diffusers-format LoRA + iclora_config.json
+    save_checkpoint()  resumable state every --save_every steps, plus the inference files
+    save_final()       final_model/: the LoRA files + iclora_config.json
 
 Randomness that decides *what* is trained (masked panels, caption dropout, noise,
 timesteps, and through the global RNG LoRA dropout and VAE sampling) comes from a generator
@@ -329,6 +329,7 @@ class Trainer:
         if accelerator.is_main_process:
             state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                      "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
+            self.save_inference_files(tmp)  # every checkpoint is a usable LoRA
             atomic_write_text(json.dumps(state), tmp / STATE_NAME)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -356,13 +357,17 @@ class Trainer:
             "training_args": dataclasses.asdict(self.cfg),
         }
 
+    def save_inference_files(self, folder: Path) -> None:
+        """The LoRA file(s), conv_in for concat and iclora_config.json (main process only)."""
+        self.backend.save_lora(folder, compat=self.cfg.output_kohya_format)
+        atomic_write_text(json.dumps(self.metadata(), indent=2), folder / METADATA_NAME)
+
     def save_final(self) -> Path:
         final = self.output_dir / "final_model"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with atomic_directory(final) as tmp:
-                self.backend.save_lora(tmp, kohya=self.cfg.output_kohya_format)
-                atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
+                self.save_inference_files(tmp)
         self.accelerator.wait_for_everyone()
         return final
 
