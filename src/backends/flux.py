@@ -316,11 +316,10 @@ class FluxBackend:
 
     def save_lora(self, directory: Path, compat: bool = True) -> None:
         lora = get_peft_model_state_dict(self.transformer)
-        config = self.transformer.peft_config["default"]
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
         # must not: load_lora_weights leaves the new dropout layers in train mode, so a
         # nonzero value would make inference random.
-        adapter_metadata = {**config.to_dict(), "lora_dropout": 0.0}
+        adapter_metadata = {**self.transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
         FluxPipeline.save_lora_weights(
             Path(directory),
             transformer_lora_layers={k: v.contiguous() for k, v in lora.items()},
@@ -328,11 +327,16 @@ class FluxBackend:
             weight_name=LORA_WEIGHT_NAME,
         )
         if compat:
-            # ComfyUI reads a FLUX LoRA's scale only from `.alpha` keys (metadata ignored: scale
-            # 1.0), and diffusers refuses `.alpha` keys beside adapter metadata: a second file.
-            scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-            modules = peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer")
-            atomic_save_file(flux_comfyui_state(modules, scale), Path(directory) / COMFYUI_WEIGHT_NAME)
+            atomic_save_file(self.comfyui_state(), Path(directory) / COMFYUI_WEIGHT_NAME)
+
+    def comfyui_state(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA with `.alpha` keys: ComfyUI reads a FLUX LoRA's scale only from
+        them (metadata ignored: scale 1.0), and diffusers refuses `.alpha` keys beside adapter
+        metadata, so this is a second file."""
+        lora = get_peft_model_state_dict(self.transformer)
+        config = self.transformer.peft_config["default"]
+        scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        return flux_comfyui_state(peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer"), scale)
 
     def load_lora(self, path: Path) -> None:
         """Ours (a final_model/ or checkpoint folder, or one of its files), or foreign FLUX

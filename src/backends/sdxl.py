@@ -255,36 +255,41 @@ class SDXLBackend:
 
     def save_lora(self, directory: Path, compat: bool = True) -> None:
         directory = Path(directory)
-        lora = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
-        config = self.unet.peft_config["default"]
+        lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
         # must not: load_lora_weights leaves the new dropout layers in train mode, so a
         # nonzero value would make inference random.
-        adapter_metadata = {**config.to_dict(), "lora_dropout": 0.0}
+        adapter_metadata = {**self.unet.peft_config["default"].to_dict(), "lora_dropout": 0.0}
         StableDiffusionXLInpaintPipeline.save_lora_weights(
             directory,
-            unet_lora_layers={k.removeprefix("unet."): v for k, v in lora.items()},
+            unet_lora_layers=lora,
             unet_lora_adapter_metadata=adapter_metadata,
             weight_name=LORA_WEIGHT_NAME,
         )
-        conv = self.unet.conv_in
         if compat:
-            # ComfyUI drops diffusers-format SDXL attention keys ("lora key not loaded", no
-            # error): write kohya keys with the real alpha, and on the 9-channel inpainting
-            # base the trained conv_in as a same-shape difference ComfyUI applies.
-            conv_diff = None
-            if self.conditioning == "concat" and self._base_conv_in is not None:
-                base_weight, base_bias = self._base_conv_in
-                conv_diff = (conv.weight.detach().float().cpu() - base_weight, conv.bias.detach().float().cpu() - base_bias)
-            scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-            kohya = sdxl_kohya_state(peft_modules(lora, "unet"), scale, _layers_per_block(self.unet), conv_diff)
-            atomic_save_file(kohya, directory / COMFYUI_WEIGHT_NAME)
+            atomic_save_file(self.comfyui_state(), directory / COMFYUI_WEIGHT_NAME)
+        conv = self.unet.conv_in
         if self.conditioning == "concat":
             atomic_save_file(
                 {"conv_in.weight": conv.weight.detach().contiguous(), "conv_in.bias": conv.bias.detach().contiguous()},
                 directory / CONV_IN_WEIGHT_NAME,
                 metadata={"in_channels": str(conv.in_channels)},
             )
+
+    def comfyui_state(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA in kohya keys with the real alpha, for ComfyUI, A1111/Forge and
+        kohya (ComfyUI drops diffusers-format SDXL attention keys: "lora key not loaded", no
+        error); on the 9-channel inpainting base also the trained conv_in as a same-shape
+        difference, which ComfyUI applies to its inpainting model."""
+        lora = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.unet).items()}
+        config = self.unet.peft_config["default"]
+        conv_diff = None
+        if self.conditioning == "concat" and self._base_conv_in is not None:
+            conv, (base_weight, base_bias) = self.unet.conv_in, self._base_conv_in
+            conv_diff = (conv.weight.detach().float() - base_weight.to(conv.weight.device),
+                         conv.bias.detach().float() - base_bias.to(conv.bias.device))
+        scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        return sdxl_kohya_state(peft_modules(lora, "unet"), scale, _layers_per_block(self.unet), conv_diff)
 
     def load_lora(self, path: Path) -> None:
         """Ours (a final_model/ or checkpoint folder, or one of its files) or a foreign SDXL
