@@ -25,6 +25,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import comfyui_lora as comfy
@@ -280,9 +281,10 @@ def test_a_lora_for_another_model_is_an_error(runs, flux_run):
 def test_a_partly_matching_lora_warns_with_counts(flux_run, tmp_path, caplog):
     state = load_file(flux_run.final_dir / LORA_WEIGHT_NAME)
     keys = [k for k in state if k.startswith("transformer.transformer_blocks.0.attn.to_q.")]
-    state.update({k.replace("transformer_blocks.0.", "transformer_blocks.7."): v for k, v in
-                  ((k, state[k]) for k in keys)})  # a block the tiny transformer lacks
-    save_file(state, tmp_path / "partial.safetensors")
+    # One layer of a block the tiny transformer lacks; the adapter metadata kept.
+    state.update({k.replace("transformer_blocks.0.", "transformer_blocks.7."): state[k].clone() for k in keys})
+    metadata = safe_open(str(flux_run.final_dir / LORA_WEIGHT_NAME), "pt").metadata()
+    save_file(state, tmp_path / "partial.safetensors", metadata=metadata)
     backend = FluxBackend.from_pretrained("tiny-flux")
     backend.load_lora(tmp_path / "partial.safetensors")
     total = sum(k.endswith("lora_A.weight") for k in state)
@@ -329,7 +331,8 @@ def test_convert_writes_what_training_writes(run, runs, flux_run, tmp_path):
         lone = tmp_path / "lone" / "my_lora.safetensors"
         lone.parent.mkdir()
         shutil.copy(final / LORA_WEIGHT_NAME, lone)
-        convert_main(["--lora_path", str(lone)])
+        base = [] if run == "flux" else ["--base_model", "tiny-sdxl"]  # its layout (default: SDXL's)
+        convert_main(["--lora_path", str(lone), *base])
         _same_tensors(tmp_path / "lone" / "my_lora_comfyui.safetensors", final / COMFYUI_WEIGHT_NAME)
 
 
