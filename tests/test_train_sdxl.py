@@ -88,7 +88,7 @@ NON_DEFAULTS = {
     "weight_decay": 0.5, "max_grad_norm": 0.25, "use_8bit_adam": True, "lora_rank": 12, "lora_alpha": 24,
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "cache_text_embeddings": True, "cache_latents": True,
-    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": True, "save_every": 9,
+    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
 }
 
@@ -110,6 +110,8 @@ def _cli_words(values: dict) -> list[str]:
     for name, value in values.items():
         if value is True:
             words.append(f"--{name}")
+        elif value is False:
+            words.append(f"--no_{name}")
         else:
             words += [f"--{name}", str(value)]
     return words
@@ -263,7 +265,8 @@ def test_output_files(data_2x2, train, tmp_path):
     assert result.global_step == 5 and len(result.losses) == 5
     assert all(0 < loss < 10 for loss in result.losses)
     assert result.final_dir == out / "final_model"
-    assert sorted(p.name for p in result.final_dir.iterdir()) == [CONV_IN_WEIGHT_NAME, METADATA_NAME, LORA_WEIGHT_NAME]
+    assert sorted(p.name for p in result.final_dir.iterdir()) == [
+        CONV_IN_WEIGHT_NAME, METADATA_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
 
     lora = _lora(result)
     assert lora and all(k.startswith("unet.") for k in lora)
@@ -315,7 +318,7 @@ def test_checkpoints_total_limit(data_2x2, train, tmp_path):
 
 def test_blend_writes_no_conv_in_and_feeds_no_masked_latents(data_2x2, train, spy):
     result = train(data_2x2, "--conditioning", "blend", "--max_train_steps", "2")
-    assert sorted(p.name for p in result.final_dir.iterdir()) == [METADATA_NAME, LORA_WEIGHT_NAME]
+    assert sorted(p.name for p in result.final_dir.iterdir()) == [METADATA_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
     assert json.loads((result.final_dir / METADATA_NAME).read_text())["conditioning"] == "blend"
     assert spy["masked_latents"] == [None, None]
 
