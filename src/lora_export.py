@@ -2,24 +2,31 @@
 into a 9-channel UNet (what `src/convert.py` runs).
 
     convert()        <folder>/pytorch_lora_weights_comfyui.safetensors (or <stem>_comfyui for
-                     a single file), from the diffusers-format file and its recorded alpha
+                     a single file), from the diffusers-format file and its recorded alpha;
+                     for a checkpoint of an older version (trainable weights only) all the
+                     inference files, rebuilt through the backend
     export_unet()    <output_dir>/unet/: base UNet + LoRA merged + trained 9-channel conv_in
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from safetensors.torch import load_file
 
 from .backends.lora_files import (
     COMFYUI_WEIGHT_NAME,
     CONV_IN_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
     atomic_directory,
     atomic_save_file,
+    atomic_write_text,
     read_metadata,
     resolve_lora_file,
 )
@@ -33,6 +40,7 @@ from .backends.lora_formats import (
 )
 
 logger = logging.getLogger(__name__)
+TRAINABLE_NAME, STATE_NAME = "trainable.safetensors", "trainer_state.json"  # a training checkpoint's
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SDXL_LAYERS_PER_BLOCK = 2  # stabilityai/stable-diffusion-xl-base-1.0 and its inpainting model
 
@@ -42,7 +50,7 @@ class ConvertConfig:
     """Write the LoRA file ComfyUI, A1111/Forge and kohya load in full (pytorch_lora_weights_comfyui.safetensors) for an existing LoRA; optionally merge an SDXL concat LoRA into a 9-channel UNet."""
 
     lora_path: str
-    """An output folder (final_model/ or checkpoints/checkpoint-N) or one diffusers-format .safetensors file."""
+    """An output folder (final_model/ or checkpoints/checkpoint-N, also one holding only trainable weights) or one diffusers-format .safetensors file."""
     output_dir: Optional[str] = None
     """Where the files go (default: beside the LoRA)."""
     base_model: Optional[str] = None
@@ -55,6 +63,13 @@ class ConvertConfig:
 
 def convert(cfg: ConvertConfig) -> list[Path]:
     """Write the ComfyUI/A1111/kohya file (and unet/ with --export_unet); returns what was written."""
+    source = Path(cfg.lora_path)
+    if source.is_dir() and not (source / LORA_WEIGHT_NAME).is_file() and (source / TRAINABLE_NAME).is_file():
+        folder = Path(cfg.output_dir) if cfg.output_dir else source
+        written = checkpoint_lora(source, folder, cfg.base_model)
+        if cfg.export_unet:
+            written.append(export_unet(str(folder), read_metadata(folder)["base_model"], folder, DTYPES[cfg.unet_dtype]))
+        return written
     lora_file = resolve_lora_file(cfg.lora_path)
     meta = read_metadata(cfg.lora_path)
     state, header = read_lora_file(lora_file)
@@ -89,6 +104,25 @@ def convert(cfg: ConvertConfig) -> list[Path]:
     if cfg.export_unet:
         written.append(export_unet(cfg.lora_path, base, folder, DTYPES[cfg.unet_dtype]))
     return written
+
+
+def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None) -> list[Path]:
+    """The inference files of a checkpoint written before checkpoints held them, rebuilt
+    from its trainable weights and the run settings it records."""
+    from .backends import load_backend
+
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    run = state["run"]
+    backend = load_backend(run["backend"], base_model or run["model_id"], run["conditioning"])
+    backend.add_lora(run["lora_rank"], run["lora_alpha"], 0.0)
+    backend.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_NAME))
+    folder.mkdir(parents=True, exist_ok=True)
+    before = set(folder.iterdir())
+    backend.save_lora(folder)
+    meta = {"backend": backend.name, "base_model": backend.base_model, "grid": run["grid"],
+            "conditioning": backend.conditioning, "image_size": run["image_size"], "global_step": state["global_step"]}
+    atomic_write_text(json.dumps(meta, indent=2), folder / METADATA_NAME)
+    return [folder / LORA_WEIGHT_NAME] + sorted(set(folder.iterdir()) - before - {folder / LORA_WEIGHT_NAME})
 
 
 def _sdxl_state(modules, scale: float, base: str | None, concat: bool, lora_file: Path) -> dict[str, torch.Tensor]:

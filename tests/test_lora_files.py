@@ -365,3 +365,36 @@ def test_readme_snippet_loads_a_concat_lora_into_stock_diffusers(runs, tiny_sdxl
     unet = namespace["pipe"].unet
     assert unet.config.in_channels == 9
     torch.testing.assert_close(_unet_out(unet), _unet_out(ours.unet), atol=1e-5, rtol=1e-4)
+
+
+def test_convert_rebuilds_the_lora_of_an_older_checkpoint(runs, tmp_path):
+    """Checkpoints used to hold only the trainable weights and the optimizer state."""
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(runs["inpaint"].final_dir.parent / "checkpoints" / "checkpoint-2", checkpoint)
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME, METADATA_NAME):
+        (checkpoint / name).unlink()
+    with pytest.raises(FileNotFoundError, match="an older checkpoint: python src/convert.py"):
+        SDXLBackend.from_pretrained("tiny-sdxl-inpaint", conditioning="concat").load_lora(checkpoint)
+    convert_main(["--lora_path", str(checkpoint)])
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME):
+        _same_tensors(checkpoint / name, runs["inpaint"].final_dir / name)
+    meta = json.loads((checkpoint / METADATA_NAME).read_text())
+    assert (meta["base_model"], meta["conditioning"], meta["global_step"]) == ("tiny-sdxl-inpaint", "concat", 2)
+
+
+def test_an_older_kohya_file_with_diffusers_block_names_is_applied_in_full(runs, tmp_path):
+    """What --output_kohya_format wrote before: diffusers' own kohya conversion (alpha = rank
+    replaced by the real alpha), down_blocks/up_blocks names."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    final = runs["blend"].final_dir
+    kohya = convert_state_dict_to_kohya(load_file(final / LORA_WEIGHT_NAME))
+    kohya = {k: torch.tensor(float(ALPHA)) if k.endswith(".alpha") else v for k, v in kohya.items()}
+    assert any("down_blocks" in k for k in kohya)
+    save_file(kohya, tmp_path / "old_kohya.safetensors")
+    old = SDXLBackend.from_pretrained("tiny-sdxl", conditioning="blend")
+    old.load_lora(tmp_path / "old_kohya.safetensors")
+    ours = SDXLBackend.from_pretrained("tiny-sdxl", conditioning="blend")
+    ours.load_lora(final)
+    assert lora_layers(old.unet)["default_0"] == lora_layers(ours.unet)["default_0"]
+    torch.testing.assert_close(_unet_out(old.unet), _unet_out(ours.unet), atol=1e-5, rtol=1e-4)

@@ -29,7 +29,10 @@ def resolve_lora_file(path: str | Path) -> Path:
     if path.is_dir():
         file = path / LORA_WEIGHT_NAME
         if not file.is_file():
-            raise FileNotFoundError(f"--lora_path {path}: folder has no {LORA_WEIGHT_NAME}")
+            hint = ""
+            if (path / "trainable.safetensors").is_file():  # a checkpoint written before they held LoRA files
+                hint = f" (an older checkpoint: python src/convert.py --lora_path {path} writes it)"
+            raise FileNotFoundError(f"--lora_path {path}: folder has no {LORA_WEIGHT_NAME}{hint}")
         return file
     if path.is_file():
         if path.suffix != ".safetensors":
