@@ -65,6 +65,8 @@ def convert(cfg: ConvertConfig) -> list[Path]:
     """Write the ComfyUI/A1111/kohya file (and unet/ with --export_unet); returns what was written."""
     source = Path(cfg.lora_path)
     if source.is_dir() and not (source / LORA_WEIGHT_NAME).is_file() and (source / TRAINABLE_NAME).is_file():
+        if cfg.export_unet:
+            _check_exportable(json.loads((source / STATE_NAME).read_text())["run"])
         folder = Path(cfg.output_dir) if cfg.output_dir else source
         written = checkpoint_lora(source, folder, cfg.base_model)
         if cfg.export_unet:
@@ -72,6 +74,8 @@ def convert(cfg: ConvertConfig) -> list[Path]:
         return written
     lora_file = resolve_lora_file(cfg.lora_path)
     meta = read_metadata(cfg.lora_path)
+    if cfg.export_unet:
+        _check_exportable(meta)
     state, header = read_lora_file(lora_file)
     backend = meta.get("backend") or guess_backend(state)
     if backend is None:
@@ -89,8 +93,6 @@ def convert(cfg: ConvertConfig) -> list[Path]:
         raise ValueError(f"--lora_path {lora_file}: no LoRA layers under '{prefix}.'")
     base = cfg.base_model or meta.get("base_model")
     concat = meta.get("conditioning") == "concat" or (lora_file.parent / CONV_IN_WEIGHT_NAME).is_file()
-    if cfg.export_unet and not (backend == "sdxl" and concat):
-        raise ValueError("--export_unet is for SDXL concat LoRAs (FLUX.1-Fill and blend LoRAs load as LoRA files)")
     if backend == "sdxl":
         out = _sdxl_state(modules, scale, base, concat, lora_file)
     else:
@@ -159,11 +161,17 @@ def _base_unet(base: str, config_only: bool) -> dict:
     return {"config": dict(unet.config), "conv_in.weight": unet.conv_in.weight.detach(), "conv_in.bias": unet.conv_in.bias.detach()}
 
 
+def _check_exportable(record: dict) -> None:
+    if (record.get("backend"), record.get("conditioning")) != ("sdxl", "concat"):
+        raise ValueError("--export_unet is for SDXL concat LoRAs (FLUX.1-Fill and blend LoRAs load as LoRA files)")
+
+
 def export_unet(lora_path: str, base: str | None, folder: Path, dtype: torch.dtype) -> Path:
     """<folder>/unet/: the base UNet with the LoRA merged in and the trained 9-channel
     conv_in, a diffusers UNet folder with in_channels 9."""
     from .backends.sdxl import SDXLBackend
 
+    _check_exportable(read_metadata(lora_path))
     if not base:
         raise ValueError(f"--lora_path {lora_path}: no base model recorded; give --base_model")
     backend = SDXLBackend.from_pretrained(base, conditioning="concat")
