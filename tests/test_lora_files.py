@@ -25,6 +25,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -38,7 +39,7 @@ from iclora.backends.lora_files import (
     lora_layers,
 )
 from iclora.backends.sdxl import SDXLBackend
-from iclora.backends.tiny import TINY_MODELS, build_tiny_flux_components, build_tiny_sdxl_components
+from iclora.backends.tiny import TINY_MODELS, build_tiny_flux_components, build_tiny_sdxl_components, save_tiny_model
 from iclora.cli import run_cli
 from iclora.convert import main as convert_main
 from iclora.inference import sdxl_ic_lora_inference
@@ -151,7 +152,7 @@ def test_comfyui_applies_every_sdxl_lora_layer_full_size(in_channels, conditioni
         assert diffs == {}
 
     # Why this file exists: the diffusers file loses every attention layer in ComfyUI.
-    diffusers_keys = {f"unet.{k}": v for k, v in __import__("peft").utils.get_peft_model_state_dict(unet).items()}
+    diffusers_keys = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
     _, dropped = comfy.load_lora(diffusers_keys, comfy.sdxl_key_map(to_sgm))
     assert len(dropped) == 2 * 560 and all(".attn" in k for k in dropped)
 
@@ -352,15 +353,17 @@ def test_export_unet_merges_a_concat_lora_into_a_9_channel_unet(runs, tmp_path, 
         convert_main(["--lora_path", str(runs["blend"].final_dir), "--export_unet", "--output_dir", str(tmp_path)])
 
 
-def test_readme_snippet_loads_a_concat_lora_into_stock_diffusers(runs, tiny_sdxl_dir):
+@pytest.mark.parametrize("run, base", [("concat4", "tiny-sdxl"), ("inpaint", "tiny-sdxl-inpaint")])
+def test_readme_snippet_loads_a_concat_lora_into_stock_diffusers(run, base, runs, tmp_path):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- concat-lora-snippet -->\s*```python\n(.*?)```", readme, re.S)[1]
-    final = runs["concat4"].final_dir
-    code = re.sub(r'^base = ".*"$', f'base = "{tiny_sdxl_dir}"', code, flags=re.M)
+    final = runs[run].final_dir
+    save_tiny_model(base, tmp_path / "base")
+    code = re.sub(r'^base = ".*"$', f'base = "{tmp_path / "base"}"', code, flags=re.M)
     code = re.sub(r'^lora = ".*"$', f'lora = "{final}"', code, flags=re.M)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    ours = SDXLBackend.from_pretrained("tiny-sdxl", conditioning="concat")
+    ours = SDXLBackend.from_pretrained(base, conditioning="concat")
     ours.load_lora(final)
     unet = namespace["pipe"].unet
     assert unet.config.in_channels == 9
@@ -398,3 +401,14 @@ def test_an_older_kohya_file_with_diffusers_block_names_is_applied_in_full(runs,
     ours.load_lora(final)
     assert lora_layers(old.unet)["default_0"] == lora_layers(ours.unet)["default_0"]
     torch.testing.assert_close(_unet_out(old.unet), _unet_out(ours.unet), atol=1e-5, rtol=1e-4)
+
+
+def test_no_output_kohya_format_skips_the_comfyui_file(data, tmp_path, flux_run):
+    from iclora.training.train_sdxl_ic_lora import main
+
+    assert (flux_run.final_dir / COMFYUI_WEIGHT_NAME).is_file()  # written by default, FLUX too
+    result = main(["--data_dir", str(data), "--output_dir", str(tmp_path), "--model_id", "tiny-sdxl",
+                   "--conditioning", "blend", "--image_size", "64", "--batch_size", "2", "--lora_rank", "4",
+                   "--max_train_steps", "1", "--save_every", "1", "--no_output_kohya_format"])
+    for folder in (result.final_dir, tmp_path / "checkpoints" / "checkpoint-1"):
+        assert (folder / LORA_WEIGHT_NAME).is_file() and not (folder / COMFYUI_WEIGHT_NAME).exists()
