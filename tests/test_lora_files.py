@@ -303,6 +303,10 @@ def test_a_concat_lora_without_its_conv_in_is_refused(runs, data, tmp_path, caps
         run_cli(lambda argv: _infer(runs["concat4"].final_dir, data, tmp_path, "--conditioning", "blend"))
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and "concat" in errors[0], errors
+    with pytest.raises(SystemExit):  # the other way round: no trained input channels to use
+        run_cli(lambda argv: _infer(runs["blend"].final_dir, data, tmp_path, "--conditioning", "concat"))
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "trained with --conditioning blend" in errors[0], errors
     for run in ("inpaint", "concat4"):  # conv_in.safetensors lost
         folder = tmp_path / run
         shutil.copytree(runs[run].final_dir, folder)

@@ -268,8 +268,8 @@ class SDXLBackend:
         )
         if compat:
             atomic_save_file(self.comfyui_state(), directory / COMFYUI_WEIGHT_NAME)
-        conv = self.unet.conv_in
         if self.conditioning == "concat":
+            conv = self.unet.conv_in
             atomic_save_file(
                 {"conv_in.weight": conv.weight.detach().contiguous(), "conv_in.bias": conv.bias.detach().contiguous()},
                 directory / CONV_IN_WEIGHT_NAME,
@@ -334,6 +334,11 @@ class SDXLBackend:
             with torch.no_grad():
                 self.unet.conv_in.weight.add_(conv_diff[0].to(self.unet.conv_in.weight))
                 self.unet.conv_in.bias.add_(conv_diff[1].to(self.unet.conv_in.bias))
+        elif meta.get("conditioning") not in (None, "concat") and self.base_in_channels != CONCAT_CHANNELS:
+            raise ValueError(
+                f"--lora_path {path}: trained with --conditioning {meta['conditioning']}; on a 4-channel base "
+                "--conditioning concat needs a trained conv_in"
+            )
         elif meta.get("conditioning") == "concat" or self.base_in_channels != CONCAT_CHANNELS:
             raise FileNotFoundError(
                 f"--lora_path {path}: no {CONV_IN_WEIGHT_NAME} beside {lora_file.name}; a concat LoRA "
