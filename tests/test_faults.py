@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_ARGS, toy_dataset
-from iclora.backends.lora_files import LORA_WEIGHT_NAME, METADATA_NAME
+from iclora.backends.lora_files import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, METADATA_NAME
 from iclora.cli import run_cli
 from iclora.data import load_composite, scan_folder
 from iclora.inference.config import InferConfig
@@ -302,7 +302,7 @@ def overwrite_output_dir(ctx):
 
 def replaced(ctx, result):
     assert sorted(p.name for p in result.final_dir.iterdir()) == sorted(
-        ["conv_in.safetensors", LORA_WEIGHT_NAME, METADATA_NAME])
+        ["conv_in.safetensors", LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, METADATA_NAME])
     assert steps_saved(ctx.out) == []  # the earlier run's checkpoints went too: no mixing
 
 
@@ -344,7 +344,15 @@ def resume_incomplete_by_name(ctx):
 def full_disk_in_checkpoint(ctx):
     import iclora.backends.lora_files as lora_files
 
-    fail_on_call(ctx, lora_files, "save_file", 1, partial_arg=1)  # the second checkpoint
+    real = lora_files.save_file
+
+    def save_file(tensors, path, *args, **kwargs):  # the second checkpoint's first file
+        if "checkpoint-4" not in str(path):
+            return real(tensors, path, *args, **kwargs)
+        Path(path).write_bytes(b"half a file")
+        raise ENOSPC
+
+    ctx.monkeypatch.setattr(lora_files, "save_file", save_file)
     return ctx.train_argv(*RUN)
 
 
@@ -355,7 +363,11 @@ def first_checkpoint_only(ctx, result):
 def full_disk_in_final_model(ctx):
     from iclora.backends.sdxl import SDXLBackend
 
-    def save_lora(self, directory, kohya=False):
+    real = SDXLBackend.save_lora
+
+    def save_lora(self, directory, **kwargs):  # checkpoints hold these files too: fail only the final one
+        if not Path(directory).name.startswith(".final_model"):
+            return real(self, directory, **kwargs)
         (Path(directory) / LORA_WEIGHT_NAME).write_bytes(b"half")
         raise ENOSPC
 

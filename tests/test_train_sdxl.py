@@ -88,29 +88,39 @@ NON_DEFAULTS = {
     "weight_decay": 0.5, "max_grad_norm": 0.25, "use_8bit_adam": True, "lora_rank": 12, "lora_alpha": 24,
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "cache_text_embeddings": True, "cache_latents": True,
-    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": True, "save_every": 9,
+    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
-    "overwrite_output_dir": True, "allow_crop": True,
+    "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
 }
+# Flags that only go with another setting: context_timestep needs --conditioning context,
+# which refuses a visible-panel loss.
+CONTEXT_NON_DEFAULTS = {**NON_DEFAULTS, "conditioning": "context", "context_timestep": "zero", "visible_loss_weight": 0.0}
 
 
 def test_non_defaults_cover_every_flag():
     defaults = dataclasses.asdict(_parse(["--data_dir", "x"]))
     assert NON_DEFAULTS.keys() == defaults.keys()
-    assert all(NON_DEFAULTS[k] != defaults[k] for k in NON_DEFAULTS if k != "data_dir")
+    changed = {k for k in NON_DEFAULTS if NON_DEFAULTS[k] != defaults[k]}
+    changed |= {k for k in CONTEXT_NON_DEFAULTS if CONTEXT_NON_DEFAULTS[k] != defaults[k]}
+    assert changed - {"data_dir"} == defaults.keys() - {"data_dir"}
 
 
-def test_every_flag_settable_from_yaml(tmp_path):
+@pytest.mark.parametrize("values", [NON_DEFAULTS, CONTEXT_NON_DEFAULTS])
+def test_every_flag_settable_from_yaml(tmp_path, values):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(NON_DEFAULTS))
-    assert dataclasses.asdict(_parse(["--config", str(config)])) == NON_DEFAULTS
+    config.write_text(yaml.safe_dump(values))
+    assert dataclasses.asdict(_parse(["--config", str(config)])) == values
 
 
 def _cli_words(values: dict) -> list[str]:
     words = []
     for name, value in values.items():
+        if value is None:  # the default of an optional flag
+            continue
         if value is True:
             words.append(f"--{name}")
+        elif value is False:
+            words.append(f"--no_{name}")
         else:
             words += [f"--{name}", str(value)]
     return words
@@ -118,6 +128,7 @@ def _cli_words(values: dict) -> list[str]:
 
 def test_every_flag_settable_on_the_command_line():
     assert dataclasses.asdict(_parse(_cli_words(NON_DEFAULTS))) == NON_DEFAULTS
+    assert dataclasses.asdict(_parse(_cli_words(CONTEXT_NON_DEFAULTS))) == CONTEXT_NON_DEFAULTS
     switches = _parse(["--data_dir", "x", "--use_8bit_adam", "--no_use_8bit_adam", "--gradient_checkpointing"])
     assert switches.use_8bit_adam is False and switches.gradient_checkpointing is True
 
@@ -170,7 +181,7 @@ def test_example_config_parses():
     ("--max_train_steps", "0", "--max_train_steps must be at least 1"),
     ("--mixed_precision", "fp8", "mixed_precision"),
     ("--learning_rate", "-1", "--learning_rate must not be negative"),
-    ("--cache_latents", None, "--cache_latents needs --conditioning blend"),
+    ("--cache_latents", None, "--cache_latents does not work with --conditioning concat"),
 ])
 def test_bad_flag_values_give_one_error_line(flag, value, message, capsys, monkeypatch):
     monkeypatch.setattr("iclora.training.trainer.train", _no_training)
@@ -264,7 +275,8 @@ def test_output_files(data_2x2, train, tmp_path):
     assert result.global_step == 5 and len(result.losses) == 5
     assert all(0 < loss < 10 for loss in result.losses)
     assert result.final_dir == out / "final_model"
-    assert sorted(p.name for p in result.final_dir.iterdir()) == [CONV_IN_WEIGHT_NAME, METADATA_NAME, LORA_WEIGHT_NAME]
+    assert sorted(p.name for p in result.final_dir.iterdir()) == [
+        CONV_IN_WEIGHT_NAME, METADATA_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
 
     lora = _lora(result)
     assert lora and all(k.startswith("unet.") for k in lora)
@@ -316,7 +328,7 @@ def test_checkpoints_total_limit(data_2x2, train, tmp_path):
 
 def test_blend_writes_no_conv_in_and_feeds_no_masked_latents(data_2x2, train, spy):
     result = train(data_2x2, "--conditioning", "blend", "--max_train_steps", "2")
-    assert sorted(p.name for p in result.final_dir.iterdir()) == [METADATA_NAME, LORA_WEIGHT_NAME]
+    assert sorted(p.name for p in result.final_dir.iterdir()) == [METADATA_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
     assert json.loads((result.final_dir / METADATA_NAME).read_text())["conditioning"] == "blend"
     assert spy["masked_latents"] == [None, None]
 

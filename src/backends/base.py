@@ -117,12 +117,21 @@ class Backend(Protocol):
         """The denoiser's prediction (B, C, h, w), comparable to the loss target. `batch`
         carries per-sample extras (SDXL micro-conditioning: original size, crop)."""
 
-    def save_lora(self, directory: Path, kohya: bool = False) -> None:
-        """Write the trained weights in the diffusers LoRA format into `directory`; with
-        `kohya`, also a copy that ComfyUI / A1111 load (where the diffusers file does not)."""
+    def save_lora(self, directory: Path, compat: bool = True) -> None:
+        """Write the trained weights into `directory`: pytorch_lora_weights.safetensors
+        (diffusers format, alpha in its metadata), whatever the conditioning needs beside it
+        (SDXL concat: conv_in.safetensors) and, with `compat`,
+        pytorch_lora_weights_comfyui.safetensors (`comfyui_state`)."""
+
+    def comfyui_state(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA as ComfyUI, A1111/Forge and kohya load it in full at the trained
+        scale (see lora_formats.py for the key layout per model)."""
 
     def load_lora(self, path: Path) -> None:
-        """Load a LoRA folder (ours) or a single .safetensors file (ours or foreign)."""
+        """Load a LoRA folder (ours: final_model/ or a checkpoint) or a single .safetensors
+        file (ours or foreign). Raises ValueError when none of its layers lands in the
+        denoiser or when it needs a conditioning other than the backend's (a concat LoRA
+        without its trained conv_in); warns when only some of its layers land."""
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """All trainable tensors, for checkpoints."""

@@ -31,6 +31,7 @@ Training choices, and why:
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,17 @@ from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
-from .lora_files import LORA_WEIGHT_NAME, resolve_lora_file
+from .lora_files import (
+    COMFYUI_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    atomic_save_file,
+    check_applied,
+    check_conditioning,
+    lora_layers,
+    refuse_unreadable,
+    resolve_lora_file,
+)
+from .lora_formats import flux_comfyui_state, peft_modules
 from .tiny import TINY_MODELS, is_tiny
 from .trainable import load_trainable_state, trainable_state
 
@@ -325,8 +336,7 @@ class FluxBackend:
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.transformer, state)
 
-    def save_lora(self, directory: Path, kohya: bool = False) -> None:
-        # kohya: nothing more to write, ComfyUI loads FLUX LoRAs with diffusers keys as they are.
+    def save_lora(self, directory: Path, compat: bool = True) -> None:
         lora = get_peft_model_state_dict(self.transformer)
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
         # must not: load_lora_weights leaves the new dropout layers in train mode, so a
@@ -338,11 +348,35 @@ class FluxBackend:
             transformer_lora_adapter_metadata=adapter_metadata,
             weight_name=LORA_WEIGHT_NAME,
         )
+        if compat:
+            atomic_save_file(self.comfyui_state(), Path(directory) / COMFYUI_WEIGHT_NAME)
+
+    def comfyui_state(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA with `.alpha` keys: ComfyUI reads a FLUX LoRA's scale only from
+        them (metadata ignored: scale 1.0), and diffusers refuses `.alpha` keys beside adapter
+        metadata, so this is a second file."""
+        lora = get_peft_model_state_dict(self.transformer)
+        config = self.transformer.peft_config["default"]
+        scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        return flux_comfyui_state(peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer"), scale)
 
     def load_lora(self, path: Path) -> None:
-        """Ours, or foreign FLUX LoRAs: diffusers converts kohya / ai-toolkit / xlabs keys."""
+        """Ours (a final_model/ or checkpoint folder, or one of its files), or foreign FLUX
+        LoRAs (kohya, ai-toolkit / official IC-LoRA, xlabs: diffusers converts the keys);
+        refuses one that would not be applied in full."""
         lora_file = resolve_lora_file(path)
-        self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        check_conditioning(path, self.conditioning)
+        with refuse_unreadable(path, "FLUX transformer"):
+            converted = self._pipe.lora_state_dict(str(lora_file))
+        expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                    for k in converted if k.startswith("transformer.") and k.endswith(".lora_A.weight")}
+        if not expected:  # diffusers would load nothing, or fail on the first foreign key
+            check_applied(path, expected, set(), "FLUX transformer")
+        before = set(lora_layers(self.transformer))
+        with refuse_unreadable(path, "FLUX transformer"):
+            self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        injected = set().union(*[m for a, m in lora_layers(self.transformer).items() if a not in before])
+        check_applied(path, expected, injected, "FLUX transformer")
 
     def inpaint_pipeline(self) -> FluxInpaintPipeline | FluxFillPipeline:
         return self._pipe

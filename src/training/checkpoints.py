@@ -189,9 +189,10 @@ def _size(n: int) -> str:
     return f"{n} TB"
 
 
-def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None) -> None:
-    """accelerate's save_state into `folder`.tmp, our state last, one rename; then prune.
-    Raises OSError with one line (and removes the temporary folder) when writing fails."""
+def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None, extra_files=None) -> None:
+    """accelerate's save_state into `folder`.tmp, then `extra_files(tmp)` (main process), our
+    state last, one rename; then prune. Raises OSError with one line (and removes the
+    temporary folder) when writing fails."""
     main = accelerator.is_main_process
     tmp = folder.with_name(folder.name + ".tmp")
     if main:
@@ -200,6 +201,8 @@ def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None) 
     try:
         accelerator.save_state(str(tmp))
         if main:
+            if extra_files is not None:
+                extra_files(tmp)
             atomic_write_text(json.dumps(state), tmp / STATE_NAME)
             if folder.exists():
                 remove_folder(folder)

@@ -83,8 +83,8 @@ class TrainConfig:
     """Trade compute for memory in the denoiser."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
-    output_kohya_format: bool = False
-    """Also write final_model/pytorch_lora_weights_kohya.safetensors for ComfyUI / A1111 (SDXL; FLUX files load there as they are)."""
+    output_kohya_format: bool = True
+    """Also write pytorch_lora_weights_comfyui.safetensors, the file ComfyUI, A1111/Forge and kohya load in full (SDXL: kohya keys; FLUX: with .alpha keys)."""
     save_every: int = 1000
     """Write a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: Optional[int] = None

@@ -3,8 +3,9 @@
     setup()            data (validated before any model loads), backend + LoRA, optimizer,
                        accelerate, resume
     train()            the loop; the per-batch math is `_loss_step`
-    save_checkpoint()  resumable state every --save_every steps (and on SIGINT / SIGTERM)
-    save_final()       final_model/: diffusers-format LoRA + iclora_config.json
+    save_checkpoint()  resumable state every --save_every steps (and on SIGINT / SIGTERM),
+                       plus the inference files
+    save_final()       final_model/: the LoRA files + iclora_config.json
 
 What the run will write is checked before any model loads (checkpoints.py); a non-finite
 loss or gradient stops it at once, before the optimizer step, so nothing non-finite is ever
@@ -364,7 +365,9 @@ class Trainer:
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                  "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
         try:
-            checkpoints.write_checkpoint(self.accelerator, folder, state, self.cfg.checkpoints_total_limit)
+            # Every checkpoint is a usable LoRA: the inference files go in beside the state.
+            checkpoints.write_checkpoint(self.accelerator, folder, state, self.cfg.checkpoints_total_limit,
+                                         extra_files=self.save_inference_files)
         except OSError as error:
             raise RunStopped(f"step {self.global_step}: {error}; training stopped") from None
         return folder
@@ -383,6 +386,11 @@ class Trainer:
             "training_args": dataclasses.asdict(self.cfg),
         }
 
+    def save_inference_files(self, folder: Path) -> None:
+        """The LoRA file(s), conv_in for concat and iclora_config.json (main process only)."""
+        self.backend.save_lora(folder, compat=self.cfg.output_kohya_format)
+        atomic_write_text(json.dumps(self.metadata(), indent=2), folder / METADATA_NAME)
+
     def save_final(self) -> Path:
         final = self.output_dir / FINAL_NAME
         check_finite_weights(self.backend.trainable_parameters(), self.global_step, final)
@@ -390,8 +398,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             try:
                 with atomic_directory(final) as tmp:
-                    self.backend.save_lora(tmp, kohya=self.cfg.output_kohya_format)
-                    atomic_write_text(json.dumps(self.metadata(), indent=2), tmp / METADATA_NAME)
+                    self.save_inference_files(tmp)
             except Exception as error:
                 newest = find_checkpoints(self.output_dir)
                 hint = f"; {RESUME_HINT} after freeing space" if newest else ""

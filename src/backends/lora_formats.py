@@ -1,0 +1,137 @@
+"""LoRA files for the programs people run LoRAs in, from the diffusers/PEFT state dict.
+
+What each program reads (ComfyUI: comfy/lora.py `model_lora_keys_unet` + `load_lora`):
+
+    SDXL   ComfyUI maps diffusers/PEFT attention keys only in the old `processor.to_q`
+           spelling, so every attention LoRA of a diffusers file is dropped there ("lora key
+           not loaded"). kohya keys load everywhere: `lora_unet_<module>` with `.lora_down`,
+           `.lora_up` and `.alpha`, the module named in the original (SGM) UNet layout that
+           kohya sd-scripts trains SDXL on and A1111/Forge name their layers by
+           (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`). Scale = alpha / rank.
+    FLUX   ComfyUI maps `transformer.<module>.lora_A/B` keys (q/k/v into slices of its fused
+           qkv) but reads the scale only from a `<module>.alpha` key, never from safetensors
+           metadata; diffusers refuses a file holding both, so this is a separate file.
+
+Same-shape full-weight differences travel as `<module>.diff` / `.diff_b` (ComfyUI, A1111):
+that is how a trained 9-channel conv_in on the 9-channel SDXL inpainting base gets there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+PEFT_DOWN, PEFT_UP = ".lora_A.weight", ".lora_B.weight"
+KOHYA_DOWN, KOHYA_UP = ".lora_down.weight", ".lora_up.weight"
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a .safetensors file and its header metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def peft_scale(metadata: dict[str, str], prefix: str) -> float | None:
+    """LoRA scale (alpha / rank, or alpha / sqrt(rank) for rsLoRA) recorded in a diffusers
+    file's `lora_adapter_metadata` for `prefix` ('unet' / 'transformer'); None without it."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = {k.removeprefix(f"{prefix}."): v for k, v in json.loads(raw).items() if k.startswith(f"{prefix}.")}
+    if "r" not in config or "lora_alpha" not in config:
+        return None
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("LoRAs with per-layer rank or alpha patterns are not converted")
+    rank, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def peft_modules(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (lora_A, lora_B)} of a diffusers/PEFT state dict under `prefix.`."""
+    modules = {}
+    for key, down in state.items():
+        if key.startswith(f"{prefix}.") and key.endswith(PEFT_DOWN):
+            module = key[len(prefix) + 1 : -len(PEFT_DOWN)]
+            up = state.get(f"{prefix}.{module}{PEFT_UP}")
+            if up is None:
+                raise ValueError(f"{key} has no matching lora_B")
+            modules[module] = (down, up)
+    return modules
+
+
+# ---- SDXL ---------------------------------------------------------------------------------
+
+def sdxl_sgm_name(module: str, layers_per_block: int) -> str:
+    """A diffusers UNet module name in the original SDXL (SGM) layout, the inverse of the
+    renumbering in diffusers' `_maybe_map_sgm_blocks_to_diffusers` and ComfyUI's
+    `unet_to_diffusers`: down block b, layer l -> input_blocks.(1 + b (L+1) + l).1; the
+    mid block's attention -> middle_block.1; up block b, layer l -> output_blocks.(b (L+1) + l).1."""
+    if module == "conv_in":
+        return "input_blocks.0.0"
+    per_block = layers_per_block + 1
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+        b, l, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + b * per_block + l}.1.{rest}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+        return f"middle_block.1.{match[1]}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+        b, l, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{b * per_block + l}.1.{rest}"
+    raise ValueError(f"no SGM name for UNet module {module} (only attention blocks and conv_in are converted)")
+
+
+def kohya_name(sgm: str) -> str:
+    return "lora_unet_" + sgm.replace(".", "_")
+
+
+def sdxl_kohya_state(
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    layers_per_block: int,
+    conv_in_diff: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """kohya-key SDXL LoRA: per module lora_down (= lora_A), lora_up (= lora_B) and the alpha
+    that makes alpha / rank the trained scale; plus conv_in as a same-shape (weight, bias)
+    difference against the base, when given."""
+    out: dict[str, torch.Tensor] = {}
+    for module, (down, up) in modules.items():
+        name = kohya_name(sdxl_sgm_name(module, layers_per_block))
+        out[name + KOHYA_DOWN] = down.contiguous()
+        out[name + KOHYA_UP] = up.contiguous()
+        out[name + ".alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
+    if conv_in_diff is not None:
+        name = kohya_name(sdxl_sgm_name("conv_in", layers_per_block))
+        out[name + ".diff"] = conv_in_diff[0].contiguous()
+        out[name + ".diff_b"] = conv_in_diff[1].contiguous()
+    return out
+
+
+CONV_IN_DIFF_KEYS = (kohya_name("input_blocks.0.0") + ".diff", kohya_name("input_blocks.0.0") + ".diff_b")
+
+
+# ---- FLUX ---------------------------------------------------------------------------------
+
+def flux_comfyui_state(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
+    """`transformer.<module>.lora_A/B.weight` plus `transformer.<module>.alpha` (= scale * rank),
+    the one place ComfyUI reads a FLUX LoRA's scale from."""
+    out: dict[str, torch.Tensor] = {}
+    for module, (down, up) in modules.items():
+        out[f"transformer.{module}{PEFT_DOWN}"] = down.contiguous()
+        out[f"transformer.{module}{PEFT_UP}"] = up.contiguous()
+        out[f"transformer.{module}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
+    return out
+
+
+def guess_backend(state: dict[str, Any]) -> str | None:
+    """'sdxl' or 'flux' from a diffusers-format file's key prefixes (None if neither)."""
+    if any(k.startswith("unet.") for k in state):
+        return "sdxl"
+    if any(k.startswith("transformer.") for k in state):
+        return "flux"
+    return None

@@ -1,0 +1,184 @@
+"""Turn an existing LoRA into the files other programs load, and merge an SDXL concat LoRA
+into a 9-channel UNet (what `src/convert.py` runs).
+
+    convert()        <folder>/pytorch_lora_weights_comfyui.safetensors (or <stem>_comfyui for
+                     a single file), from the diffusers-format file and its recorded alpha;
+                     for a checkpoint of an older version (trainable weights only) all the
+                     inference files, rebuilt through the backend
+    export_unet()    <output_dir>/unet/: base UNet + LoRA merged + trained 9-channel conv_in
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from safetensors.torch import load_file
+
+from .backends.lora_files import (
+    COMFYUI_WEIGHT_NAME,
+    CONV_IN_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
+    atomic_directory,
+    atomic_save_file,
+    atomic_write_text,
+    read_metadata,
+    resolve_lora_file,
+)
+from .backends.lora_formats import (
+    flux_comfyui_state,
+    guess_backend,
+    peft_modules,
+    peft_scale,
+    read_lora_file,
+    sdxl_kohya_state,
+)
+
+logger = logging.getLogger(__name__)
+TRAINABLE_NAME, STATE_NAME = "trainable.safetensors", "trainer_state.json"  # a training checkpoint's
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SDXL_LAYERS_PER_BLOCK = 2  # stabilityai/stable-diffusion-xl-base-1.0 and its inpainting model
+
+
+@dataclass
+class ConvertConfig:
+    """Write the LoRA file ComfyUI, A1111/Forge and kohya load in full (pytorch_lora_weights_comfyui.safetensors) for an existing LoRA; optionally merge an SDXL concat LoRA into a 9-channel UNet."""
+
+    lora_path: str
+    """An output folder (final_model/ or checkpoints/checkpoint-N, also one holding only trainable weights) or one diffusers-format .safetensors file."""
+    output_dir: Optional[str] = None
+    """Where the files go (default: beside the LoRA)."""
+    base_model: Optional[str] = None
+    """Base model id or folder (default: the one recorded in iclora_config.json). Read for an SDXL concat LoRA and --export_unet."""
+    export_unet: bool = False
+    """SDXL concat: also write unet/, the base UNet with the LoRA merged in and the trained 9-channel conv_in (StableDiffusionXLInpaintPipeline, ComfyUI's Load Diffusion Model)."""
+    unet_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Weights dtype of the exported unet/."""
+
+
+def convert(cfg: ConvertConfig) -> list[Path]:
+    """Write the ComfyUI/A1111/kohya file (and unet/ with --export_unet); returns what was written."""
+    source = Path(cfg.lora_path)
+    if source.is_dir() and not (source / LORA_WEIGHT_NAME).is_file() and (source / TRAINABLE_NAME).is_file():
+        if cfg.export_unet:
+            _check_exportable(json.loads((source / STATE_NAME).read_text())["run"])
+        folder = Path(cfg.output_dir) if cfg.output_dir else source
+        written = checkpoint_lora(source, folder, cfg.base_model)
+        if cfg.export_unet:
+            written.append(export_unet(str(folder), read_metadata(folder)["base_model"], folder, DTYPES[cfg.unet_dtype]))
+        return written
+    lora_file = resolve_lora_file(cfg.lora_path)
+    meta = read_metadata(cfg.lora_path)
+    if cfg.export_unet:
+        _check_exportable(meta)
+    state, header = read_lora_file(lora_file)
+    backend = meta.get("backend") or guess_backend(state)
+    if backend is None:
+        raise ValueError(
+            f"--lora_path {lora_file}: no diffusers-format keys (unet.* / transformer.*): already in another "
+            "program's format?"
+        )
+    prefix = "unet" if backend == "sdxl" else "transformer"
+    scale = peft_scale(header, prefix)
+    if scale is None:  # what diffusers assumes for a file without adapter metadata: alpha = rank
+        logger.warning("%s records no LoRA alpha: written at scale 1 (alpha = rank), as diffusers loads it", lora_file)
+        scale = 1.0
+    modules = peft_modules(state, prefix)
+    if not modules:
+        raise ValueError(f"--lora_path {lora_file}: no LoRA layers under '{prefix}.'")
+    base = cfg.base_model or meta.get("base_model")
+    concat = meta.get("conditioning") == "concat" or (lora_file.parent / CONV_IN_WEIGHT_NAME).is_file()
+    if backend == "sdxl":
+        out = _sdxl_state(modules, scale, base, concat, lora_file)
+    else:
+        out = flux_comfyui_state(modules, scale)
+
+    folder = Path(cfg.output_dir) if cfg.output_dir else lora_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    name = COMFYUI_WEIGHT_NAME if Path(cfg.lora_path).is_dir() else f"{lora_file.stem}_comfyui.safetensors"
+    atomic_save_file(out, folder / name)
+    written = [folder / name]
+    if cfg.export_unet:
+        written.append(export_unet(cfg.lora_path, base, folder, DTYPES[cfg.unet_dtype]))
+    return written
+
+
+def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None) -> list[Path]:
+    """The inference files of a checkpoint written before checkpoints held them, rebuilt
+    from its trainable weights and the run settings it records."""
+    from .backends import load_backend
+
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    run = state["run"]
+    backend = load_backend(run["backend"], base_model or run["model_id"], run["conditioning"])
+    backend.add_lora(run["lora_rank"], run["lora_alpha"], 0.0)
+    backend.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_NAME))
+    folder.mkdir(parents=True, exist_ok=True)
+    before = set(folder.iterdir())
+    backend.save_lora(folder)
+    meta = {"backend": backend.name, "base_model": backend.base_model, "grid": run["grid"],
+            "conditioning": backend.conditioning, "image_size": run["image_size"], "global_step": state["global_step"]}
+    atomic_write_text(json.dumps(meta, indent=2), folder / METADATA_NAME)
+    return [folder / LORA_WEIGHT_NAME] + sorted(set(folder.iterdir()) - before - {folder / LORA_WEIGHT_NAME})
+
+
+def _sdxl_state(modules, scale: float, base: str | None, concat: bool, lora_file: Path) -> dict[str, torch.Tensor]:
+    unet = _base_unet(base, config_only=not concat) if base else None
+    layers = SDXL_LAYERS_PER_BLOCK if unet is None else unet["config"]["layers_per_block"]
+    conv_diff = None
+    if concat:
+        if unet is None:
+            raise ValueError(f"--lora_path {lora_file}: a concat LoRA; name its base with --base_model")
+        if unet["config"]["in_channels"] == 9:
+            trained = read_lora_file(lora_file.parent / CONV_IN_WEIGHT_NAME)[0]
+            conv_diff = (trained["conv_in.weight"].float() - unet["conv_in.weight"].float(),
+                         trained["conv_in.bias"].float() - unet["conv_in.bias"].float())
+        else:
+            logger.warning(
+                "%s: a concat LoRA on a 4-channel base; no LoRA file carries its 9-channel conv_in into ComfyUI "
+                "(use --export_unet)", lora_file,
+            )
+    return sdxl_kohya_state(modules, scale, layers, conv_diff)
+
+
+def _base_unet(base: str, config_only: bool) -> dict:
+    """The base UNet's config and (unless config_only) its conv_in weights."""
+    from diffusers import UNet2DConditionModel
+
+    from .backends.tiny import TINY_MODELS, is_tiny
+
+    if is_tiny(base):
+        unet = TINY_MODELS[base]()["unet"]
+    elif config_only:
+        return {"config": UNet2DConditionModel.load_config(base, subfolder="unet")}
+    else:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    return {"config": dict(unet.config), "conv_in.weight": unet.conv_in.weight.detach(), "conv_in.bias": unet.conv_in.bias.detach()}
+
+
+def _check_exportable(record: dict) -> None:
+    if (record.get("backend"), record.get("conditioning")) != ("sdxl", "concat"):
+        raise ValueError("--export_unet is for SDXL concat LoRAs (FLUX.1-Fill and blend LoRAs load as LoRA files)")
+
+
+def export_unet(lora_path: str, base: str | None, folder: Path, dtype: torch.dtype) -> Path:
+    """<folder>/unet/: the base UNet with the LoRA merged in and the trained 9-channel
+    conv_in, a diffusers UNet folder with in_channels 9."""
+    from .backends.sdxl import SDXLBackend
+
+    _check_exportable(read_metadata(lora_path))
+    if not base:
+        raise ValueError(f"--lora_path {lora_path}: no base model recorded; give --base_model")
+    backend = SDXLBackend.from_pretrained(base, conditioning="concat")
+    backend.load_lora(Path(lora_path))
+    pipe = backend.inpaint_pipeline()
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+    with atomic_directory(folder / "unet") as tmp:
+        backend.unet.to(dtype).save_pretrained(tmp)
+    return folder / "unet"
