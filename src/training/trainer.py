@@ -38,7 +38,8 @@ from ..backends import BACKENDS, load_backend
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
-from .config import TrainConfig
+from .config import TrainConfig, without_cuda
+from .monitor import Monitor
 
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME = "trainable.safetensors"
@@ -121,9 +122,10 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg = self.cfg = without_cuda(self.cfg)
         backend_cls = backend_class(cfg.backend)
         records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum)
+        self.monitor = Monitor(self, records)
         mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
         # accelerate keeps process-wide state that refuses a second in-process run with other
         # settings (e.g. mixed precision): start each run from a clean one, keeping the
@@ -133,7 +135,8 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            log_with=cfg.report_to,
         )
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -207,7 +210,7 @@ class Trainer:
             self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
             if self.batches_in_epoch >= len(self.dataloader):  # saved at the end of an epoch
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-            logger.info("resumed from %s at step %d", self.resume_dir, self.global_step)
+            logger.info("resumed from %s at step %d", self.resume_dir.name, self.global_step)
 
     def _check_resumable(self, state: dict) -> None:
         saved = state.get("run", {})
@@ -249,6 +252,7 @@ class Trainer:
             disable=not accelerator.is_local_main_process,
         )
         self.backend.denoiser.train()
+        self.monitor.start()
         while self.global_step < self.max_train_steps:
             # accelerate's loader re-sets the sampler's epoch from its own pass counter, which
             # restarts at 0 in a resumed run: set it there too.
@@ -272,14 +276,17 @@ class Trainer:
                 running = []
                 losses.append(step_loss)
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                progress.set_postfix(epoch=self.epoch, loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                self.monitor.step(step_loss)
                 if self.global_step % cfg.save_every == 0:
                     self.save_checkpoint()
+                    self.monitor.checkpoint()
                 if self.global_step >= self.max_train_steps:
                     break
             else:
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         progress.close()
+        self.monitor.end()
         final_dir = self.save_final()
         accelerator.end_training()
         return TrainResult(final_dir, self.global_step, losses)
