@@ -161,12 +161,16 @@ def make_sample(
     rng: np.random.Generator, panel_size: int = 64, grid: tuple[int, int] = (2, 2)
 ) -> ToySample:
     """Draw one (colour, shape) and render it into every panel of a rows x cols composite."""
+    colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    return draw_sample(colour, shape, panel_size, grid)
+
+
+def draw_sample(colour: str, shape: str, panel_size: int = 64, grid: tuple[int, int] = (2, 2)) -> ToySample:
+    """The composite of one (colour, shape): the object in every panel of a rows x cols grid."""
     rows, cols = grid
     n_panels = check_grid(grid)
     _check_panel_size(panel_size)
-    colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-
     image = Image.new("RGB", (cols * panel_size, rows * panel_size), BACKGROUND)
     for k in range(n_panels):  # row-major, no gaps between panels
         row, col = divmod(k, cols)
@@ -181,8 +185,11 @@ def make_dataset(
     seed: int = 0,
     panel_size: int = 64,
     grid: tuple[int, int] = (2, 2),
+    one_per_colour: bool = False,
 ) -> list[Path]:
     """Write n samples as 00000.png + 00000.txt, ...; return the image paths in order.
+    one_per_colour: sample i has colour i of PALETTE (cycling) and shape i of SHAPES instead
+    of a random draw, e.g. a validation set that shows every colour once.
 
     Each file is written under a temporary name and moved into place, so a reader never
     sees a half-written file. Same arguments give byte-identical files.
@@ -194,7 +201,11 @@ def make_dataset(
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
-        sample = make_sample(rng, panel_size=panel_size, grid=grid)
+        if one_per_colour:  # colour i, shapes in turn
+            colour = list(PALETTE)[i % len(PALETTE)]
+            sample = draw_sample(colour, SHAPES[i % len(SHAPES)], panel_size, grid)
+        else:
+            sample = make_sample(rng, panel_size=panel_size, grid=grid)
         image_path = out_dir / f"{i:05d}.png"
         caption_path = out_dir / f"{i:05d}.txt"
 
@@ -256,6 +267,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--panel_size", type=int, default=64, help="side of one panel, px")
     parser.add_argument("--grid", default="2x2", help="ROWSxCOLS, e.g. 2x2, 1x3, 2x1")
+    parser.add_argument("--one_per_colour", action="store_true",
+                        help="sample i gets colour i and shape i (cycling) instead of a random draw")
     parser.add_argument("--base_model", help="also write the fitted toy SDXL base model to this folder")
     args = parser.parse_args(argv)
     if not (args.out or args.base_model):
@@ -270,7 +283,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         grid = parse_grid(args.grid)
     except ValueError as err:
         parser.error(str(err))
-    return make_dataset(args.out, args.n, seed=args.seed, panel_size=args.panel_size, grid=grid)
+    return make_dataset(args.out, args.n, seed=args.seed, panel_size=args.panel_size, grid=grid,
+                        one_per_colour=args.one_per_colour)
 
 
 if __name__ == "__main__":

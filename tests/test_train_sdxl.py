@@ -90,6 +90,9 @@ NON_DEFAULTS = {
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "cache_text_embeddings": True, "cache_latents": True,
     "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": True, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
+    "validation_image": ["v1.png", "v2.png"], "validation_prompt": "a prompt", "validation_panels": [0, 2],
+    "validation_every": 50, "validation_inference_steps": 7, "validation_guidance_scale": 2.5,
+    "report_to": "tensorboard",
 }
 
 
@@ -110,6 +113,8 @@ def _cli_words(values: dict) -> list[str]:
     for name, value in values.items():
         if value is True:
             words.append(f"--{name}")
+        elif isinstance(value, list):
+            words += [f"--{name}", *map(str, value)]
         else:
             words += [f"--{name}", str(value)]
     return words
