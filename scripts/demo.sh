@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The product on a CPU in about two minutes, no download: train an IC-LoRA on a small toy
+# The product on a CPU in about three minutes, no download: train an IC-LoRA on a small toy
 # base model that can already draw (iclora.toy: a fitted tiny SDXL, shipped in
 # benchmarks/assets), then complete hidden panels with it.
 #
 # The toy composites show one object in every panel; the caption never names its colour
 # or shape, so only the visible panels tell what the hidden ones must show. The untrained
-# base draws the same blobs whatever it is shown; the IC-LoRA takes the colour (and mostly
-# the shape) from the visible panels.
+# base draws the same blobs whatever it is shown; the IC-LoRA takes the object's place,
+# shape and colour from the visible panels (at this budget red still comes out orange).
 #
 # Writes output/demo/ (removed first, so the demo runs again and again):
 #   samples/progress.png     per validation composite: input | mask | step 0 (untrained) | ... | final

@@ -173,7 +173,8 @@ class Monitor:
         pipe.set_progress_bar_config(disable=True)
         modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
         modes = [(m, m.training) for c in modules for m in c.modules()]
-        # Cached text embeddings / latents moved the text encoders / VAE off the GPU.
+        # Cached text embeddings / latents moved the text encoders / VAE off the GPU: they
+        # come back for the samples only. (The quantized denoiser is on the GPU already.)
         devices = [(c, _device(c)) for c in modules]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         sheets = []
@@ -181,7 +182,7 @@ class Monitor:
             with torch.random.fork_rng(devices=cuda), torch.no_grad(), accelerator.autocast():
                 for component, device in devices:
                     component.eval()
-                    if device is not None and device != accelerator.device and not backend.quantized:
+                    if device is not None and device.type != accelerator.device.type:
                         component.to(accelerator.device)
                 for plan in self._plans(folder):
                     outputs, seeds = generate(plan, backend, pipe)
