@@ -73,6 +73,7 @@ def test_sampling_keeps_resume_exact_and_logs_continue(data_2x2_six, train, tmp_
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert [r["loss"] for r in log] == straight.losses
+    assert all(a["seconds"] <= b["seconds"] for a, b in zip(log, log[1:]))  # continues across the resume
     steps = sorted(p.name for p in (out / "samples").glob("step_*"))
     assert steps == ["step_000000", "step_000001", "step_000002", "step_000003", "step_000004"]
 

@@ -61,7 +61,9 @@ class Monitor:
         if self.main:
             self._restore_log(step)
         self.validation = self._validation_inputs()
-        self.started = self.last_time = time.monotonic()
+        # "seconds" continues across a resume: the time the run has trained so far.
+        self.started = time.monotonic() - (self.history[-1]["seconds"] if self.history else 0.0)
+        self.last_time = time.monotonic()
         if step == 0 and self.validation:
             self.sample()
 
@@ -103,8 +105,10 @@ class Monitor:
         if step and path.is_file():
             self.history = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= step]
         atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history), path)
+        if not step:
+            shutil.rmtree(self.output_dir / SAMPLES, ignore_errors=True)
         for folder in sorted((self.output_dir / SAMPLES).glob("step_*")):
-            if not step or int(folder.name.split("_")[1]) > step:
+            if int(folder.name.split("_")[1]) > step:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # ---- sample sheets ------------------------------------------------------------------
