@@ -274,7 +274,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not (args.out or args.base_model):
         parser.error("give --out (composites) and/or --base_model (the toy base model folder)")
     if args.base_model:
+        from .logs import setup_logging
+
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        setup_logging()
         make_base_model(args.base_model)
         print(f"toy base model: {args.base_model}")
         if not args.out:
