@@ -47,37 +47,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fit_toy_vae import PANEL_SIZE, independent_panels  # noqa: E402
 
-from iclora.toy import make_caption  # noqa: E402
-
-TOY_VAE = HERE / "assets" / "toy_vae"
-TOY_UNET = HERE / "assets" / "toy_sdxl_unet"
-PREDICTION_TYPE = "v_prediction"
-
-
-def make_base_model(folder: Path, vae_dir: Path = TOY_VAE, unet_dir: Path | None = TOY_UNET) -> Path:
-    """A diffusers SDXL folder: the tiny SDXL's text encoders, tokenizers and scheduler, the
-    toy VAE, the toy UNet (or the random one with unet_dir=None), v-prediction."""
-    from diffusers import UNet2DConditionModel
-
-    from iclora.backends.tiny import save_tiny_model
-
-    for path in [vae_dir] + ([unet_dir] if unet_dir else []):
-        if not (Path(path) / "diffusion_pytorch_model.safetensors").is_file():
-            raise FileNotFoundError(f"{path}: no weights; run benchmarks/fit_toy_vae.py and fit_toy_base.py first")
-    save_tiny_model("tiny-sdxl", folder)
-    shutil.rmtree(folder / "vae")
-    (folder / "vae").mkdir()
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copy(Path(vae_dir) / name, folder / "vae" / name)
-    if unet_dir:
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
-        shutil.rmtree(folder / "unet")
-        unet.save_pretrained(folder / "unet")
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_file.read_text())
-    config["prediction_type"] = PREDICTION_TYPE
-    config_file.write_text(json.dumps(config, indent=2))
-    return folder
+# make_base_model lives in the package: scripts/demo.sh builds the same base.
+from iclora.toy import TOY_PREDICTION_TYPE as PREDICTION_TYPE  # noqa: E402
+from iclora.toy import TOY_UNET, TOY_VAE, make_base_model, make_caption  # noqa: E402
 
 
 @torch.no_grad()

@@ -127,8 +127,10 @@ def _config_files_first(argv: list[str]) -> list[str]:
 def train_entry(argv: Sequence[str] | None, prog: str, description: str, defaults: dict[str, Any]):
     """What every train_*_ic_lora.py does: parse the flags (a bad flag fails here, before the
     slow imports), then train and return the TrainResult."""
+    from .logs import setup_logging
     from .training.config import TrainConfig
 
+    setup_logging()
     cfg = parse_config(TrainConfig, argv, prog=prog, description=description, defaults=defaults)
     from .training.trainer import train
 
@@ -141,7 +143,9 @@ def infer_entry(argv: Sequence[str] | None, prog: str, description: str, default
     """What every *_ic_lora_inference.py does: parse the flags, then inpaint and return the
     files written."""
     from .inference.config import InferConfig
+    from .logs import setup_logging
 
+    setup_logging()
     cfg = parse_config(InferConfig, argv, prog=prog, description=description, defaults=defaults)
     from .inference.inpaint import run
 

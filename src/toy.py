@@ -7,8 +7,13 @@ guessed without the visible ones: the caption describes positions and sizes only
 colour or the shape.
 
     python -m iclora.toy --out data/sample --n 16 --seed 0 --panel_size 64 --grid 2x2
+    python -m iclora.toy --base_model output/toy_base      # a toy SDXL base that can draw
 
-writes 00000.png + 00000.txt (the caption), 00001.png + ... Same seed, same bytes.
+The first writes 00000.png + 00000.txt (the caption), 00001.png + ... Same seed, same bytes.
+The second writes a diffusers SDXL folder (make_base_model) to train and sample on: the
+tiny SDXL of iclora.backends.tiny with a VAE and UNet fitted to this toy domain (shipped in
+benchmarks/assets; benchmarks/fit_toy_vae.py and fit_toy_base.py made them). An IC-LoRA
+on the random tiny SDXL never learns to draw; on this base it learns the panels' relation.
 """
 
 from __future__ import annotations
@@ -36,6 +41,15 @@ SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "diamond")
 # One fixed background: a random one would be a second hidden variable, and the hidden panels
 # should depend on (colour, shape) alone.
 BACKGROUND: tuple[int, int, int] = (24, 24, 24)
+
+# The fitted toy base (benchmarks/README.md): a VAE that round-trips toy images and an SDXL
+# UNet pretrained to draw any object in any panel, never a composite.
+ASSETS = Path(__file__).resolve().parents[1] / "benchmarks" / "assets"
+TOY_VAE = ASSETS / "toy_vae"
+TOY_UNET = ASSETS / "toy_sdxl_unet"
+# With epsilon prediction the sampler scales the noise estimate's error by sigma (up to ~15
+# for SDXL's schedule); a UNet fitted for minutes needs v-prediction's milder target.
+TOY_PREDICTION_TYPE = "v_prediction"
 
 
 @dataclass(frozen=True)
@@ -147,12 +161,16 @@ def make_sample(
     rng: np.random.Generator, panel_size: int = 64, grid: tuple[int, int] = (2, 2)
 ) -> ToySample:
     """Draw one (colour, shape) and render it into every panel of a rows x cols composite."""
+    colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    return draw_sample(colour, shape, panel_size, grid)
+
+
+def draw_sample(colour: str, shape: str, panel_size: int = 64, grid: tuple[int, int] = (2, 2)) -> ToySample:
+    """The composite of one (colour, shape): the object in every panel of a rows x cols grid."""
     rows, cols = grid
     n_panels = check_grid(grid)
     _check_panel_size(panel_size)
-    colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-
     image = Image.new("RGB", (cols * panel_size, rows * panel_size), BACKGROUND)
     for k in range(n_panels):  # row-major, no gaps between panels
         row, col = divmod(k, cols)
@@ -167,8 +185,11 @@ def make_dataset(
     seed: int = 0,
     panel_size: int = 64,
     grid: tuple[int, int] = (2, 2),
+    one_per_colour: bool = False,
 ) -> list[Path]:
     """Write n samples as 00000.png + 00000.txt, ...; return the image paths in order.
+    one_per_colour: sample i has colour i of PALETTE (cycling) and shape i of SHAPES instead
+    of a random draw, e.g. a validation set that shows every colour once.
 
     Each file is written under a temporary name and moved into place, so a reader never
     sees a half-written file. Same arguments give byte-identical files.
@@ -180,7 +201,11 @@ def make_dataset(
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
-        sample = make_sample(rng, panel_size=panel_size, grid=grid)
+        if one_per_colour:  # colour i, shapes in turn
+            colour = list(PALETTE)[i % len(PALETTE)]
+            sample = draw_sample(colour, SHAPES[i % len(SHAPES)], panel_size, grid)
+        else:
+            sample = make_sample(rng, panel_size=panel_size, grid=grid)
         image_path = out_dir / f"{i:05d}.png"
         caption_path = out_dir / f"{i:05d}.txt"
 
@@ -192,6 +217,37 @@ def make_dataset(
         os.replace(tmp, caption_path)
         paths.append(image_path)
     return paths
+
+
+def make_base_model(folder: str | os.PathLike, vae_dir: Path = TOY_VAE, unet_dir: Path | None = TOY_UNET) -> Path:
+    """A diffusers SDXL folder: the tiny SDXL's text encoders, tokenizers and scheduler, the
+    toy VAE, the toy UNet (or the random one with unet_dir=None), v-prediction."""
+    import json
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .backends.tiny import save_tiny_model
+
+    folder = Path(folder)
+    for path in [vae_dir] + ([unet_dir] if unet_dir else []):
+        if not (Path(path) / "diffusion_pytorch_model.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: no weights; run benchmarks/fit_toy_vae.py and fit_toy_base.py first")
+    save_tiny_model("tiny-sdxl", folder)
+    shutil.rmtree(folder / "vae")
+    (folder / "vae").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(Path(vae_dir) / name, folder / "vae" / name)
+    if unet_dir:
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)  # stored as float16
+        shutil.rmtree(folder / "unet")
+        unet.save_pretrained(folder / "unet")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["prediction_type"] = TOY_PREDICTION_TYPE
+    config_file.write_text(json.dumps(config, indent=2))
+    return folder
 
 
 def parse_grid(text: str) -> tuple[int, int]:
@@ -206,17 +262,32 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder of the composites")
     parser.add_argument("--n", type=int, default=16, help="number of composites")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--panel_size", type=int, default=64, help="side of one panel, px")
     parser.add_argument("--grid", default="2x2", help="ROWSxCOLS, e.g. 2x2, 1x3, 2x1")
+    parser.add_argument("--one_per_colour", action="store_true",
+                        help="sample i gets colour i and shape i (cycling) instead of a random draw")
+    parser.add_argument("--base_model", help="also write the fitted toy SDXL base model to this folder")
     args = parser.parse_args(argv)
+    if not (args.out or args.base_model):
+        parser.error("give --out (composites) and/or --base_model (the toy base model folder)")
+    if args.base_model:
+        from .logs import setup_logging
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        setup_logging()
+        make_base_model(args.base_model)
+        print(f"toy base model: {args.base_model}")
+        if not args.out:
+            return []
     try:
         grid = parse_grid(args.grid)
     except ValueError as err:
         parser.error(str(err))
-    return make_dataset(args.out, args.n, seed=args.seed, panel_size=args.panel_size, grid=grid)
+    return make_dataset(args.out, args.n, seed=args.seed, panel_size=args.panel_size, grid=grid,
+                        one_per_colour=args.one_per_colour)
 
 
 if __name__ == "__main__":

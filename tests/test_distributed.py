@@ -22,6 +22,7 @@ def test_two_process_training_saves_one_lora_and_resumes(tmp_path):
         str(REPO / "src/training/train_sdxl_ic_lora.py"), "--data_dir", str(REPO / "data/sample"),
         "--output_dir", str(out), "--model_id", "tiny-sdxl", "--image_size", "64", "--batch_size", "2",
         "--lora_rank", "4", "--save_every", "2", "--learning_rate", "1e-3",
+        "--validation_every", "2", "--validation_inference_steps", "2",  # rendered by rank 0 alone
     ]
     first = subprocess.run(base + ["--max_train_steps", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -37,6 +38,9 @@ def test_two_process_training_saves_one_lora_and_resumes(tmp_path):
     assert meta["global_step"] == 3
     lora = load_file(out / "final_model" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("unet.") for k in lora)
+    assert sorted(p.name for p in (out / "samples").glob("step_*")) == ["step_000000", "step_000002", "step_000003"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # one line per step, not one per rank
     leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert leftovers == []
 

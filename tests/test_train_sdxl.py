@@ -91,6 +91,9 @@ NON_DEFAULTS = {
     "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
     "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
+    "validation_image": ["v1.png", "v2.png"], "validation_prompt": "a prompt", "validation_panels": [0, 2],
+    "validation_every": 50, "validation_inference_steps": 7, "validation_guidance_scale": 2.5,
+    "report_to": "tensorboard",
 }
 # Flags that only go with another setting: context_timestep needs --conditioning context,
 # which refuses a visible-panel loss.
@@ -121,6 +124,8 @@ def _cli_words(values: dict) -> list[str]:
             words.append(f"--{name}")
         elif value is False:
             words.append(f"--no_{name}")
+        elif isinstance(value, list):
+            words += [f"--{name}", *map(str, value)]
         else:
             words += [f"--{name}", str(value)]
     return words

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from ..backends.lora_files import atomic_write_text, read_metadata, resolve_lora_file
 from ..images import open_rgb8
@@ -176,7 +177,7 @@ def load_pipeline(plan: Plan):
         pipe.enable_model_cpu_offload()
     elif cuda:
         pipe.to("cuda")
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(desc="denoising", leave=False)
     transformer = getattr(pipe, "transformer", None)
     if (backend.conditioning == "concat" and transformer is not None and transformer.config.guidance_embeds
             and cfg.guidance_scale < FILL_GUIDANCE_HINT):
@@ -208,7 +209,7 @@ def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
     first = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
     seeds = [first + i for i in range(cfg.num_images)]
     outputs = []
-    for seed in seeds:
+    for seed in tqdm(seeds, desc="images", unit="image", disable=len(seeds) < 2):
         generator = torch.Generator("cpu").manual_seed(seed)
         result = pipe(generator=generator, **kwargs).images[0]
         outputs.append(composite(result.resize(plan.size, Image.Resampling.LANCZOS), plan.image, plan.mask))

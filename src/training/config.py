@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
 
-from ..panels import Grid
+from ..panels import Grid, parse_panels
+
+logger = logging.getLogger(__name__)
+# --report_to NAME needs one of these modules (accelerate's trackers import them).
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
 @dataclass
@@ -95,6 +102,25 @@ class TrainConfig:
     """DataLoader worker processes."""
     seed: int = 42
     """Seed for weights, data order, masks, noise and timesteps."""
+    validation_image: list[str] = field(default_factory=list)
+    """Composites to complete in sample sheets during training (default: the first training composite)."""
+    validation_prompt: Optional[str] = None
+    """Prompt of the sample sheets (default: each validation image's same-stem .txt caption)."""
+    validation_panels: list[Union[int, str]] = field(default_factory=list)
+    """Panels the sample sheets regenerate, row-major from 0 (default: every panel but the first)."""
+    validation_every: Optional[int] = None
+    """Render sample sheets into output_dir/samples/step_N/ at step 0, every N steps and at the end
+    (with --validation_image but no N: at step 0 and at the end)."""
+    validation_inference_steps: int = 20
+    """Denoising steps of each sample."""
+    validation_guidance_scale: Optional[float] = None
+    """Guidance of the samples (default: the inference script's, 7.5 for SDXL and 3.5 for FLUX)."""
+    report_to: Optional[Literal["tensorboard", "wandb"]] = None
+    """Also log loss, learning rate and sample sheets to this tracker (pip install 'iclora[tensorboard]')."""
+
+    @property
+    def validating(self) -> bool:
+        return bool(self.validation_every or self.validation_image)
 
     def __post_init__(self) -> None:
         Grid.parse(self.grid)
@@ -123,3 +149,37 @@ class TrainConfig:
             )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        self._check_monitoring()
+
+    def _check_monitoring(self) -> None:
+        for name in ["validation_every", "validation_inference_steps"]:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.validation_guidance_scale is not None and self.validation_guidance_scale < 0:
+            raise ValueError(f"--validation_guidance_scale must not be negative, got {self.validation_guidance_scale}")
+        if self.validation_panels:
+            panels = parse_panels(self.validation_panels, Grid.parse(self.grid), "--validation_panels")
+            if len(panels) == Grid.parse(self.grid).num_panels:
+                raise ValueError("--validation_panels must leave at least one panel visible")
+        if self.report_to and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[self.report_to]):
+            raise ValueError(
+                f"--report_to {self.report_to}: {TRACKER_MODULES[self.report_to][0]} is not installed "
+                f"(pip install {TRACKER_MODULES[self.report_to][0]})"
+            )
+
+
+def without_cuda(cfg: TrainConfig) -> TrainConfig:
+    """CUDA-only settings fall back on a machine without CUDA, one notice each, so a config
+    written for a GPU (examples/) still runs, slowly, on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return cfg
+    changes: dict = {}
+    if cfg.mixed_precision == "fp16":
+        logger.warning("--mixed_precision fp16 needs CUDA: training in float32 on the CPU")
+        changes["mixed_precision"] = "no"
+    if cfg.quantize:
+        logger.warning("--quantize %s needs CUDA (bitsandbytes 4/8-bit loading): loading the base unquantized", cfg.quantize)
+        changes["quantize"] = None
+    return dataclasses.replace(cfg, **changes) if changes else cfg

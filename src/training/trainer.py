@@ -46,8 +46,9 @@ from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
 from . import checkpoints
 from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
-from .config import TrainConfig
+from .config import TrainConfig, without_cuda
 from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
+from .monitor import Monitor
 
 logger = logging.getLogger(__name__)
 # Settings a checkpoint can only be resumed with unchanged: everything that decides the
@@ -142,9 +143,10 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg = self.cfg = without_cuda(self.cfg)
         backend_cls = backend_class(cfg.backend)
         records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum, cfg.allow_crop)
+        self.monitor = Monitor(self, records)
         mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
         # accelerate keeps process-wide state that refuses a second in-process run with other
         # settings (e.g. mixed precision): start each run from a clean one, keeping the
@@ -154,7 +156,8 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            log_with=cfg.report_to,
         )
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -227,7 +230,7 @@ class Trainer:
             self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
             if self.batches_in_epoch >= len(self.dataloader):  # saved at the end of an epoch
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-            logger.info("resumed from %s at step %d", self.resume_dir, self.global_step)
+            logger.info("resumed from %s at step %d", self.resume_dir.name, self.global_step)
 
     def _check_outputs(self) -> None:
         """Before any model loads: the output folder takes files and has room, no other run's
@@ -273,11 +276,13 @@ class Trainer:
             disable=not accelerator.is_local_main_process,
         )
         self.backend.denoiser.train()
+        self.monitor.start()
         try:
             with StopSignals() as signals:
                 self._loop(losses, progress, signals)
         finally:
             progress.close()  # before any error line, so that line is the last one printed
+        self.monitor.end()
         final_dir = self.save_final()
         accelerator.end_training()
         return TrainResult(final_dir, self.global_step, losses)
@@ -314,9 +319,11 @@ class Trainer:
                 running = []
                 losses.append(step_loss)
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                progress.set_postfix(epoch=self.epoch, loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                self.monitor.step(step_loss)
                 if self.global_step % cfg.save_every == 0 or stop:
                     saved = self.save_checkpoint()
+                    self.monitor.checkpoint()
                 if stop:
                     name = signal.Signals(stop).name
                     raise Interrupted(f"{name} at step {self.global_step}: saved {saved}; {RESUME_HINT}", stop)
