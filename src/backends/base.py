@@ -49,6 +49,9 @@ class Backend(Protocol):
     quantized: bool
     """Whether the denoiser's frozen weights are bitsandbytes 4/8-bit (they keep their own
     dtype and device: callers must not cast it)."""
+    max_token_length: int
+    """CLIP tokens read from a prompt, the same in training and inference (SDXL: 75, 150 or
+    225, kohya's chunked encoding; FLUX: 75); recorded with the LoRA."""
     denoiser: torch.nn.Module
     """The module that is trained (UNet / transformer). The trainer may replace it by its
     distributed wrapper; the backend must call it through this attribute."""
@@ -112,6 +115,10 @@ class Backend(Protocol):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of trainable_state_dict."""
+
+    def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """The prompt arguments for `inpaint_pipeline()`, encoded as training encodes them
+        (text, or precomputed embeddings where the pipeline's own encoding would differ)."""
 
     def inpaint_pipeline(self) -> Any:
         """A diffusers pipeline for panel inpainting built from the loaded components."""

@@ -104,6 +104,7 @@ class FluxBackend:
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     preferred_mixed_precision = "bf16"
+    max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
 
     def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None):
         if conditioning is None:  # a bare base model: use it the way it was built
@@ -142,6 +143,7 @@ class FluxBackend:
             module.requires_grad_(False)
         pipeline = FluxFillPipeline if conditioning == "concat" else FluxInpaintPipeline
         self._pipe = pipeline(**self._components())
+        self._checked_prompts: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -151,8 +153,11 @@ class FluxBackend:
         variant: str | None = None,
         vae: str | None = None,
         quantize: str | None = None,
+        max_token_length: int | None = None,
     ) -> "FluxBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        if max_token_length not in (None, cls.max_token_length):
+            raise ValueError(f"--max_token_length {max_token_length} is for SDXL: FLUX's CLIP reads 75 tokens")
         if quantize is not None:
             if quantize not in QUANTIZE_CONFIGS:
                 raise ValueError(f"--quantize: expected one of {', '.join(QUANTIZE_CONFIGS)}, got {quantize!r}")
@@ -239,12 +244,31 @@ class FluxBackend:
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        embeds, pooled, _ = self._pipe.encode_prompt(
-            prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
+        self._warn_truncation(prompts)
+        pipe_logger = logging.getLogger(type(self._pipe).__module__)
+        level = pipe_logger.level
+        pipe_logger.setLevel(logging.ERROR)  # its CLIP truncation warning would repeat every step
+        try:
+            embeds, pooled, _ = self._pipe.encode_prompt(
+                prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+        finally:
+            pipe_logger.setLevel(level)
         # text ids are all zeros in FLUX.1: predict() rebuilds them, they are not cached.
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 512, D), (B, D_clip)
+
+    def _warn_truncation(self, prompts: list[str]) -> None:
+        """Say once per prompt what CLIP (pooled embedding) and T5 leave out."""
+        for prompt in set(prompts) - self._checked_prompts:
+            self._checked_prompts.add(prompt)
+            clip = len(self.tokenizer(prompt, truncation=False).input_ids) - 2
+            t5 = len(self.tokenizer_2(prompt, truncation=False).input_ids) - 1
+            if t5 > MAX_SEQUENCE_LENGTH - 1:
+                logger.warning("prompt of %d T5 tokens is cut to %d: %.60s...", t5, MAX_SEQUENCE_LENGTH - 1, prompt)
+            elif clip > self.max_token_length:
+                logger.info("prompt of %d CLIP tokens: CLIP's pooled embedding reads the first %d (T5 reads it all)",
+                            clip, self.max_token_length)
 
     def _scale(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
@@ -321,6 +345,10 @@ class FluxBackend:
         """Ours, or foreign FLUX LoRAs: diffusers converts kohya / ai-toolkit / xlabs keys."""
         lora_file = resolve_lora_file(path)
         self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+
+    def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """The prompt as the inpaint pipeline takes it (FLUX's own encoding reads 512 T5 tokens)."""
+        return {"prompt": prompt, **({"negative_prompt": negative_prompt} if negative_prompt is not None else {})}
 
     def inpaint_pipeline(self) -> FluxInpaintPipeline | FluxFillPipeline:
         return self._pipe

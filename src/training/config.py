@@ -7,6 +7,8 @@ from typing import Literal, Optional
 
 from ..panels import Grid
 
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
+
 
 @dataclass
 class TrainConfig:
@@ -64,11 +66,15 @@ class TrainConfig:
     """Loss weight of visible panels relative to masked ones (0: masked panels only)."""
     caption_dropout: float = 0.0
     """Chance of training a sample with an empty caption."""
+    max_token_length: Optional[int] = None
+    """SDXL: CLIP tokens read from each caption, 75, 150 or 225 (chunks of 75 encoded separately and concatenated, as kohya's sd-scripts; default 150). Recorded with the LoRA for inference. FLUX's CLIP reads 75 (its T5 reads 512)."""
     cache_text_embeddings: bool = False
     """Encode every caption once before training and move the text encoders off the GPU."""
     cache_latents: bool = False
     """Encode every composite once before training and move the VAE off the GPU (blend only:
     concat encodes a freshly masked image every step)."""
+    dry_run: bool = False
+    """Check the data and settings and print what training would see (buckets, crops, caption tokens, markers, steps), then exit without loading the denoiser."""
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
@@ -106,5 +112,10 @@ class TrainConfig:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
         if self.cache_latents and self.conditioning != "blend":
             raise ValueError("--cache_latents needs --conditioning blend (concat encodes the masked image every step)")
+        if self.max_token_length is not None:
+            if self.max_token_length not in MAX_TOKEN_LENGTHS:
+                raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
+            if self.backend == "flux" and self.max_token_length != 75:
+                raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")

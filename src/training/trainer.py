@@ -46,7 +46,7 @@ STATE_NAME = "trainer_state.json"
 # Settings a checkpoint can only be resumed with unchanged: they decide the model, the data
 # order or what a step means. (max_train_steps / num_epochs may grow on resume.)
 RESUME_KEYS = ("backend", "model_id", "conditioning", "grid", "image_size", "batch_size",
-               "gradient_accumulation_steps", "lora_rank", "lora_alpha", "seed")
+               "gradient_accumulation_steps", "lora_rank", "lora_alpha", "max_token_length", "seed")
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -151,6 +151,8 @@ class Trainer:
         options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
         if cfg.quantize:
             options["quantize"] = cfg.quantize
+        if cfg.max_token_length:
+            options["max_token_length"] = cfg.max_token_length
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         if cfg.gradient_checkpointing:
@@ -352,6 +354,7 @@ class Trainer:
             "grid": str(self.grid),
             "conditioning": backend.conditioning,
             "image_size": self.cfg.image_size,
+            "max_token_length": backend.max_token_length,
             "global_step": self.global_step,
             "training_args": dataclasses.asdict(self.cfg),
         }
