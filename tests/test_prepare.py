@@ -146,3 +146,86 @@ def test_compose_missing_folder_and_unknown_command(tmp_path):
         main(["compose", "--input_dir", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="expected a command"):
         main(["combine"])
+
+
+# ---- caption -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    from iclora.prepare.tiny_vlm import save_tiny_vlm
+
+    folder = tmp_path_factory.mktemp("tiny-vlm")
+    save_tiny_vlm(folder)
+    return folder
+
+
+def composites(folder: Path, n: int, size=(96, 32)) -> list[Path]:
+    return [photo(folder / f"c{i}.png", size, (40 * i, 100, 200)) for i in range(n)]
+
+
+def test_caption_writes_a_summary_and_every_marker(tmp_path, tiny_vlm, capsys):
+    data = tmp_path / "data"
+    composites(data, 2)
+    (data / "c1.txt").write_text("my own caption")
+    argv = ["caption", "--data_dir", str(data), "--grid", "1x3", "--model_id", str(tiny_vlm), "--max_new_tokens", "8"]
+    result = main(argv)
+
+    assert [p.name for p in result.written] == ["c0.txt"]
+    assert "has a caption" in result.skipped["c1.png"]
+    assert (data / "c1.txt").read_text() == "my own caption"  # left alone
+    text = (data / "c0.txt").read_text().strip()
+    assert find_markers(text) == ["[IMAGE 1]", "[IMAGE 2]", "[IMAGE 3]"] and check_markers(text, Grid(1, 3)) is None
+    assert "\n" not in text and result.empty == ["c0.png"]  # random bytes: nothing readable
+    assert not list(data.glob(".*tmp"))
+    assert "wrote 1 caption(s); skipped 1" in capsys.readouterr().out
+
+    # --overwrite captions both, in another marker style; the result feeds the training check.
+    main([*argv, "--overwrite", "--marker_style", "position"])
+    for name in ("c0.txt", "c1.txt"):
+        assert find_markers((data / name).read_text()) == ["[LEFT]", "[CENTER]", "[RIGHT]"]
+
+
+class Recorder:
+    """Stands in for the VLM: records the questions and images it gets."""
+
+    def __init__(self):
+        self.asked = []
+
+    def ask(self, image, question, max_new_tokens):
+        self.asked.append((image.size, question))
+        return f"answer {len(self.asked)}; with [IMAGE 9] a marker"
+
+
+def test_caption_prompts_are_templates_and_panels_are_crops(tmp_path):
+    from iclora.prepare.caption import CaptionConfig, caption
+
+    data = tmp_path / "data"
+    composites(data, 1, size=(64, 64))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Summarise these {num_panels} panels ({grid}).\n\nPanel {index} is {marker}: describe it.\n")
+    recorder = Recorder()
+    caption(CaptionConfig(data_dir=str(data), grid="2x2", marker_style="position", prompt_file=str(prompts)),
+            model=recorder)
+    assert recorder.asked[0] == ((64, 64), "Summarise these 4 panels (2x2).")
+    assert recorder.asked[1:] == [((32, 32), f"Panel {i + 1} is {m}: describe it.")
+                                  for i, m in enumerate(panel_markers(Grid(2, 2), "position"))]
+    text = (data / "c0.txt").read_text().strip()
+    # The model's own markers and separators are removed: the caption's structure is ours.
+    assert text.startswith("answer 1, with a marker.; [TOP-LEFT] answer 2, with a marker.")
+    assert find_markers(text) == panel_markers(Grid(2, 2), "position")
+
+
+def test_caption_errors(tmp_path, capsys):
+    bad = tmp_path / "p.txt"
+    bad.write_text("only one paragraph {nope}")
+    for argv, message in [
+        (["caption", "--data_dir", str(tmp_path), "--prompt_file", str(bad)], "--prompt_file"),
+        (["caption", "--data_dir", str(tmp_path), "--panel_prompt", "{unknown}"], "--panel_prompt: bad template"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err
+    with pytest.raises(ValueError, match="no images"):
+        main(["caption", "--data_dir", str(tmp_path)])

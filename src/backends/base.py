@@ -82,6 +82,14 @@ class Backend(Protocol):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
 
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (B, 2C, h, w): mean and log-variance, unscaled. What
+        the latent cache stores; `encode_image` is `sample_latents(latent_distribution(x))`."""
+
+    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
+        """Draw scaled latents (B, C, h, w) from `latent_distribution`'s parameters, on their
+        device, from the global RNG (as the VAE's own sampling)."""
+
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
         """Latents of the image with the masked panels blanked, for 'concat'; None for
         'blend'."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers import (
     AutoencoderKL,
     BitsAndBytesConfig,
@@ -275,7 +276,14 @@ class FluxBackend:
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._scale(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample())
+        return self.sample_latents(self.latent_distribution(pixels))
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
+        return self._scale(DiagonalGaussianDistribution(parameters).sample())
 
     @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:

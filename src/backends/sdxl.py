@@ -20,6 +20,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
@@ -185,8 +186,14 @@ class SDXLBackend:
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
+        return self.sample_latents(self.latent_distribution(pixels))
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
+        return DiagonalGaussianDistribution(parameters).sample() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:

@@ -69,10 +69,11 @@ class TrainConfig:
     max_token_length: Optional[int] = None
     """SDXL: CLIP tokens read from each caption, 75, 150 or 225 (chunks of 75 encoded separately and concatenated, as kohya's sd-scripts; default 150). Recorded with the LoRA for inference. FLUX's CLIP reads 75 (its T5 reads 512)."""
     cache_text_embeddings: bool = False
-    """Encode every caption once before training and move the text encoders off the GPU."""
+    """Encode every caption once (kept on disk under --cache_dir) and move the text encoders off the GPU."""
     cache_latents: bool = False
-    """Encode every composite once before training and move the VAE off the GPU (blend only:
-    concat encodes a freshly masked image every step)."""
+    """Encode every composite once (its VAE posterior; for concat also the masked-image latents of every panel subset training draws), kept on disk under --cache_dir, and move the VAE off the GPU."""
+    cache_dir: Optional[str] = None
+    """Folder of the caches (default: output_dir/cache); entries are keyed by file content and settings, so runs can share it."""
     dry_run: bool = False
     """Check the data and settings and print what training would see (buckets, crops, caption tokens, markers, steps), then exit without loading the denoiser."""
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
@@ -110,8 +111,6 @@ class TrainConfig:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
-        if self.cache_latents and self.conditioning != "blend":
-            raise ValueError("--cache_latents needs --conditioning blend (concat encodes the masked image every step)")
         if self.max_token_length is not None:
             if self.max_token_length not in MAX_TOKEN_LENGTHS:
                 raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")

@@ -38,6 +38,7 @@ from ..backends import BACKENDS, load_backend
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
+from .cache import build_caches
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -159,22 +160,9 @@ class Trainer:
             self.backend.enable_gradient_checkpointing()
         self.backend.to(self.accelerator.device, self.weight_dtype)
 
-        self.prompt_cache = None
-        if cfg.cache_text_embeddings:
-            captions = sorted({r.caption for r in records} | ({""} if cfg.caption_dropout > 0 else set()))
-            self.prompt_cache = {c: {k: v[0].cpu() for k, v in self.backend.encode_prompt([c]).items()} for c in captions}
-            self.backend.release_text_encoders()
-
         dataset = CompositeDataset(records)
-        self.latent_cache = None
-        if cfg.cache_latents:
-            # One VAE sample per composite (as kohya's and ai-toolkit's caches); blend only, so
-            # no masked-image latents are needed.
-            self.latent_cache = [
-                self.backend.encode_image(dataset[i]["pixels"][None].to(self.accelerator.device))[0].to("cpu", self.weight_dtype)
-                for i in range(len(dataset))
-            ]
-            self.backend.release_vae()
+        self.prompt_cache, self.latent_cache = build_caches(
+            cfg, self.backend, records, dataset, self.grid, self.accelerator.device)
 
         params = self.backend.trainable_parameters()
         if cfg.use_8bit_adam:
@@ -296,26 +284,25 @@ class Trainer:
         pixels = batch["pixels"].to(device)  # (B, 3, H, W)
         batch_size, _, height, width = pixels.shape
 
-        masks, captions = [], []
+        masks, captions, subsets = [], [], []
         for caption in batch["caption"]:
             masked = sample_masked_panels(self.grid.num_panels, cfg.mask_probability, cfg.max_masked_panels, generator)
             # Nothing masked is trained as everything masked: text -> whole image set. An
             # unmasked sample would let the model copy its answer from the conditioning.
-            masks.append(panel_mask(masked or list(range(self.grid.num_panels)), self.grid, height, width))
+            subsets.append(tuple(masked or range(self.grid.num_panels)))
+            masks.append(panel_mask(list(subsets[-1]), self.grid, height, width))
             dropped = torch.rand((), generator=generator).item() < cfg.caption_dropout
             captions.append("" if dropped else caption)
         pixel_mask = torch.stack(masks).to(device)  # (B, 1, H, W)
 
-        if self.prompt_cache is not None:
-            embeds = {k: torch.stack([self.prompt_cache[c][k] for c in captions]).to(device)
-                      for k in next(iter(self.prompt_cache.values()))}
-        else:
-            embeds = backend.encode_prompt(captions)
+        embeds = self.prompt_cache.batch(captions, device) if self.prompt_cache else backend.encode_prompt(captions)
         if self.latent_cache is not None:
-            latents = torch.stack([self.latent_cache[i] for i in batch["index"].tolist()]).to(device)
+            indices = batch["index"].tolist()
+            latents = self.latent_cache.latents(backend, indices, device).to(self.weight_dtype)  # (B, C, h, w)
+            masked_latents = self.latent_cache.masked_latents(indices, subsets, device)
         else:
             latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
-        masked_latents = backend.masked_image_latents(pixels, pixel_mask)
+            masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
 
