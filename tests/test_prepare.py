@@ -229,3 +229,21 @@ def test_caption_errors(tmp_path, capsys):
         assert err.startswith("error:") and message in err
     with pytest.raises(ValueError, match="no images"):
         main(["caption", "--data_dir", str(tmp_path)])
+
+
+def test_the_tryon_recipe_config_parses_and_checks(tmp_path, capsys):
+    """examples/sdxl_tryon_1x3.yaml on data composed as examples/tryon_1x3.md says."""
+    from iclora.training.train_sdxl_ic_lora import main as train
+
+    root = Path(__file__).resolve().parents[1]
+    photos = tmp_path / "photos"
+    for look in ("look001", "look002"):
+        for name, colour in (("1_garment", RED), ("2_person", GREEN), ("3_result", BLUE)):
+            photo(photos / look / f"{name}.jpg", (60, 90), colour, f"{name[2:]} of {look}")
+        (photos / f"{look}.txt").write_text(f"a try-on set, {look}")
+    main(["compose", "--input_dir", str(photos), "--output_dir", str(tmp_path / "tryon"), "--grid", "1x3",
+          "--panel_width", "32", "--panel_height", "48", "--marker_style", "image"])
+    report = train(["--config", str(root / "examples" / "sdxl_tryon_1x3.yaml"), "--data_dir", str(tmp_path / "tryon"),
+                    "--model_id", "tiny-sdxl", "--image_size", "96", "--dry_run"])
+    assert report.num_images == 2 and not report.marker_problems and report.with_markers == 2
+    assert list(report.buckets) == [(48, 96)] and report.max_train_steps == 3000
