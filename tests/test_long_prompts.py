@@ -92,3 +92,16 @@ def test_sdxl_default_is_150_and_flux_refuses_other_lengths(tmp_path, capsys):
     with pytest.raises(SystemExit):
         flux_main(["--data_dir", str(tmp_path), "--max_token_length", "150"])
     assert "--max_token_length is for --backend sdxl" in capsys.readouterr().err
+
+
+def test_flux_says_the_clip_warning_once(caplog):
+    import logging
+
+    from iclora.backends.flux import FluxBackend
+
+    backend = FluxBackend.from_pretrained("tiny-flux")
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            backend.encode_prompt([HEAD + f" caption {step}", HEAD + " another"])
+    said = [r.getMessage() for r in caplog.records if "CLIP" in r.getMessage()]
+    assert len(said) == 1 and "said once" in said[0]

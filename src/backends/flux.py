@@ -145,6 +145,7 @@ class FluxBackend:
         pipeline = FluxFillPipeline if conditioning == "concat" else FluxInpaintPipeline
         self._pipe = pipeline(**self._components())
         self._checked_prompts: set[str] = set()
+        self._clip_warned = False
 
     @classmethod
     def from_pretrained(
@@ -260,16 +261,17 @@ class FluxBackend:
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 512, D), (B, D_clip)
 
     def _warn_truncation(self, prompts: list[str]) -> None:
-        """Say once per prompt what CLIP (pooled embedding) and T5 leave out."""
+        """Say once (not every step, as the pipeline does) that CLIP reads only the start of
+        long prompts, and once per prompt that T5 cuts one."""
         for prompt in set(prompts) - self._checked_prompts:
             self._checked_prompts.add(prompt)
-            clip = len(self.tokenizer(prompt, truncation=False).input_ids) - 2
             t5 = len(self.tokenizer_2(prompt, truncation=False).input_ids) - 1
             if t5 > MAX_SEQUENCE_LENGTH - 1:
                 logger.warning("prompt of %d T5 tokens is cut to %d: %.60s...", t5, MAX_SEQUENCE_LENGTH - 1, prompt)
-            elif clip > self.max_token_length:
-                logger.info("prompt of %d CLIP tokens: CLIP's pooled embedding reads the first %d (T5 reads it all)",
-                            clip, self.max_token_length)
+            if not self._clip_warned and len(self.tokenizer(prompt, truncation=False).input_ids) - 2 > self.max_token_length:
+                self._clip_warned = True
+                logger.warning("prompts longer than %d CLIP tokens: CLIP's pooled embedding reads their start, "
+                               "T5 reads %d tokens (said once)", self.max_token_length, MAX_SEQUENCE_LENGTH)
 
     def _scale(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor

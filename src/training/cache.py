@@ -24,12 +24,12 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
-from ..backends.lora_files import atomic_save_file
+from safetensors.torch import load_file, save_file
 from ..data import CompositeDataset, Record
 from ..panels import Grid, panel_mask
 
@@ -84,7 +84,14 @@ class _Store:
         self.misses += 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in make().items()}
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_file(tensors, path)
+        # A temporary name of this process's own: the processes of a distributed run (or two
+        # runs sharing --cache_dir) may write the same entry at once; any complete one is right.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return tensors
 
 
