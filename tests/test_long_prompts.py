@@ -105,3 +105,14 @@ def test_flux_says_the_clip_warning_once(caplog):
             backend.encode_prompt([HEAD + f" caption {step}", HEAD + " another"])
     said = [r.getMessage() for r in caplog.records if "CLIP" in r.getMessage()]
     assert len(said) == 1 and "said once" in said[0]
+
+
+def test_resume_takes_the_default_as_its_value_and_refuses_another(data_2x2, train, tmp_path):
+    out = tmp_path / "run"
+    train(data_2x2, "--max_train_steps", "1", "--save_every", "1", out=out)
+    resumed = train(data_2x2, "--max_train_steps", "2", "--max_token_length", "150", "--resume_from_checkpoint",
+                    "latest", out=out)
+    assert resumed.global_step == 2
+    with pytest.raises(ValueError, match=r"max_token_length 150 -> 225"):
+        train(data_2x2, "--max_train_steps", "3", "--max_token_length", "225", "--resume_from_checkpoint", "latest",
+              out=out)

@@ -63,6 +63,7 @@ class SDXLBackend:
     pixel_quantum = 8
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
+    max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
 
     def __init__(self, components: dict[str, Any], base_model: str, conditioning: str | None,
                  max_token_length: int | None = None):

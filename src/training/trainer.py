@@ -139,6 +139,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
+        self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
         self.run_signature.update(num_samples=len(records), num_processes=self.accelerator.num_processes)
         self.resume_dir = self._find_resume_dir()
         if self.resume_dir is not None:
