@@ -247,3 +247,20 @@ def test_the_tryon_recipe_config_parses_and_checks(tmp_path, capsys):
                     "--model_id", "tiny-sdxl", "--image_size", "96", "--dry_run"])
     assert report.num_images == 2 and not report.marker_problems and report.with_markers == 2
     assert list(report.buckets) == [(48, 96)] and report.max_train_steps == 3000
+
+
+def test_compose_turns_phone_photos_upright(tmp_path):
+    """A JPEG stored landscape with EXIF orientation 6 ('rotate 90° clockwise') is a portrait."""
+    src = tmp_path / "photos" / "set"
+    src.mkdir(parents=True)
+    stored = Image.new("RGB", (80, 40), RED)
+    stored.paste(GREEN, (0, 0, 40, 40))  # left half green: after turning upright, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(src / "a.jpg", exif=exif, quality=100)
+    photo(src / "b.png", (40, 80), BLUE)
+    main(["compose", "--input_dir", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "out"), "--grid", "1x2",
+          "--panel_width", "40", "--panel_height", "80", "--fit", "crop"])
+    image = Image.open(tmp_path / "out" / "set.png").convert("RGB")
+    top, bottom = np.asarray(image)[10, 20], np.asarray(image)[70, 20]
+    assert top[1] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[1] < 60  # green above red
