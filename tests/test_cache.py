@@ -61,3 +61,19 @@ def test_cache_defaults_to_output_dir(data_2x2, tmp_path, train):
     train(data_2x2, "--max_train_steps", "1", "--cache_text_embeddings", out=tmp_path / "run")
     assert len(list((tmp_path / "run" / "cache" / "text").glob("*.safetensors"))) == len(captions(data_2x2))
     assert not list((tmp_path / "run" / "cache").rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("model, conditioning", [("tiny-flux", "blend"), ("tiny-flux-fill", "concat")])
+def test_flux_from_cache_trains_the_same(model, conditioning, data_2x2, tmp_path):
+    from iclora.training.train_flux_ic_lora import main
+
+    def run(out, *flags):
+        return main(["--data_dir", str(data_2x2), "--output_dir", str(tmp_path / out), "--model_id", model,
+                     "--conditioning", conditioning, "--image_size", "64", "--batch_size", "2", "--lora_rank", "4",
+                     "--max_train_steps", "2", *flags]).losses
+
+    plain = run("plain")
+    cached = run("cached", *CACHES)
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    assert run("cached", *CACHES, "--max_train_steps", "2", "--output_dir", str(tmp_path / "again"),
+               "--cache_dir", str(tmp_path / "cached" / "cache")) == cached

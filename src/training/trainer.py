@@ -316,6 +316,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # Every rank writes its own RNG state into tmp: rename it only once all have.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                      "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
