@@ -37,7 +37,7 @@ def test_encoders_leave_the_device_and_the_cache_is_read(data_2x2, tmp_path, mak
     assert (second.latent_cache.hits, second.latent_cache.misses) == (4, 0)
     assert (second.prompt_cache.hits, second.prompt_cache.misses) == (n, 0)
     # concat: the masked-image latents of every subset training can draw (2x2, up to 2 masked: 4 + 6 + 'all').
-    assert len([k for k in second.latent_cache.entries[0] if k.startswith("masked_")]) == 11
+    assert len([k for k in second.latent_cache.names(0) if k.startswith("masked_")]) == 11
 
 
 def test_a_changed_image_or_setting_is_encoded_again(data_dir, tmp_path, make_trainer):

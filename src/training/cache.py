@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from ..data import CompositeDataset, Record
 from ..panels import Grid, panel_mask
@@ -77,10 +78,16 @@ class _Store:
         self.hits = self.misses = 0
 
     def get(self, key: str, make) -> dict[str, torch.Tensor]:
+        """The entry's tensors, read from disk or made (and written) now."""
+        path = self.path(key, make)
+        return load_file(path)
+
+    def path(self, key: str, make) -> Path:
+        """The entry's file, made (and written) now if it is not on disk yet."""
         path = self.folder / f"{key}.safetensors"
         if path.is_file():
             self.hits += 1
-            return load_file(path)
+            return path
         self.misses += 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in make().items()}
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +99,7 @@ class _Store:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return tensors
+        return path
 
 
 class TextCache:
@@ -111,15 +118,17 @@ class TextCache:
 
 
 class LatentCache:
-    """Per composite: the VAE posterior, and (concat) the masked-image latents per panel subset."""
+    """Per composite: the VAE posterior, and (concat) the masked-image latents per panel subset.
+    Read from disk per batch (only the tensors the batch needs): at 1024 px a concat entry is
+    ~3 MB, too much to hold for a large dataset."""
 
     def __init__(self, folder: Path, cfg, backend, records: list[Record], dataset: CompositeDataset, grid: Grid,
                  device):
         store, settings = _Store(folder / "latents"), model_settings(cfg, backend, text=False)
         # blend has no masked-image input: its entries (and keys) hold the posterior only.
-        concat = backend.conditioning == "concat"
-        subsets = panel_subsets(grid, cfg.mask_probability, cfg.max_masked_panels) if concat else []
-        self.entries = []
+        self.concat = backend.conditioning == "concat"
+        subsets = panel_subsets(grid, cfg.mask_probability, cfg.max_masked_panels) if self.concat else []
+        self.entries: list[Path] = []
         for index, record in enumerate(records):
             key = digest("latents", settings, file_digest(record.image), record.size, str(grid), subsets)
 
@@ -131,19 +140,26 @@ class LatentCache:
                     tensors[subset_name(subset)] = backend.masked_image_latents(pixels, mask)[0]
                 return tensors
 
-            self.entries.append(store.get(key, make))
+            self.entries.append(store.path(key, make))
         self.hits, self.misses = store.hits, store.misses
 
     def latents(self, backend, indices: list[int], device) -> torch.Tensor:
         """Latents drawn from the cached posteriors, on `device` (so the RNG draws match
         those of encoding there)."""
-        return backend.sample_latents(torch.stack([self.entries[i][POSTERIOR] for i in indices]).to(device))
+        return backend.sample_latents(torch.stack([self._read(i, POSTERIOR) for i in indices]).to(device))
 
     def masked_latents(self, indices: list[int], subsets: list[tuple[int, ...]], device) -> torch.Tensor | None:
-        names = [subset_name(s) for s in subsets]
-        if names[0] not in self.entries[indices[0]]:
+        if not self.concat:
             return None
-        return torch.stack([self.entries[i][n] for i, n in zip(indices, names)]).to(device)
+        return torch.stack([self._read(i, subset_name(s)) for i, s in zip(indices, subsets)]).to(device)
+
+    def _read(self, index: int, name: str) -> torch.Tensor:
+        with safe_open(str(self.entries[index]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def names(self, index: int) -> list[str]:
+        with safe_open(str(self.entries[index]), framework="pt") as f:
+            return list(f.keys())
 
 
 def cache_folder(cfg) -> Path:
