@@ -132,6 +132,10 @@ def train_entry(argv: Sequence[str] | None, prog: str, description: str, default
 
     setup_logging()
     cfg = parse_config(TrainConfig, argv, prog=prog, description=description, defaults=defaults)
+    if cfg.dry_run:  # the data and settings only: no denoiser loaded
+        from .prepare.check import dry_run
+
+        return dry_run(cfg)
     from .training.trainer import train
 
     result = train(cfg)

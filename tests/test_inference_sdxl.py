@@ -221,7 +221,8 @@ def test_lora_as_a_single_file_beside_its_record(ref, loras, tmp_path):
 
 
 def test_lone_lora_file_with_base_model(blend_ref, loras, tmp_path):
-    """A .safetensors file with no record beside it: --base_model says what to load it on.
+    """A .safetensors file with no record beside it: --base_model says what to load it on
+    (and --max_token_length how its captions were read: without a record it is CLIP's 75).
     Its adapter metadata asks for dropout, as LoRAs from elsewhere may: inference must run
     the LoRA layers in eval mode, or the output is random whatever the seed."""
     out_ref, seed = blend_ref
@@ -232,7 +233,8 @@ def test_lone_lora_file_with_base_model(blend_ref, loras, tmp_path):
     lone = tmp_path / "lora" / "my_lora.safetensors"
     lone.parent.mkdir()
     save_file(load_file(source), lone, metadata={**metadata, "lora_adapter_metadata": json.dumps(adapter)})
-    infer(tmp_path / "out", "--lora_path", lone, "--base_model", "tiny-sdxl", "--input_image", INPUT, "--seed", seed)
+    infer(tmp_path / "out", "--lora_path", lone, "--base_model", "tiny-sdxl", "--input_image", INPUT, "--seed", seed,
+          "--max_token_length", 150)
     assert (tmp_path / "out" / "00001_0.png").read_bytes() == (out_ref / "00001_0.png").read_bytes()
 
 
@@ -269,7 +271,10 @@ def test_guidance_scale_and_negative_prompt_reach_the_pipeline(blend_ref, loras,
     infer(tmp_path / "guided", *common)
     infer(tmp_path / "negative", *common, "--negative_prompt", "blurry, low quality")
     assert [c["guidance_scale"] for c in pipe_spy.calls] == [5.0, 5.0]
-    assert "negative_prompt" not in pipe_spy.calls[0] and pipe_spy.calls[1]["negative_prompt"] == "blurry, low quality"
+    # The prompts reach the pipeline as embeddings encoded as in training: no negative prompt
+    # is the pipeline's zeros (force_zeros_for_empty_prompt), a negative prompt its encoding.
+    assert not pipe_spy.calls[0]["negative_prompt_embeds"].any()
+    assert pipe_spy.calls[1]["negative_prompt_embeds"].abs().sum() > 0
     assert pipe_spy.unet_inputs[0].shape[0] == 2, "guidance_scale 5 should run the unconditional batch too"
     guided, negative = pixels(tmp_path / "guided" / "00001_0.png"), pixels(tmp_path / "negative" / "00001_0.png")
     assert (guided[64:] != pixels(out_ref / "00001_0.png")[64:]).any()  # vs guidance 1
@@ -286,7 +291,7 @@ def test_strength_below_one_starts_part_way_and_changes_the_result(loras, tmp_pa
         counts[strength] = len(pipe_spy.unet_inputs) - before
     assert [c["strength"] for c in pipe_spy.calls] == [0.5, 1.0]
     assert [c["num_inference_steps"] for c in pipe_spy.calls] == [4, 4]
-    assert [c["prompt"] for c in pipe_spy.calls] == [PROMPT, PROMPT]
+    assert torch.equal(pipe_spy.calls[0]["prompt_embeds"], pipe_spy.calls[1]["prompt_embeds"])  # the prompt, encoded
     assert counts == {0.5: 2, 1.0: 4}  # denoising steps run: strength * num_inference_steps
     a, b = pixels(tmp_path / "0.5" / "00001_0.png"), pixels(tmp_path / "1.0" / "00001_0.png")
     np.testing.assert_array_equal(a[:64], b[:64])

@@ -87,7 +87,8 @@ NON_DEFAULTS = {
     "gradient_accumulation_steps": 5, "learning_rate": 3e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 11,
     "weight_decay": 0.5, "max_grad_norm": 0.25, "use_8bit_adam": True, "lora_rank": 12, "lora_alpha": 24,
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
-    "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "cache_text_embeddings": True, "cache_latents": True,
+    "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "max_token_length": 75, "cache_text_embeddings": True, "cache_latents": True,
+    "cache_dir": "some/cache", "dry_run": True,
     "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
     "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
@@ -186,7 +187,7 @@ def test_example_config_parses():
     ("--max_train_steps", "0", "--max_train_steps must be at least 1"),
     ("--mixed_precision", "fp8", "mixed_precision"),
     ("--learning_rate", "-1", "--learning_rate must not be negative"),
-    ("--cache_latents", None, "--cache_latents does not work with --conditioning concat"),
+    ("--max_token_length", "100", "--max_token_length must be 75, 150 or 225"),
 ])
 def test_bad_flag_values_give_one_error_line(flag, value, message, capsys, monkeypatch):
     monkeypatch.setattr("iclora.training.trainer.train", _no_training)

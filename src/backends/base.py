@@ -66,6 +66,9 @@ class Backend(Protocol):
     quantized: bool
     """Whether the denoiser's frozen weights are bitsandbytes 4/8-bit (they keep their own
     dtype and device: callers must not cast it)."""
+    max_token_length: int
+    """CLIP tokens read from a prompt, the same in training and inference (SDXL: 75, 150 or
+    225, kohya's chunked encoding; FLUX: 75); recorded with the LoRA."""
     denoiser: torch.nn.Module
     """The module that is trained (UNet / transformer). The trainer may replace it by its
     distributed wrapper; the backend must call it through this attribute."""
@@ -95,6 +98,14 @@ class Backend(Protocol):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
+
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (B, 2C, h, w): mean and log-variance, unscaled. What
+        the latent cache stores; `encode_image` is `sample_latents(latent_distribution(x))`."""
+
+    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
+        """Draw scaled latents (B, C, h, w) from `latent_distribution`'s parameters, on their
+        device, from the global RNG (as the VAE's own sampling)."""
 
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
         """Latents of the image with the masked panels blanked, for 'concat'; None for
@@ -138,6 +149,10 @@ class Backend(Protocol):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of trainable_state_dict."""
+
+    def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """The prompt arguments for `inpaint_pipeline()`, encoded as training encodes them
+        (text, or precomputed embeddings where the pipeline's own encoding would differ)."""
 
     def inpaint_pipeline(self) -> Any:
         """A diffusers pipeline for panel inpainting built from the loaded components."""

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers import (
     AutoencoderKL,
     BitsAndBytesConfig,
@@ -119,6 +120,7 @@ class FluxBackend:
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     preferred_mixed_precision = "bf16"
+    max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
@@ -169,6 +171,8 @@ class FluxBackend:
         self._pipe = pipeline(**self._components())
         if conditioning == "context":
             self._pipe.context_timestep = self.context_timestep
+        self._checked_prompts: set[str] = set()
+        self._clip_warned = False
 
     @classmethod
     def from_pretrained(
@@ -179,8 +183,11 @@ class FluxBackend:
         vae: str | None = None,
         quantize: str | None = None,
         context_timestep: str | None = None,
+        max_token_length: int | None = None,
     ) -> "FluxBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        if max_token_length not in (None, cls.max_token_length):
+            raise ValueError(f"--max_token_length {max_token_length} is for SDXL: FLUX's CLIP reads 75 tokens")
         if quantize is not None:
             if quantize not in QUANTIZE_CONFIGS:
                 raise ValueError(f"--quantize: expected one of {', '.join(QUANTIZE_CONFIGS)}, got {quantize!r}")
@@ -267,19 +274,46 @@ class FluxBackend:
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        embeds, pooled, _ = self._pipe.encode_prompt(
-            prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
+        self._warn_truncation(prompts)
+        pipe_logger = logging.getLogger(type(self._pipe).__module__)
+        level = pipe_logger.level
+        pipe_logger.setLevel(logging.ERROR)  # its CLIP truncation warning would repeat every step
+        try:
+            embeds, pooled, _ = self._pipe.encode_prompt(
+                prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+        finally:
+            pipe_logger.setLevel(level)
         # text ids are all zeros in FLUX.1: predict() rebuilds them, they are not cached.
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 512, D), (B, D_clip)
+
+    def _warn_truncation(self, prompts: list[str]) -> None:
+        """Say once (not every step, as the pipeline does) that CLIP reads only the start of
+        long prompts, and once per prompt that T5 cuts one."""
+        for prompt in set(prompts) - self._checked_prompts:
+            self._checked_prompts.add(prompt)
+            t5 = len(self.tokenizer_2(prompt, truncation=False).input_ids) - 1
+            if t5 > MAX_SEQUENCE_LENGTH - 1:
+                logger.warning("prompt of %d T5 tokens is cut to %d: %.60s...", t5, MAX_SEQUENCE_LENGTH - 1, prompt)
+            if not self._clip_warned and len(self.tokenizer(prompt, truncation=False).input_ids) - 2 > self.max_token_length:
+                self._clip_warned = True
+                logger.warning("prompts longer than %d CLIP tokens: CLIP's pooled embedding reads their start, "
+                               "T5 reads %d tokens (said once)", self.max_token_length, MAX_SEQUENCE_LENGTH)
 
     def _scale(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._scale(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample())
+        return self.sample_latents(self.latent_distribution(pixels))
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
+        return self._scale(DiagonalGaussianDistribution(parameters).sample())
 
     @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
@@ -377,6 +411,10 @@ class FluxBackend:
             self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
         injected = set().union(*[m for a, m in lora_layers(self.transformer).items() if a not in before])
         check_applied(path, expected, injected, "FLUX transformer")
+
+    def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """The prompt as the inpaint pipeline takes it (FLUX's own encoding reads 512 T5 tokens)."""
+        return {"prompt": prompt, **({"negative_prompt": negative_prompt} if negative_prompt is not None else {})}
 
     def inpaint_pipeline(self) -> FluxInpaintPipeline | FluxFillPipeline:
         return self._pipe

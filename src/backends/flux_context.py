@@ -158,11 +158,11 @@ class FluxContextPipeline(FluxInpaintPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
-        image,
-        mask_image,
-        height: int,
-        width: int,
+        prompt: str | None = None,
+        image=None,
+        mask_image=None,
+        height: int = 1024,
+        width: int = 1024,
         strength: float = 1.0,
         num_inference_steps: int = 28,
         guidance_scale: float = 3.5,

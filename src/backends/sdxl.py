@@ -21,6 +21,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -39,6 +40,7 @@ from .lora_files import (
 )
 from .lora_formats import CONV_IN_DIFF_KEYS, peft_modules, read_lora_file, sdxl_kohya_state
 from .sdxl_context import SDXLContextPipeline
+from .sdxl_prompt import DEFAULT_MAX_TOKEN_LENGTH, encode_long_prompt, token_count
 from .tiny import TINY_MODELS, is_tiny
 from .trainable import load_trainable_state, trainable_state
 
@@ -72,11 +74,14 @@ class SDXLBackend:
     pixel_quantum = 8
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
+    max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
 
     def __init__(
-        self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
+        self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None,
+        max_token_length: int | None = None,
     ):
         self.base_model = base_model
+        self.max_token_length = max_token_length or DEFAULT_MAX_TOKEN_LENGTH
         self.conditioning = conditioning
         self.unet: UNet2DConditionModel = components["unet"]
         self.vae: AutoencoderKL = components["vae"]
@@ -127,7 +132,7 @@ class SDXLBackend:
     @classmethod
     def from_pretrained(
         cls, model_id: str, conditioning: str | None = "concat", variant: str | None = None, vae: str | None = None,
-        quantize: str | None = None, context_timestep: str | None = None,
+        quantize: str | None = None, context_timestep: str | None = None, max_token_length: int | None = None,
     ) -> "SDXLBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
         if quantize:
@@ -151,7 +156,7 @@ class SDXLBackend:
                 "tokenizer_2": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),
                 "scheduler": _load_scheduler(model_id),
             }
-        return cls(components, model_id, conditioning, context_timestep)
+        return cls(components, model_id, conditioning, context_timestep, max_token_length)
 
     def _components(self) -> dict[str, Any]:
         return {
@@ -196,31 +201,30 @@ class SDXLBackend:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         self._warn_truncation(prompts)
-        device = self.text_encoder_2.device
-        pipe_logger = logging.getLogger(type(self._prompt_pipe).__module__)
-        level = pipe_logger.level
-        pipe_logger.setLevel(logging.ERROR)  # its truncation warning would repeat every step
-        try:
-            embeds, _, pooled, _ = self._prompt_pipe.encode_prompt(
-                prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-        finally:
-            pipe_logger.setLevel(level)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 77, D), (B, D2)
+        return encode_long_prompt(
+            list(prompts), [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+            self.max_token_length, self.text_encoder_2.device,
+        )  # (B, L + 2, D), (B, D2)
 
     def _warn_truncation(self, prompts: list[str]) -> None:
-        """Warn once per prompt that CLIP reads only its first 77 tokens."""
-        limit = self.tokenizer.model_max_length
+        """Warn once per prompt that the text encoders read only --max_token_length tokens."""
+        limit = self.max_token_length
         for prompt in set(prompts) - self._checked_prompts:
             self._checked_prompts.add(prompt)
-            length = len(self.tokenizer(prompt, truncation=False).input_ids)
+            length = token_count(self.tokenizer, prompt)
             if length > limit:
-                logger.warning("prompt of %d tokens is truncated to %d: %.60s...", length, limit, prompt)
+                logger.warning("prompt of %d tokens is cut to --max_token_length %d: %.60s...", length, limit, prompt)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
+        return self.sample_latents(self.latent_distribution(pixels))
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
+        return DiagonalGaussianDistribution(parameters).sample() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
@@ -358,6 +362,20 @@ class SDXLBackend:
                 f"--lora_path {path}: no {CONV_IN_WEIGHT_NAME} beside {lora_file.name}; a concat LoRA "
                 "needs its trained conv_in"
             )
+
+    def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """The prompt as the inpaint pipeline's embeddings, made by encode_prompt: inference
+        reads a prompt exactly as training did (the pipeline itself would cut it at 77)."""
+        embeds = self.encode_prompt([prompt])
+        kwargs = dict(embeds)
+        if guidance_scale > 1 or negative_prompt is not None:  # (> 1: diffusers' classifier-free guidance)
+            if negative_prompt is None and self._prompt_pipe.config.force_zeros_for_empty_prompt:
+                negative = {k: torch.zeros_like(v) for k, v in embeds.items()}  # as the pipeline does
+            else:
+                negative = self.encode_prompt([negative_prompt or ""])
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
+            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        return kwargs
 
     def inpaint_pipeline(self) -> StableDiffusionXLInpaintPipeline:
         return self._prompt_pipe

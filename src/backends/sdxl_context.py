@@ -27,15 +27,19 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
-        image,
-        mask_image,
-        height: int,
-        width: int,
+        prompt: str | None = None,
+        image=None,
+        mask_image=None,
+        height: int = 1024,
+        width: int = 1024,
         strength: float = 1.0,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
         negative_prompt: str | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
     ) -> StableDiffusionXLPipelineOutput:
@@ -44,7 +48,8 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
         cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=negative_prompt,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)  # (1, 6)
         if cfg:

@@ -281,3 +281,10 @@ def save_tiny_model(name: str, path: str | PathLike[str], seed: int = 0) -> None
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
     pipe = _PIPELINES[name](**TINY_MODELS[name](seed=seed))
     pipe.save_pretrained(path)
+
+
+def tiny_tokenizers(name: str) -> list:
+    """The tokenizers of tiny model `name`, without building its models (for data checks)."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    return [_clip_tokenizer(), _clip_tokenizer() if name.startswith("tiny-sdxl") else _t5_tokenizer()]

@@ -62,6 +62,8 @@ class InferConfig:
     """Keep models on the CPU and move each to the GPU only while it runs (less GPU memory)."""
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
     """Weights dtype (default on CUDA: the backend's own, float16 for SDXL and bfloat16 for FLUX; float32 on CPU)."""
+    max_token_length: Optional[int] = None
+    """SDXL: CLIP tokens read from the prompt, 75, 150 or 225 (default: the LoRA's recorded value, else 75)."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the FLUX transformer quantized through bitsandbytes (CUDA only; FLUX.1 in bf16 needs ~24 GB)."""
 
@@ -85,5 +87,9 @@ class InferConfig:
             raise ValueError("--width/--height set the size of a generated set; with --input_image the output keeps its size")
         if self.grid is not None:
             Grid.parse(self.grid)
+        if self.max_token_length is not None and self.max_token_length not in (75, 150, 225):
+            raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
+        if self.max_token_length not in (None, 75) and self.backend == "flux":
+            raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
         if not self.prompt.strip():
             raise ValueError("--prompt must not be empty")

@@ -57,6 +57,7 @@ class Plan:
     mask: torch.Tensor  # (1, H, W) at the input's own size, 1 = regenerate
     size: tuple[int, int]  # (width, height) of the output
     stem: str
+    max_token_length: int = 75  # CLIP tokens read from the prompt, as in training
 
 
 def _open_image(path: str, flag: str, mode: str) -> Image.Image:
@@ -83,6 +84,8 @@ def check_inputs(cfg: InferConfig) -> Plan:
         context_timestep = meta.get("context_timestep")
     if context_timestep and conditioning != "context":
         raise ValueError(f"--context_timestep {context_timestep} needs --conditioning context")
+    # A LoRA recorded before long prompts, a foreign one and the bare base read CLIP's 75.
+    max_token_length = cfg.max_token_length or meta.get("max_token_length") or 75
 
     words = [str(p).strip().lower() for p in cfg.panels_to_inpaint]
     panels = parse_panels(words, grid)
@@ -121,7 +124,8 @@ def check_inputs(cfg: InferConfig) -> Plan:
     else:
         mask = inpaint_mask(panels, grid, height, width, cfg.gradient_width if cfg.use_gradient_mask else 0)
     _check_output_dir(Path(cfg.output_dir))
-    return Plan(cfg, base_model, grid, conditioning, context_timestep, panels, image, mask, size, stem)
+    return Plan(cfg, base_model, grid, conditioning, context_timestep, panels, image, mask, size, stem,
+                max_token_length=max_token_length)
 
 
 def _check_output_dir(folder: Path) -> None:
@@ -150,7 +154,8 @@ def load_pipeline(plan: Plan):
         options["quantize"] = cfg.quantize
     if plan.context_timestep:
         options["context_timestep"] = plan.context_timestep
-    backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, **options)
+    backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, max_token_length=plan.max_token_length,
+                           **options)
     if cfg.lora_path.lower() != "none":
         backend.load_lora(Path(cfg.lora_path))
     pipe = backend.inpaint_pipeline()
@@ -196,14 +201,13 @@ def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
     mask = mask.clamp(0, 1)  # (1, 1, H, W) at the working size
     accepted = inspect.signature(pipe.__call__).parameters
     kwargs = {
-        "prompt": cfg.prompt, "image": image, "mask_image": mask, "height": height, "width": width,
+        **backend.pipeline_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance_scale),
+        "image": image, "mask_image": mask, "height": height, "width": width,
         "strength": cfg.strength, "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale, "output_type": "pil",
     }
-    if cfg.negative_prompt is not None:
-        if "negative_prompt" not in accepted:
-            raise ValueError(f"--negative_prompt is not supported by {type(pipe).__name__}")
-        kwargs["negative_prompt"] = cfg.negative_prompt
+    if cfg.negative_prompt is not None and not any(k.startswith("negative_prompt") and k in accepted for k in kwargs):
+        raise ValueError(f"--negative_prompt is not supported by {type(pipe).__name__}")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
 
     first = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
@@ -303,6 +307,7 @@ def run(cfg: InferConfig) -> list[Path]:
     outputs, seeds = generate(plan, backend, pipe)
     resolved = {
         "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
-        "conditioning": backend.conditioning, "context_timestep": backend.context_timestep, "panels": plan.panels, "size": list(plan.size),
+        "conditioning": backend.conditioning, "context_timestep": backend.context_timestep,
+        "max_token_length": backend.max_token_length, "panels": plan.panels, "size": list(plan.size),
     }
     return write_outputs(plan, outputs, seeds, resolved)

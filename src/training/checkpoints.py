@@ -200,6 +200,8 @@ def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None, 
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        # Every rank writes its own RNG state into tmp: rename it only once all have.
+        accelerator.wait_for_everyone()
         if main:
             if extra_files is not None:
                 extra_files(tmp)

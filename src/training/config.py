@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 # --report_to NAME needs one of these modules (accelerate's trackers import them).
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
+
 
 @dataclass
 class TrainConfig:
@@ -79,11 +81,16 @@ class TrainConfig:
     """Loss weight of visible panels relative to masked ones (0: masked panels only)."""
     caption_dropout: float = 0.0
     """Chance of training a sample with an empty caption."""
+    max_token_length: Optional[int] = None
+    """SDXL: CLIP tokens read from each caption, 75, 150 or 225 (chunks of 75 encoded separately and concatenated, as kohya's sd-scripts; default 150). Recorded with the LoRA for inference. FLUX's CLIP reads 75 (its T5 reads 512)."""
     cache_text_embeddings: bool = False
-    """Encode every caption once before training and move the text encoders off the GPU."""
+    """Encode every caption once (kept on disk under --cache_dir) and move the text encoders off the GPU."""
     cache_latents: bool = False
-    """Encode every composite once before training and move the VAE off the GPU (not with
-    concat, which encodes a freshly masked image every step)."""
+    """Encode every composite once (its VAE posterior; for concat also the masked-image latents of every panel subset training draws), kept on disk under --cache_dir, and move the VAE off the GPU."""
+    cache_dir: Optional[str] = None
+    """Folder of the caches (default: output_dir/cache); entries are keyed by file content and settings, so runs can share it."""
+    dry_run: bool = False
+    """Check the data and settings and print what training would see (buckets, crops, caption tokens, markers, steps), then exit without loading the denoiser."""
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
@@ -138,8 +145,6 @@ class TrainConfig:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
-        if self.cache_latents and self.conditioning == "concat":
-            raise ValueError("--cache_latents does not work with --conditioning concat (it encodes the masked image every step)")
         if self.context_timestep and self.conditioning != "context":
             raise ValueError(f"--context_timestep {self.context_timestep} needs --conditioning context")
         if self.conditioning == "context" and self.visible_loss_weight > 0:
@@ -147,6 +152,11 @@ class TrainConfig:
                 "--visible_loss_weight must be 0 with --conditioning context: the visible panels are clean inputs there, "
                 "with nothing to denoise"
             )
+        if self.max_token_length is not None:
+            if self.max_token_length not in MAX_TOKEN_LENGTHS:
+                raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
+            if self.backend == "flux" and self.max_token_length != 75:
+                raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         self._check_monitoring()

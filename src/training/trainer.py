@@ -46,6 +46,7 @@ from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
 from . import checkpoints
 from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
+from .cache import build_caches
 from .config import TrainConfig, without_cuda
 from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
 from .monitor import Monitor
@@ -60,7 +61,7 @@ RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "
                "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
                "lora_dropout", "mask_probability", "max_masked_panels", "visible_loss_weight", "caption_dropout",
-               "cache_latents", "seed")
+               "cache_latents", "max_token_length", "seed")
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -162,6 +163,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
+        self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
         self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                   num_processes=self.accelerator.num_processes)
         self._check_outputs()
@@ -171,6 +173,8 @@ class Trainer:
             options["quantize"] = cfg.quantize
         if cfg.context_timestep:
             options["context_timestep"] = cfg.context_timestep
+        if cfg.max_token_length:
+            options["max_token_length"] = cfg.max_token_length
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         if self.accelerator.is_main_process:  # now exactly: the estimate was made before loading
@@ -180,22 +184,9 @@ class Trainer:
             self.backend.enable_gradient_checkpointing()
         self.backend.to(self.accelerator.device, self.weight_dtype)
 
-        self.prompt_cache = None
-        if cfg.cache_text_embeddings:
-            captions = sorted({r.caption for r in records} | ({""} if cfg.caption_dropout > 0 else set()))
-            self.prompt_cache = {c: {k: v[0].cpu() for k, v in self.backend.encode_prompt([c]).items()} for c in captions}
-            self.backend.release_text_encoders()
-
         dataset = CompositeDataset(records)
-        self.latent_cache = None
-        if cfg.cache_latents:
-            # One VAE sample per composite (as kohya's and ai-toolkit's caches); not for
-            # concat, which needs masked-image latents of each step's mask.
-            self.latent_cache = [
-                self.backend.encode_image(dataset[i]["pixels"][None].to(self.accelerator.device))[0].to("cpu", self.weight_dtype)
-                for i in range(len(dataset))
-            ]
-            self.backend.release_vae()
+        self.prompt_cache, self.latent_cache = build_caches(
+            cfg, self.backend, records, dataset, self.grid, self.accelerator.device)
 
         params = self.backend.trainable_parameters()
         if cfg.use_8bit_adam:
@@ -342,26 +333,25 @@ class Trainer:
         pixels = batch["pixels"].to(device)  # (B, 3, H, W)
         batch_size, _, height, width = pixels.shape
 
-        masks, captions = [], []
+        masks, captions, subsets = [], [], []
         for caption in batch["caption"]:
             masked = sample_masked_panels(self.grid.num_panels, cfg.mask_probability, cfg.max_masked_panels, generator)
             # Nothing masked is trained as everything masked: text -> whole image set. An
             # unmasked sample would let the model copy its answer from the conditioning.
-            masks.append(panel_mask(masked or list(range(self.grid.num_panels)), self.grid, height, width))
+            subsets.append(tuple(masked or range(self.grid.num_panels)))
+            masks.append(panel_mask(list(subsets[-1]), self.grid, height, width))
             dropped = torch.rand((), generator=generator).item() < cfg.caption_dropout
             captions.append("" if dropped else caption)
         pixel_mask = torch.stack(masks).to(device)  # (B, 1, H, W)
 
-        if self.prompt_cache is not None:
-            embeds = {k: torch.stack([self.prompt_cache[c][k] for c in captions]).to(device)
-                      for k in next(iter(self.prompt_cache.values()))}
-        else:
-            embeds = backend.encode_prompt(captions)
+        embeds = self.prompt_cache.batch(captions, device) if self.prompt_cache else backend.encode_prompt(captions)
         if self.latent_cache is not None:
-            latents = torch.stack([self.latent_cache[i] for i in batch["index"].tolist()]).to(device)
+            indices = batch["index"].tolist()
+            latents = self.latent_cache.latents(backend, indices, device).to(self.weight_dtype)  # (B, C, h, w)
+            masked_latents = self.latent_cache.masked_latents(indices, subsets, device)
         else:
             latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
-        masked_latents = backend.masked_image_latents(pixels, pixel_mask)
+            masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
 
@@ -389,6 +379,7 @@ class Trainer:
             "conditioning": backend.conditioning,
             "context_timestep": backend.context_timestep,
             "image_size": self.cfg.image_size,
+            "max_token_length": backend.max_token_length,
             "global_step": self.global_step,
             "training_args": dataclasses.asdict(self.cfg),
         }

@@ -1,0 +1,1 @@
+"""Data preparation: separate photos -> composites (compose) -> captions (caption)."""
