@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionXLPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from iclora.backends import flux as flux_module
 from iclora.backends import load_backend
@@ -290,3 +291,16 @@ def test_context_text_to_image_set_without_input(data, tmp_path):
                                          "--output_dir", str(tmp_path / "o")])
     image = Image.open(tmp_path / "o" / "generated_0.png")
     assert image.size == (64, 64) and files
+
+
+def test_zero_mode_resume_replays_an_uninterrupted_run(data, tmp_path):
+    """The per-token forward sits behind its own module: checkpoints and resume see through it."""
+    flags = ["--data_dir", str(data), *FLUX_TINY, "--save_every", "2", "--learning_rate", "5e-3"]
+    straight = train_flux_ic_lora.main([*flags, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "4"])
+    train_flux_ic_lora.main([*flags, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "2"])
+    resumed = train_flux_ic_lora.main([*flags, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "4",
+                                       "--resume_from_checkpoint", "latest"])
+    assert resumed.losses == straight.losses[2:]
+    a = load_file(straight.final_dir / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed.final_dir / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

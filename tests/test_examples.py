@@ -15,7 +15,8 @@ from conftest import toy_dataset
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 TINY = {("sdxl", "concat"): "tiny-sdxl", ("sdxl", "blend"): "tiny-sdxl",
-        ("flux", "blend"): "tiny-flux", ("flux", "concat"): "tiny-flux-fill"}
+        ("sdxl", "context"): "tiny-sdxl", ("flux", "blend"): "tiny-flux", ("flux", "context"): "tiny-flux",
+        ("flux", "concat"): "tiny-flux-fill"}
 
 
 def test_there_are_examples():

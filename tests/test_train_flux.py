@@ -51,7 +51,7 @@ def _train(flux_data, output_dir, *extra):
 @pytest.fixture(scope="module")
 def straight(flux_data, tmp_path_factory):
     """4 uninterrupted steps of blend training on tiny-flux."""
-    return _train(flux_data, tmp_path_factory.mktemp("straight"), "--max_train_steps", "4")
+    return _train(flux_data, tmp_path_factory.mktemp("straight"), "--max_train_steps", "4", "--conditioning", "blend")
 
 
 def _lora(folder):
@@ -115,8 +115,9 @@ def test_concat_training_on_a_fill_base(flux_data, tmp_path):
 
 
 def test_resume_replays_an_uninterrupted_run(straight, flux_data, tmp_path):
-    halfway = _lora(_train(flux_data, tmp_path, "--max_train_steps", "2").final_dir)
-    resumed = _train(flux_data, tmp_path, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    halfway = _lora(_train(flux_data, tmp_path, "--max_train_steps", "2", "--conditioning", "blend").final_dir)
+    resumed = _train(flux_data, tmp_path, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                      "--conditioning", "blend")
     assert resumed.global_step == 4
     expected, got = _lora(straight.final_dir), _lora(resumed.final_dir)
     assert expected.keys() == got.keys()
@@ -128,7 +129,7 @@ def test_resume_replays_an_uninterrupted_run(straight, flux_data, tmp_path):
 def test_flux_defaults():
     cfg = parse_config(TrainConfig, ["--data_dir", "x"], prog="t", defaults=DEFAULTS)
     assert (cfg.backend, cfg.model_id, cfg.lora_rank, cfg.lora_alpha, cfg.conditioning) == (
-        "flux", "black-forest-labs/FLUX.1-dev", 16, 16, "blend")
+        "flux", "black-forest-labs/FLUX.1-dev", 16, 16, "context")
 
 
 # ---- the saved LoRA elsewhere -----------------------------------------------------------
@@ -297,7 +298,7 @@ def test_storyboard_example_config_trains_through_the_flux_entry_point(tmp_path)
     make_dataset(data, n=2, panel_size=32, grid=(3, 1))  # 32 x 96 three-shot strips
     argv = ["--config", str(example), "--data_dir", str(data), "--output_dir", str(tmp_path / "out")]
     cfg = parse_config(TrainConfig, argv, prog="t", defaults=DEFAULTS)
-    assert (cfg.grid, cfg.conditioning, cfg.quantize, cfg.mask_probability) == ("3x1", "blend", "nf4", 0.0)
+    assert (cfg.grid, cfg.conditioning, cfg.quantize, cfg.mask_probability) == ("3x1", "context", "nf4", 0.7)
     result = main(argv + ["--model_id", "tiny-flux", "--image_size", "96", "--quantize", "none",
                           "--mixed_precision", "no", "--no_use_8bit_adam", "--max_train_steps", "1"])
     assert result.global_step == 1 and np.isfinite(result.losses[0])

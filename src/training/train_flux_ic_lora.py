@@ -4,7 +4,9 @@
         --max_train_steps 5000 --batch_size 4 --learning_rate 1e-4 --lora_rank 16 \
         --mixed_precision bf16 --gradient_checkpointing --cache_text_embeddings
 
-FLUX.1-dev trains with --conditioning blend (the default here); a FLUX.1-Fill base
+FLUX.1-dev trains with --conditioning context (the default here: visible panels enter the
+transformer clean, modulated as timestep 0; measured best on the known-answer benchmark,
+benchmarks/RESULTS.md) or blend (LoRAs for stock latent-blend inpainting); a FLUX.1-Fill base
 (black-forest-labs/FLUX.1-Fill-dev) with --conditioning concat. --quantize nf4 loads the
 frozen transformer in 4 bits (QLoRA, CUDA only).
 """
@@ -27,7 +29,7 @@ DEFAULTS = {
     "model_id": "black-forest-labs/FLUX.1-dev",
     "lora_rank": 16,
     "lora_alpha": 16,
-    "conditioning": "blend",
+    "conditioning": "context",
 }
 
 
