@@ -118,6 +118,7 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
         "--output_dir", str(out_dir), "--image_size", str(image_size), "--grid", str(grid),
         "--conditioning", args.conditioning, "--mask_probability", str(mask_probability),
         *(["--context_timestep", args.context_timestep] if args.context_timestep else []),
+        *(["--max_masked_panels", str(args.max_masked_panels)] if getattr(args, "max_masked_panels", None) else []),
         "--max_train_steps", str(args.steps), "--batch_size", str(args.batch_size),
         "--learning_rate", str(args.lr), "--lr_scheduler", args.lr_scheduler,
         "--lr_warmup_steps", str(args.warmup),

@@ -113,6 +113,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
+    parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
     parser.add_argument("--vae", default=str(TOY_VAE))
     parser.add_argument("--base", default=None, help="fitted base denoiser folder (default: fit_hard_toy.py's)")
     parser.add_argument("--work_dir", default=None)
