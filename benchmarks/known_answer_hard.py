@@ -114,6 +114,7 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
     parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
+    parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
     parser.add_argument("--vae", default=str(TOY_VAE))
     parser.add_argument("--base", default=None, help="fitted base denoiser folder (default: fit_hard_toy.py's)")
     parser.add_argument("--work_dir", default=None)
@@ -153,7 +154,7 @@ def main(argv=None) -> dict:
                                                    args, grid=grid, image_size=image_size)
             return lora
 
-        lora_b = run(0.7, "b")
+        lora_b = run(args.mask_probability, "b")
         lora_c = None if args.skip_c else run(0.0, "c")
         t = time.monotonic()
         done = lambda lora, conditioning=None: complete(  # noqa: E731
