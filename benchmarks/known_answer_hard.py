@@ -159,7 +159,10 @@ def main(argv=None) -> dict:
         t = time.monotonic()
         done = lambda lora, conditioning=None: complete(  # noqa: E731
             model_dir, lora, eval_paths, args, conditioning=conditioning, prompt=prompt, hidden=hidden, grid=grid)
-        rows = {"(a) untrained base": done("none"), "(b) IC-LoRA, --mask_probability 0.7": done(str(lora_b))}
+        b_name = f"(b) IC-LoRA, --mask_probability {args.mask_probability:g}"
+        if args.max_masked_panels:
+            b_name += f" --max_masked_panels {args.max_masked_panels}"
+        rows = {"(a) untrained base": done("none"), b_name: done(str(lora_b))}
         if lora_c:
             rows["(c) LoRA, --mask_probability 0"] = done(str(lora_c))
         if args.conditioning == "context":
