@@ -9,8 +9,10 @@
 The denoising itself is diffusers': StableDiffusionXLInpaintPipeline (9-channel `concat`
 UNets get mask + masked-image latents as input; 4-channel `blend` ones get latent
 blending of the visible panels each step), FluxInpaintPipeline / FluxFillPipeline for
-FLUX. We swap its mask processor for one that does not binarize, so feathered masks stay
-soft through the whole pipeline.
+FLUX; with `context` conditioning the backend's SDXLContextPipeline / FluxContextPipeline
+(the same components, a loop that feeds the visible panels clean at every step). We swap
+its mask processor for one that does not binarize, so feathered masks stay soft through
+the whole pipeline.
 """
 
 from __future__ import annotations
