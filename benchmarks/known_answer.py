@@ -282,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "context: visible panels clean in the denoiser input")
     parser.add_argument("--context_timestep", choices=["zero", "shared"], default=None,
                         help="with context: clean tokens at timestep 0 (FLUX default) or the shared t")
+    parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
+    parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
     parser.add_argument("--skip_c", action="store_true",
                         help="do not train (c): its training does not depend on --context_timestep")
     parser.add_argument("--steps", type=int, default=None,
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         unseen = [k in HELD_OUT for k in keys]
 
         timings = {}
-        lora_b, timings["train (b)"] = train(model_dir, work / "train", work / "lora_b", 0.7, args)
+        lora_b, timings["train (b)"] = train(model_dir, work / "train", work / "lora_b", args.mask_probability, args)
         if not args.skip_c:
             lora_c, timings["train (c)"] = train(model_dir, work / "train", work / "lora_c", 0.0, args)
         t = time.monotonic()
