@@ -350,9 +350,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_c:
             lora_c, timings["train (c)"] = train(model_dir, work / "train", work / "lora_c", 0.0, args)
         t = time.monotonic()
+        b_name = f"(b) IC-LoRA, --mask_probability {args.mask_probability:g}"
+        if args.max_masked_panels:
+            b_name += f" --max_masked_panels {args.max_masked_panels}"
         rows = {
             "(a) untrained model": complete(model_dir, "none", eval_paths, args),
-            "(b) IC-LoRA, --mask_probability 0.7": complete(model_dir, str(lora_b), eval_paths, args),
+            b_name: complete(model_dir, str(lora_b), eval_paths, args),
         }
         if not args.skip_c:
             rows["(c) LoRA, --mask_probability 0"] = complete(model_dir, str(lora_c), eval_paths, args)
