@@ -58,10 +58,9 @@ def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int,
             problems.append((path.name, f"{path.name}: no caption file {caption_file.name}"))
             continue
         try:
-            caption = caption_file.read_bytes().decode("utf-8-sig").strip()
-        except UnicodeDecodeError as error:
-            problems.append((caption_file.name, f"{caption_file.name}: not UTF-8 text "
-                             f"(byte 0x{error.object[error.start]:02x} at offset {error.start})"))
+            caption = read_caption(caption_file)
+        except ValueError as error:
+            problems.append((caption_file.name, f"{caption_file.name}: {error}"))
             continue
         try:
             with Image.open(path) as image:
@@ -97,6 +96,14 @@ def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int,
             shown += f"; and {len(problems) - SHOWN_PROBLEMS} more: " + ", ".join(n for n, _ in problems[SHOWN_PROBLEMS:])
         raise DatasetError(f"--data_dir {folder}: {len(problems)} bad file(s): {shown}")
     return records
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8, a BOM dropped, stripped; ValueError naming the bad byte."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
 
 
 def crop_kept(width: int, height: int, bucket_w: int, bucket_h: int) -> tuple[float, float]:

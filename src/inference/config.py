@@ -14,10 +14,14 @@ class InferConfig:
 
     lora_path: str
     """Folder with pytorch_lora_weights.safetensors (+ iclora_config.json), a single .safetensors file, or 'none'."""
-    prompt: str
-    """One prompt describing all panels, e.g. '[TOP-LEFT] ... [BOTTOM-RIGHT] ...'."""
+    prompt: Optional[str] = None
+    """One prompt describing all panels, e.g. '[TOP-LEFT] ... [BOTTOM-RIGHT] ...' (with --input_dir: for every
+    image without its own .txt)."""
     input_image: Optional[str] = None
     """The composite whose visible panels condition the result (optional with --panels_to_inpaint all)."""
+    input_dir: Optional[str] = None
+    """A folder of composites to run with one model load: each NAME.png with its prompt in NAME.txt (else
+    --prompt) and an optional free-form mask NAME_mask.png; outputs per image plus folder_summary.json."""
     panels_to_inpaint: list[Union[int, str]] = field(default_factory=lambda: [2, 3])
     """Panel indices to regenerate, row-major from 0 (top-left), or 'all'."""
     mask_image: Optional[str] = None
@@ -91,5 +95,9 @@ class InferConfig:
             raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if self.max_token_length not in (None, 75) and self.backend == "flux":
             raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
-        if not self.prompt.strip():
+        if self.input_dir and (self.input_image or self.mask_image):
+            raise ValueError("--input_dir runs a whole folder: give it without --input_image / --mask_image")
+        if self.prompt is None and not self.input_dir:
+            raise ValueError("--prompt is required (with --input_dir, NAME.txt beside each image can give it)")
+        if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt must not be empty")

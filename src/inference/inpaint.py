@@ -303,13 +303,21 @@ def _output_of(name: str, stem: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-def run(cfg: InferConfig) -> list[Path]:
-    plan = check_inputs(cfg)
-    backend, pipe = load_pipeline(plan)
-    outputs, seeds = generate(plan, backend, pipe)
-    resolved = {
+def resolved_settings(plan: Plan, backend) -> dict:
+    """What the run resolved from the flags and the LoRA's record (for the JSON)."""
+    return {
         "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
         "conditioning": backend.conditioning, "context_timestep": backend.context_timestep,
         "max_token_length": backend.max_token_length, "panels": plan.panels, "size": list(plan.size),
     }
-    return write_outputs(plan, outputs, seeds, resolved)
+
+
+def run(cfg: InferConfig) -> list[Path]:
+    if cfg.input_dir:
+        from .folder import run_folder  # it builds on this module
+
+        return run_folder(cfg)
+    plan = check_inputs(cfg)
+    backend, pipe = load_pipeline(plan)
+    outputs, seeds = generate(plan, backend, pipe)
+    return write_outputs(plan, outputs, seeds, resolved_settings(plan, backend))
