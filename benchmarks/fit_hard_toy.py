@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fit_toy_base import TOY_VAE, draw_batch, fit_all_weights, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
-from hard_toy import PANEL_SIZE, caption, independent_pool  # noqa: E402
+from hard_toy import caption, independent_pool  # noqa: E402
 
 from iclora.panels import Grid  # noqa: E402
 

@@ -377,15 +377,20 @@ def main(argv: list[str] | None = None) -> dict:
             picture(Path(args.picture), tiles,
                     ["held-out composite", "mask (white=hidden)", "(b) IC-LoRA", "(c) mask_prob 0"])
     timings["total"] = time.monotonic() - start
+    return publish(table, format_table(table), args, timings,
+                   eval={"unseen_pairs": HELD_OUT, "training_pairs_scored": seen})
 
+
+def publish(table: dict, text: str, args, timings: dict, **extra) -> dict:
+    """Print the table and the timings; write the whole report to --json when given."""
     report = {
         "table": table,
         "settings": {k: v for k, v in vars(args).items() if k not in ("work_dir", "picture", "json")},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "eval": {"unseen_pairs": HELD_OUT, "training_pairs_scored": seen},
+        **extra,
     }
-    print(format_table(table))
+    print(text)
     print(json.dumps({"seconds": report["seconds"], "machine": report["machine"]}))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

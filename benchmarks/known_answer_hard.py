@@ -24,9 +24,7 @@ inference: what a stock inpainting pipeline would make of it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ from fit_hard_toy import HARD_BASES  # noqa: E402
 from fit_toy_base import TOY_VAE, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
 from hard_toy import MEAN_COLOUR, PANEL_SIZE, caption, colour_error, composite  # noqa: E402
-from known_answer import complete, picture, train, vae_round_trip  # noqa: E402
+from known_answer import complete, picture, publish, train, vae_round_trip  # noqa: E402
 
 from iclora.panels import Grid, panel_box  # noqa: E402
 
@@ -179,16 +177,7 @@ def main(argv=None) -> dict:
             tiles = [(truths[i], mask_tile(truths[i].shape, grid), *[rows[n][i] for n in names]) for i in shown]
             picture(Path(args.picture), tiles, ["composite", "mask", *[n.split(",")[0] for n in names]])
     timings["total"] = time.monotonic() - start
-    report = {
-        "table": table, "settings": {k: v for k, v in vars(args).items() if k not in ("work_dir", "picture", "json")},
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-    }
-    print(format_table(table))
-    print(json.dumps({"seconds": report["seconds"], "machine": report["machine"]}))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return publish(table, format_table(table), args, timings)
 
 
 if __name__ == "__main__":

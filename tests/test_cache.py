@@ -42,7 +42,6 @@ def test_encoders_leave_the_device_and_the_cache_is_read(data_2x2, tmp_path, mak
 
 def test_a_changed_image_or_setting_is_encoded_again(data_dir, tmp_path, make_trainer):
     flags = ["--cache_dir", str(tmp_path / "cache"), *CACHES]
-    n = len(captions(data_dir))
     make_trainer(data_dir, *flags)
     image = Image.open(data_dir / "00002.png").convert("RGB")
     image.putpixel((0, 0), (1, 2, 3))

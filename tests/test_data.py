@@ -145,7 +145,7 @@ def test_load_composite_crops_instead_of_stretching(tmp_path):
 
 
 def test_load_composite_to_its_bucket_keeps_the_aspect(tmp_path):
-    path = _disc_image(tmp_path / "tall.png", 128, 192, radius=50)
+    _disc_image(tmp_path / "tall.png", 128, 192, radius=50)
     (tmp_path / "tall.txt").write_text("tall")
     [record] = scan_folder(tmp_path, 128, G2x2, 8)
     assert record.size == (128, 80)  # 85.3 x 128 rounded to panels of whole latent pixels

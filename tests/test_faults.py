@@ -12,7 +12,6 @@ table is README's "Troubleshooting" section.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import signal
 import subprocess

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..backends.lora_files import atomic_write_text, read_metadata, resolve_lora_file
+from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..images import open_rgb8
 from ..panels import Grid, feather, fit_to_grid, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
