@@ -24,7 +24,7 @@ from typing import Literal, Optional
 
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
-from ..data import IMAGE_SUFFIXES
+from ..data import IMAGE_SUFFIXES, read_caption
 from ..panels import Grid, panel_box
 from .markers import MarkerStyle, panel_markers, unified_caption
 
@@ -152,9 +152,10 @@ def read_panel(path: Path) -> Image.Image:
 
 
 def read_text(path: Path) -> str:
+    """A caption file as training reads it (UTF-8, a BOM dropped)."""
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
+        return read_caption(path)
+    except ValueError:
         raise ValueError(f"caption {path.name} is not UTF-8 text") from None
 
 

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..backends.lora_files import atomic_write_text
+from ..data import read_caption
 from ..panels import composite_size, inpaint_mask, parse_panels
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,13 @@ def _validation_sources(cfg, records: list) -> list[tuple[Path, str]]:
         caption = path.with_suffix(".txt")
         if cfg.validation_prompt is None and not caption.is_file():
             raise ValueError(f"--validation_image {path}: no same-stem .txt caption; give --validation_prompt")
-        sources.append((path, cfg.validation_prompt or caption.read_text().strip()))
+        if cfg.validation_prompt is not None:
+            sources.append((path, cfg.validation_prompt))
+            continue
+        try:  # read as training reads its captions: UTF-8, a BOM dropped
+            sources.append((path, read_caption(caption)))
+        except ValueError as error:
+            raise ValueError(f"--validation_image {path}: caption {caption.name} is {error}") from None
     return sources
 
 
