@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
         "--lr_warmup_steps", str(args.warmup),
         "--lora_rank", str(args.rank), "--lora_alpha", str(args.rank), "--lora_dropout", "0",
         "--cache_text_embeddings", "--save_every", str(10 * args.steps), "--seed", str(args.seed),
+        *shlex.split(getattr(args, "train_args", None) or ""),
     ]
     start = time.monotonic()
     result = train_main(argv)
@@ -284,6 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with context: clean tokens at timestep 0 (FLUX default) or the shared t")
     parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
     parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
+    parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
+                        "'--timestep_sampling logit_normal --logit_mean 1'")
     parser.add_argument("--skip_c", action="store_true",
                         help="do not train (c): its training does not depend on --context_timestep")
     parser.add_argument("--steps", type=int, default=None,
@@ -353,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         b_name = f"(b) IC-LoRA, --mask_probability {args.mask_probability:g}"
         if args.max_masked_panels:
             b_name += f" --max_masked_panels {args.max_masked_panels}"
+        if args.train_args:
+            b_name += f" {args.train_args}"
         rows = {
             "(a) untrained model": complete(model_dir, "none", eval_paths, args),
             b_name: complete(model_dir, str(lora_b), eval_paths, args),

@@ -110,6 +110,8 @@ def parse_args(argv):
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
+                        "'--timestep_sampling logit_normal --logit_mean 1'")
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
     parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
     parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
@@ -160,6 +162,8 @@ def main(argv=None) -> dict:
         b_name = f"(b) IC-LoRA, --mask_probability {args.mask_probability:g}"
         if args.max_masked_panels:
             b_name += f" --max_masked_panels {args.max_masked_panels}"
+        if args.train_args:
+            b_name += f" {args.train_args}"
         rows = {"(a) untrained base": done("none"), b_name: done(str(lora_b))}
         if lora_c:
             rows["(c) LoRA, --mask_probability 0"] = done(str(lora_c))

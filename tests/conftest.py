@@ -113,16 +113,17 @@ def make_trainer(tmp_path):
 @pytest.fixture
 def spy(monkeypatch):
     """Record what the SDXL backend is asked during training: the latent masks, whether
-    masked-image latents came, the denoiser input's shape, and the prompts."""
+    masked-image latents came, the denoiser input's shape, the timesteps and the prompts."""
     from iclora.backends.sdxl import SDXLBackend
 
-    calls = {"mask": [], "masked_latents": [], "noisy_shape": [], "prompts": []}
+    calls = {"mask": [], "masked_latents": [], "noisy_shape": [], "prompts": [], "timesteps": []}
     predict, encode_prompt = SDXLBackend.predict, SDXLBackend.encode_prompt
 
     def spy_predict(self, noisy, timesteps, prompt_embeds, mask, masked_latents, batch):
         calls["mask"].append(mask.detach().clone())
         calls["masked_latents"].append(masked_latents)
         calls["noisy_shape"].append(tuple(noisy.shape))
+        calls["timesteps"].append(timesteps.detach().clone())
         return predict(self, noisy, timesteps, prompt_embeds, mask, masked_latents, batch)
 
     def spy_encode_prompt(self, prompts):

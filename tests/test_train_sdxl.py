@@ -94,22 +94,26 @@ NON_DEFAULTS = {
     "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
     "validation_image": ["v1.png", "v2.png"], "validation_prompt": "a prompt", "validation_panels": [0, 2],
     "validation_every": 50, "validation_inference_steps": 7, "validation_guidance_scale": 2.5,
-    "report_to": "tensorboard",
+    "report_to": "tensorboard", "conv_in_learning_rate": None, "timestep_sampling": "logit_normal",
+    "logit_mean": 0.5, "logit_std": 1.5,
 }
 # Flags that only go with another setting: context_timestep needs --conditioning context,
 # which refuses a visible-panel loss.
 CONTEXT_NON_DEFAULTS = {**NON_DEFAULTS, "conditioning": "context", "context_timestep": "zero", "visible_loss_weight": 0.0}
+# conv_in_learning_rate needs SDXL concat, the one mode that trains conv_in in full.
+CONCAT_NON_DEFAULTS = {**NON_DEFAULTS, "backend": "sdxl", "conditioning": "concat", "conv_in_learning_rate": 1e-3}
 
 
 def test_non_defaults_cover_every_flag():
     defaults = dataclasses.asdict(_parse(["--data_dir", "x"]))
     assert NON_DEFAULTS.keys() == defaults.keys()
     changed = {k for k in NON_DEFAULTS if NON_DEFAULTS[k] != defaults[k]}
-    changed |= {k for k in CONTEXT_NON_DEFAULTS if CONTEXT_NON_DEFAULTS[k] != defaults[k]}
+    for values in [CONTEXT_NON_DEFAULTS, CONCAT_NON_DEFAULTS]:
+        changed |= {k for k in values if values[k] != defaults[k]}
     assert changed - {"data_dir"} == defaults.keys() - {"data_dir"}
 
 
-@pytest.mark.parametrize("values", [NON_DEFAULTS, CONTEXT_NON_DEFAULTS])
+@pytest.mark.parametrize("values", [NON_DEFAULTS, CONTEXT_NON_DEFAULTS, CONCAT_NON_DEFAULTS])
 def test_every_flag_settable_from_yaml(tmp_path, values):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(values))
@@ -188,6 +192,9 @@ def test_example_config_parses():
     ("--mixed_precision", "fp8", "mixed_precision"),
     ("--learning_rate", "-1", "--learning_rate must not be negative"),
     ("--max_token_length", "100", "--max_token_length must be 75, 150 or 225"),
+    ("--logit_mean", "1", "--logit_mean / --logit_std shape --timestep_sampling logit_normal"),
+    ("--logit_std", "0", "--logit_std must be positive"),
+    ("--timestep_sampling", "sigmoid", "timestep_sampling"),
 ])
 def test_bad_flag_values_give_one_error_line(flag, value, message, capsys, monkeypatch):
     monkeypatch.setattr("iclora.training.trainer.train", _no_training)
@@ -399,6 +406,38 @@ def test_gradient_accumulation(data_2x2, train, spy):
     result = train(data_2x2, "--gradient_accumulation_steps", "2", "--batch_size", "1", "--max_train_steps", "3")
     assert result.global_step == 3 and len(result.losses) == 3
     assert len(spy["mask"]) == 6  # two micro-batches per optimizer step
+
+
+def test_conv_in_learning_rate(data_2x2, train, reference_run):
+    conv_in = lambda result: load_file(result.final_dir / CONV_IN_WEIGHT_NAME)  # noqa: E731
+    held = train(data_2x2, "--max_train_steps", "2", "--conv_in_learning_rate", "0")
+    untrained = train(data_2x2, "--max_train_steps", "2", "--learning_rate", "0")
+    _assert_same_tensors(conv_in(held), conv_in(untrained))  # conv_in kept as widened ...
+    assert all(v.abs().max() > 0 for k, v in _lora(held).items() if "lora_B" in k)  # ... while the LoRA trains
+    # The default learning rate given to conv_in on its own changes nothing.
+    same = train(data_2x2, "--max_train_steps", "2", "--conv_in_learning_rate", "1e-4")
+    assert same.losses == reference_run.losses
+    _assert_same_tensors(conv_in(same), conv_in(reference_run))
+
+
+def test_conv_in_learning_rate_needs_concat(capsys, monkeypatch):
+    monkeypatch.setattr("iclora.training.trainer.train", _no_training)
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, ["--data_dir", "d", "--conditioning", "blend", "--conv_in_learning_rate", "1e-3"])
+    assert info.value.code == 2
+    assert "error: --conv_in_learning_rate is for --backend sdxl --conditioning concat" in capsys.readouterr().err
+
+
+def test_timestep_sampling(data_2x2, train, spy):
+    train(data_2x2, "--max_train_steps", "4")
+    uniform = torch.cat(spy["timesteps"])
+    spy["timesteps"].clear()
+    train(data_2x2, "--max_train_steps", "4", "--timestep_sampling", "logit_normal", "--logit_mean", "3")
+    high = torch.cat(spy["timesteps"])
+    assert high.dtype == uniform.dtype == torch.int64 and len(high) == len(uniform) == 8
+    assert 0 <= int(uniform.min()) and int(high.max()) <= 999
+    # sigmoid(N(3, 1)) > 0.5 for 99.9 % of draws: every step lands in the noisier half.
+    assert int(high.min()) >= 500 and high.float().mean() > uniform.float().mean()
 
 
 def test_learning_rate_and_lora_shapes(data_2x2, train):

@@ -31,6 +31,7 @@ Conditioning on the visible panels ("conditioning" attribute):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +45,30 @@ def with_clean_context(noisy: torch.Tensor, clean: torch.Tensor, mask: torch.Ten
     """'context' conditioning's denoiser input: `noisy` where the latent mask (B, 1, h, w) is
     1 (masked), `clean` where it is 0 (visible)."""
     return torch.where(mask > 0.5, noisy, clean)
+
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """How training draws each sample's noise level u in [0, 1) (1 = pure noise): uniform, or
+    sigmoid of a normal (SD3's logit-normal). A positive `logit_mean` spends more steps at
+    high noise, where a composite's layout and colours are decided; the backend maps u to
+    its own timesteps (SDXL: DDPM's t = u * 1000; FLUX: the flow sigma itself)."""
+
+    scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch_size,) noise levels, on the CPU, from `generator` alone."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        return compute_density_for_timestep_sampling(
+            "logit_normal" if self.scheme == "logit_normal" else "none", batch_size=batch_size,
+            logit_mean=self.logit_mean, logit_std=self.logit_std, generator=generator,
+        )
 
 
 class Backend(Protocol):
@@ -69,6 +94,9 @@ class Backend(Protocol):
     max_token_length: int
     """CLIP tokens read from a prompt, the same in training and inference (SDXL: 75, 150 or
     225, kohya's chunked encoding; FLUX: 75); recorded with the LoRA."""
+    timestep_sampling: TimestepSampling
+    """How `noise_latents` draws noise levels; the backend's own default until the trainer
+    sets the one of --timestep_sampling."""
     denoiser: torch.nn.Module
     """The module that is trained (UNet / transformer). The trainer may replace it by its
     distributed wrapper; the backend must call it through this attribute."""
@@ -79,6 +107,10 @@ class Backend(Protocol):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Everything the optimizer updates; nothing of the VAE or the text encoders."""
+
+    def fully_trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The part of `trainable_parameters` that is trained in full, not as a LoRA (SDXL
+        concat: the widened conv_in); --conv_in_learning_rate applies to it."""
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations of the denoiser's blocks in the backward pass."""

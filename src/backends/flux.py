@@ -49,11 +49,11 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from .base import TimestepSampling
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
@@ -121,6 +121,7 @@ class FluxBackend:
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     preferred_mixed_precision = "bf16"
     max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
+    timestep_sampling = TimestepSampling("logit_normal")  # SD3's, as diffusers' FLUX scripts train
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
@@ -235,6 +236,9 @@ class FluxBackend:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def fully_trained_parameters(self) -> list[torch.nn.Parameter]:
+        return []  # LoRA only: FLUX.1-Fill's x_embedder already reads the mask channels
+
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
@@ -325,9 +329,7 @@ class FluxBackend:
         return self._scale(self.vae.encode(blanked).latent_dist.mode())
 
     def noise_latents(self, latents, noise, generator):
-        sigmas = compute_density_for_timestep_sampling(
-            "logit_normal", batch_size=latents.shape[0], logit_mean=0.0, logit_std=1.0, generator=generator
-        ).to(latents.device)  # (B,) in (0, 1); 1 = pure noise
+        sigmas = self.timestep_sampling.draw(latents.shape[0], generator).to(latents.device)  # (B,); 1 = pure noise
         s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
         noisy = (1.0 - s) * latents + s * noise  # rectified flow: straight line from data to noise
         return noisy, sigmas * 1000, noise - latents  # timesteps on the scheduler's 0..1000 scale; velocity

@@ -27,6 +27,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .base import TimestepSampling
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     CONV_IN_WEIGHT_NAME,
@@ -75,6 +76,7 @@ class SDXLBackend:
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
     max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
+    timestep_sampling = TimestepSampling("uniform")  # DDPM's own: every t alike
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None,
@@ -178,6 +180,9 @@ class SDXLBackend:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
+    def fully_trained_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.unet.conv_in.parameters()) if self.conditioning == "concat" else []
+
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
 
@@ -236,7 +241,12 @@ class SDXLBackend:
 
     def noise_latents(self, latents, noise, generator):
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        if self.timestep_sampling.scheme == "uniform":
+            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)
+        else:  # a noise level u in [0, 1) -> DDPM's t (999 = the noisiest)
+            u = self.timestep_sampling.draw(latents.shape[0], generator)
+            timesteps = (u * steps).long().clamp(0, steps - 1)
+        timesteps = timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)

@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 # --report_to NAME needs one of these modules (accelerate's trackers import them).
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
+# Each backend's own noise-level sampling (iclora.backends.*.timestep_sampling).
+TIMESTEP_SAMPLING_DEFAULTS = {"sdxl": "uniform", "flux": "logit_normal"}
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
 
 
@@ -45,6 +47,8 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     learning_rate: float = 1e-4
     """Peak learning rate."""
+    conv_in_learning_rate: Optional[float] = None
+    """SDXL --conditioning concat: learning rate of the fully trained conv_in (default: --learning_rate)."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
     lr_warmup_steps: int = 0
@@ -77,6 +81,12 @@ class TrainConfig:
     """Chance that a sample has 1..max_masked_panels panels masked (else it is trained as text -> whole set)."""
     max_masked_panels: int = 2
     """Most panels masked in one sample (at least one always stays visible)."""
+    timestep_sampling: Optional[Literal["uniform", "logit_normal"]] = None
+    """How each sample's noise level is drawn (default: the backend's own, uniform for SDXL, logit_normal for FLUX)."""
+    logit_mean: float = 0.0
+    """With logit_normal sampling: the normal's mean; above 0 spends more steps at high noise."""
+    logit_std: float = 1.0
+    """With logit_normal sampling: the normal's standard deviation."""
     visible_loss_weight: float = 0.0
     """Loss weight of visible panels relative to masked ones (0: masked panels only)."""
     caption_dropout: float = 0.0
@@ -126,6 +136,10 @@ class TrainConfig:
     """Also log loss, learning rate and sample sheets to this tracker (pip install 'iclora[tensorboard]')."""
 
     @property
+    def sampling_scheme(self) -> str:
+        return self.timestep_sampling or TIMESTEP_SAMPLING_DEFAULTS[self.backend]
+
+    @property
     def validating(self) -> bool:
         return bool(self.validation_every or self.validation_image)
 
@@ -147,6 +161,17 @@ class TrainConfig:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
         if self.context_timestep and self.conditioning != "context":
             raise ValueError(f"--context_timestep {self.context_timestep} needs --conditioning context")
+        if self.conv_in_learning_rate is not None:
+            if self.backend != "sdxl" or self.conditioning != "concat":
+                raise ValueError("--conv_in_learning_rate is for --backend sdxl --conditioning concat (the only mode "
+                                 "that trains conv_in in full)")
+            if self.conv_in_learning_rate < 0:
+                raise ValueError(f"--conv_in_learning_rate must not be negative, got {self.conv_in_learning_rate}")
+        if self.logit_std <= 0:
+            raise ValueError(f"--logit_std must be positive, got {self.logit_std}")
+        if self.sampling_scheme == "uniform" and (self.logit_mean or self.logit_std != 1.0):
+            raise ValueError(f"--logit_mean / --logit_std shape --timestep_sampling logit_normal; --backend {self.backend} "
+                             "samples uniformly unless it is given")
         if self.conditioning == "context" and self.visible_loss_weight > 0:
             raise ValueError(
                 "--visible_loss_weight must be 0 with --conditioning context: the visible panels are clean inputs there, "

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..backends import BACKENDS, load_backend
-from ..backends.base import with_clean_context
+from ..backends.base import TimestepSampling, with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..cli import RunStopped
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
@@ -58,10 +58,23 @@ logger = logging.getLogger(__name__)
 # used). What may change: max_train_steps / num_epochs, save_every, checkpoints_total_limit,
 # output options, cache_text_embeddings, gradient_checkpointing, num_workers.
 RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "conditioning", "context_timestep",
-               "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+               "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "conv_in_learning_rate",
+               "lr_scheduler",
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
-               "lora_dropout", "mask_probability", "max_masked_panels", "visible_loss_weight", "caption_dropout",
+               "lora_dropout", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
+               "visible_loss_weight", "caption_dropout",
                "cache_latents", "max_token_length", "seed")
+
+
+def parameter_groups(backend, cfg: TrainConfig) -> list:
+    """What the optimizer updates: one group, or with --conv_in_learning_rate the fully
+    trained conv_in as a second group at its own rate (the schedule scales both)."""
+    params = backend.trainable_parameters()
+    if cfg.conv_in_learning_rate is None:
+        return params
+    full = {id(p) for p in backend.fully_trained_parameters()}
+    return [{"params": [p for p in params if id(p) not in full]},
+            {"params": [p for p in params if id(p) in full], "lr": cfg.conv_in_learning_rate}]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -177,6 +190,7 @@ class Trainer:
             options["max_token_length"] = cfg.max_token_length
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std)
         if self.accelerator.is_main_process:  # now exactly: the estimate was made before loading
             checkpoints.check_free_space(self.output_dir, sum(p.numel() for p in self.backend.trainable_parameters()),
                                          cfg.use_8bit_adam, "counted")
@@ -188,7 +202,7 @@ class Trainer:
         self.prompt_cache, self.latent_cache = build_caches(
             cfg, self.backend, records, dataset, self.grid, self.accelerator.device)
 
-        params = self.backend.trainable_parameters()
+        params = parameter_groups(self.backend, cfg)
         if cfg.use_8bit_adam:
             import bitsandbytes as bnb
 
