@@ -19,6 +19,11 @@ the share of hidden panels within 25 of the true colour. Baselines: (a) the untr
 base, the blind guess (the mean colour of the toy's range), and the VAE round trip of the
 truth (the floor). With context conditioning also the (b) LoRA through plain latent-blend
 inference: what a stock inpainting pipeline would make of it.
+
+Text -> set (`--panels_to_inpaint all`, no input image), what the masking settings trade
+away: --n_sets sets from the caption alone per model, scored by how far each panel's object
+colour lies from the set's median colour (0: one object throughout) and the share of
+panels that show an object at all.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ sys.path.insert(0, str(HERE))
 from fit_hard_toy import HARD_BASES  # noqa: E402
 from fit_toy_base import TOY_VAE, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
-from hard_toy import MEAN_COLOUR, PANEL_SIZE, caption, colour_error, composite  # noqa: E402
+from hard_toy import MEAN_COLOUR, PANEL_SIZE, caption, colour_error, composite, set_spread  # noqa: E402
 from known_answer import complete, picture, publish, train, vae_round_trip  # noqa: E402
 
 from iclora.panels import Grid, panel_box  # noqa: E402
@@ -78,6 +83,35 @@ def summarise(rows: dict[str, list], colours, grid: Grid) -> dict[str, dict]:
     return table
 
 
+def text_to_set(model_dir: Path, lora: str, args, grid: Grid, n: int) -> list[np.ndarray]:
+    """`n` sets generated from the caption alone by the real inference code (seeds seed ...)."""
+    from iclora.inference.config import InferConfig
+    from iclora.inference.inpaint import check_inputs, generate, load_pipeline
+
+    plan = check_inputs(InferConfig(
+        lora_path=lora, prompt=caption(grid), panels_to_inpaint=["all"], grid=str(grid), backend=args.backend,
+        base_model=str(model_dir), conditioning=args.conditioning, context_timestep=args.context_timestep,
+        num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale, seed=args.seed, num_images=n,
+        width=PANEL_SIZE * grid.cols, height=PANEL_SIZE * grid.rows,
+    ))
+    backend, pipe = load_pipeline(plan)
+    return [np.asarray(image) for image in generate(plan, backend, pipe)[0]]
+
+
+def summarise_sets(sets: dict[str, list[np.ndarray]], grid: Grid) -> dict[str, dict]:
+    table = {}
+    for name, images in sets.items():
+        spread, present = np.array([set_spread(image, grid) for image in images]).T
+        table[name] = {"spread": float(spread.mean()), "objects": float(present.mean())}
+    return table
+
+
+def format_sets(table: dict[str, dict]) -> str:
+    lines = ["| text -> set | colour spread across panels | panels with an object |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['spread']:.1f} | {r['objects']:.0%} |" for name, r in table.items()]
+    return "\n".join(lines)
+
+
 def format_table(table: dict[str, dict]) -> str:
     lines = ["| | hidden-panel colour error | within 25 |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['colour_error']:.1f} | {r['close']:.0%} |" for name, r in table.items()]
@@ -100,6 +134,7 @@ def parse_args(argv):
     parser.add_argument("--grid", default="2x2", help="2x2 or 1x3 (the layouts the bases were fitted on)")
     parser.add_argument("--n_train", type=int, default=512, help="training composites")
     parser.add_argument("--n_eval", type=int, default=24, help="evaluation composites (new colours)")
+    parser.add_argument("--n_sets", type=int, default=16, help="sets generated from the caption alone per model")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -175,13 +210,22 @@ def main(argv=None) -> dict:
         vae = AutoencoderKL.from_pretrained(args.vae).eval()
         rows["VAE round trip of the truth (floor)"] = [vae_round_trip(vae, x) for x in truths]
         table = summarise(rows, colours, grid)
+        t = time.monotonic()
+        sets = {"(a) untrained base": text_to_set(model_dir, "none", args, grid, args.n_sets),
+                b_name: text_to_set(model_dir, str(lora_b), args, grid, args.n_sets)}
+        if lora_c:
+            sets["(c) LoRA, --mask_probability 0"] = text_to_set(model_dir, str(lora_c), args, grid, args.n_sets)
+        sets["VAE round trip of toy sets (floor)"] = [vae_round_trip(vae, np.asarray(Image.open(p).convert("RGB")))
+                                                      for p in sorted((work / "train").glob("*.png"))[:args.n_sets]]
+        set_table = summarise_sets(sets, grid)
+        timings["text -> set"] = time.monotonic() - t
         if args.picture:
             shown = range(min(4, len(truths)))
             names = [n for n in rows if n.startswith(("(b) IC", "(c)"))]
             tiles = [(truths[i], mask_tile(truths[i].shape, grid), *[rows[n][i] for n in names]) for i in shown]
             picture(Path(args.picture), tiles, ["composite", "mask", *[n.split(",")[0] for n in names]])
     timings["total"] = time.monotonic() - start
-    return publish(table, format_table(table), args, timings)
+    return publish(table, format_table(table) + "\n\n" + format_sets(set_table), args, timings, text_to_set=set_table)
 
 
 if __name__ == "__main__":
