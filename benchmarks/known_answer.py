@@ -133,7 +133,8 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
 
 
 def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning: str | None = None,
-             prompt: str | None = None, hidden: list[int] = HIDDEN, grid: Grid = GRID) -> list[np.ndarray]:
+             prompt: str | None = None, hidden: list[int] = HIDDEN, grid: Grid = GRID,
+             blend_visible: bool = True) -> list[np.ndarray]:
     """The `hidden` panels of every image completed by the real inference code, one fixed
     seed (with `conditioning`, that inference mode instead of the trained one)."""
     conditioning = conditioning or args.conditioning
@@ -146,7 +147,7 @@ def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning:
             lora_path=lora, prompt=prompt or make_caption((GRID.rows, GRID.cols)), input_image=str(path),
             panels_to_inpaint=hidden, grid=str(grid), backend=args.backend, base_model=str(model_dir),
             conditioning=conditioning, context_timestep=context_timestep, num_inference_steps=args.inference_steps,
-            guidance_scale=args.guidance_scale, seed=args.seed,
+            guidance_scale=args.guidance_scale, seed=args.seed, blend_visible=blend_visible,
         ))
         for path in images
     ]

@@ -204,6 +204,9 @@ def main(argv=None) -> dict:
             rows["(c) LoRA, --mask_probability 0"] = done(str(lora_c))
         if args.conditioning == "context":
             rows["(b) through blend inference"] = done(str(lora_b), "blend")
+        if args.conditioning == "concat":  # what diffusers' 9-channel pipeline does alone
+            rows["(b), visible latents left to the model (--no_blend_visible)"] = complete(
+                model_dir, str(lora_b), eval_paths, args, prompt=prompt, hidden=hidden, grid=grid, blend_visible=False)
         timings["inference"] = time.monotonic() - t
         from diffusers import AutoencoderKL
 

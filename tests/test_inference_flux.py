@@ -62,6 +62,49 @@ def test_visible_panels_are_kept_and_seed_reproduces(flux_loras, tmp_path, condi
     assert record["images"] == [{"file": "00001_0.png", "seed": 7}]
 
 
+def test_fill_transformer_sees_the_visible_panels_as_training_does(flux_loras, tmp_path, monkeypatch):
+    """FLUX.1-Fill (concat): after every step the visible tokens are the input's noised to
+    the next sigma, as training feeds them; with --no_blend_visible the model's own."""
+    import torch
+
+    from iclora.backends.flux import pack
+    from iclora.inference import inpaint
+
+    data, loras = flux_loras
+    source = data / "00001.png"
+    seen, pipes, real_load = [], [], inpaint.load_pipeline
+
+    def load(plan):
+        backend, pipe = real_load(plan)
+        pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+        pipes.append(pipe)
+        return backend, pipe
+
+    monkeypatch.setattr(inpaint, "load_pipeline", load)
+    args = ["--lora_path", str(loras["concat"]), "--input_image", str(source), "--prompt", "a set",
+            "--seed", "5", "--num_inference_steps", "4"]
+    cli.main(args + ["--output_dir", str(tmp_path / "on")])
+    reset, seen[:] = list(seen), []
+    cli.main(args + ["--output_dir", str(tmp_path / "off"), "--no_blend_visible"])
+    free, pipe = list(seen), pipes[-1]
+
+    image = torch.from_numpy(np.asarray(Image.open(source).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        clean = pipe.vae.encode(image / 127.5 - 1).latent_dist.mode()
+    clean = pack((clean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor)  # (1, 64 tokens, 4C)
+    reset, free = ([x[..., : clean.shape[-1]] for x in run] for run in (reset, free))  # the latents' channels
+    noise = torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(5))
+    sigmas = pipe.scheduler.sigmas  # the run's, resolution shift included
+    visible = (slice(None), slice(0, 32))  # the top half of the 8 x 8 tokens: panels 0 and 1
+    assert len(reset) == len(free) == 4
+    torch.testing.assert_close(reset[0], free[0])  # the first step: pure noise in both
+    for k in range(1, 4):
+        expected = (1 - sigmas[k]) * clean + sigmas[k] * noise
+        torch.testing.assert_close(reset[k][visible], expected[visible], atol=5e-4, rtol=1e-3)
+        assert (free[k][visible] - expected[visible]).abs().max() > 1e-2
+
+
 def test_soft_mask_reaches_the_flux_pipeline_unbinarized(flux_loras):
     data, loras = flux_loras
     cfg = InferConfig(lora_path=str(loras["blend"]), prompt="a set", input_image=str(data / "00001.png"),

@@ -375,6 +375,34 @@ def test_free_form_mask_image(loras, tmp_path):
 # ---- geometry ----------------------------------------------------------------------------
 
 
+def test_concat_unet_sees_the_visible_panels_as_training_does(loras, tmp_path, pipe_spy):
+    """After every step the visible panels' latents are the input's noised to the next step
+    (q(x_t | x_0), what training feeds); with --no_blend_visible the model's own, as
+    diffusers' 9-channel pipeline leaves them."""
+    steps = ["--lora_path", loras["concat"], "--input_image", INPUT, "--seed", 3, "--num_inference_steps", 4]
+    infer(tmp_path / "on", *steps)
+    reset = [x[:, :4] for x in pipe_spy.unet_inputs]  # (1, 4, h, w) each: the noisy latents, scaled
+    pipe_spy.unet_inputs.clear()
+    infer(tmp_path / "off", *steps, "--no_blend_visible")
+    free = [x[:, :4] for x in pipe_spy.unet_inputs]
+
+    backend, pipe = inpaint.load_pipeline(check_inputs(cfg(loras["concat"], num_inference_steps=4)))
+    image = torch.from_numpy(pixels(INPUT)).permute(2, 0, 1)[None] / 127.5 - 1
+    clean = pipe.vae.encode(image).latent_dist.mode() * pipe.vae.config.scaling_factor  # (1, 4, 16, 16)
+    noise = torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(3))
+    pipe.scheduler.set_timesteps(4)
+    sigmas = pipe.scheduler.sigmas  # Euler: x_t = x_0 + sigma * noise, fed as x_t / sqrt(sigma^2 + 1)
+    visible = (slice(None), slice(None), slice(0, 8))  # panels 0 and 1 (2 and 3 are masked)
+    assert len(reset) == len(free) == 4
+    torch.testing.assert_close(reset[0], free[0])  # the first step: pure noise in both
+    for k in range(1, 4):
+        expected = (clean + sigmas[k] * noise) / (sigmas[k] ** 2 + 1) ** 0.5
+        torch.testing.assert_close(reset[k][visible], expected[visible], atol=5e-4, rtol=1e-3)
+        assert (free[k][visible] - expected[visible]).abs().max() > 1e-2
+    # The masked panels are the model's in both runs, and the two results differ there.
+    assert (pixels(tmp_path / "on" / "00001_0.png") != pixels(tmp_path / "off" / "00001_0.png")).any()
+
+
 def test_visible_panels_are_kept_exactly(ref):
     out, _ = ref
     source = pixels(INPUT)

@@ -53,6 +53,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..panels import latent_mask
 from .base import TimestepSampling
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
 from .lora_files import (
@@ -413,6 +414,34 @@ class FluxBackend:
             self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
         injected = set().union(*[m for a, m in lora_layers(self.transformer).items() if a not in before])
         check_applied(path, expected, injected, "FLUX transformer")
+
+    def visible_reset(self, pipe, image, mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
+        """For concat (FLUX.1-Fill) inference: after every step the visible panels' tokens are
+        reset to the input's noised to the next sigma, the input itself after the last, as
+        FluxInpaintPipeline does for 4-channel-layout transformers (see SDXLBackend's)."""
+        if self.conditioning != "concat":
+            return {}
+        device, dtype = pipe._execution_device, pipe.transformer.dtype
+        height, width = mask.shape[-2:]
+        pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, pipe.vae.dtype)
+        with torch.no_grad():
+            clean = pipe.vae.encode(pixels).latent_dist.mode()
+        clean = ((clean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).to(dtype)  # (1, C, h, w)
+        masked = latent_mask(mask.to(device), self.vae_scale_factor).to(dtype)  # (1, 1, h, w), soft
+        masked = pack(masked.expand(-1, clean.shape[1], -1, -1))  # (1, N, 4C), as the latents' tokens
+        clean = pack(clean)
+        noise = torch.cat([torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(seed))
+                           for seed in seeds]).to(device, dtype)  # (B, N, 4C)
+
+        def reset(pipe, i, t, tensors):
+            timesteps = pipe.scheduler.timesteps
+            index = int((timesteps == t).nonzero()[0])
+            target = clean
+            if index + 1 < len(timesteps):  # as FluxInpaintPipeline's blend
+                target = pipe.scheduler.scale_noise(clean, timesteps[index + 1 : index + 2], noise)
+            return {"latents": masked * tensors["latents"] + (1 - masked) * target}
+
+        return {"callback_on_step_end": reset, "callback_on_step_end_tensor_inputs": ["latents"]}
 
     def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
         """The prompt as the inpaint pipeline takes it (FLUX's own encoding reads 512 T5 tokens)."""

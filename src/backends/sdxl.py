@@ -27,6 +27,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..panels import latent_mask
 from .base import TimestepSampling
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
@@ -372,6 +373,39 @@ class SDXLBackend:
                 f"--lora_path {path}: no {CONV_IN_WEIGHT_NAME} beside {lora_file.name}; a concat LoRA "
                 "needs its trained conv_in"
             )
+
+    def visible_reset(self, pipe, image, mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
+        """For concat inference: after every step, the visible panels' latents are reset to the
+        input's noised to the next timestep, the input itself after the last (the 9-channel
+        UNet then sees there what training showed it: q(x_t | x_0) of the input). diffusers'
+        inpaint pipeline does this for 4-channel UNets only; ComfyUI's InpaintModelConditioning
+        does it by default (noise_mask). Without it the visible latents follow the model's
+        own unsupervised predictions and drift into another picture that the LoRA copies from.
+        The noise is each image's own, from its seed. Returns the pipeline call's kwargs."""
+        if self.conditioning != "concat":
+            return {}
+        device, dtype = pipe._execution_device, pipe.unet.dtype
+        height, width = mask.shape[-2:]
+        pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        vae_dtype = pipe.vae.dtype
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        with torch.no_grad():
+            clean = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor  # (1, 4, h, w)
+        pipe.vae.to(vae_dtype)
+        clean = clean.to(dtype)
+        masked = latent_mask(mask.to(device), self.vae_scale_factor).to(dtype)  # (1, 1, h, w), soft
+        noise = torch.cat([torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(seed))
+                           for seed in seeds]).to(device, dtype)  # (B, 4, h, w)
+
+        def reset(pipe, i, t, tensors):
+            timesteps = pipe.scheduler.timesteps
+            index = int((timesteps == t).nonzero()[0])
+            target = clean
+            if index + 1 < len(timesteps):  # as the pipeline's own 4-channel blend
+                target = pipe.scheduler.add_noise(clean, noise, timesteps[index + 1 : index + 2])
+            return {"latents": masked * tensors["latents"] + (1 - masked) * target}
+
+        return {"callback_on_step_end": reset, "callback_on_step_end_tensor_inputs": ["latents"]}
 
     def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
         """The prompt as the inpaint pipeline's embeddings, made by encode_prompt: inference

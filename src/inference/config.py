@@ -60,6 +60,9 @@ class InferConfig:
     """Width of a generated image set when there is no input image (default: the LoRA's image_size)."""
     height: Optional[int] = None
     """Height of a generated image set when there is no input image (default: the LoRA's image_size)."""
+    blend_visible: bool = True
+    """With concat conditioning: reset the visible panels to the input noised to the current step after every
+    step, as training shows them (ComfyUI's noise_mask); --no_blend_visible leaves them to the model."""
     save_comparison: bool = False
     """Also write one side-by-side image: input | mask | outputs, with captions."""
     cpu_offload: bool = False

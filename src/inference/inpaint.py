@@ -217,7 +217,8 @@ def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
     outputs = []
     for seed in tqdm(seeds, desc="images", unit="image", disable=len(seeds) < 2):
         generator = torch.Generator("cpu").manual_seed(seed)
-        result = pipe(generator=generator, **kwargs).images[0]
+        reset = backend.visible_reset(pipe, image, mask, [seed]) if cfg.blend_visible and plan.image else {}
+        result = pipe(generator=generator, **kwargs, **reset).images[0]
         outputs.append(composite(result.resize(plan.size, Image.Resampling.LANCZOS), plan.image, plan.mask))
     return outputs, seeds
 
