@@ -81,6 +81,25 @@ def test_clean_tokens_change_only_through_their_modulation():
     assert torch.equal(ours_all_clean_t0, stock_t0)
 
 
+def test_context_forward_batch_rows_are_the_samples_alone():
+    """Each sample of a batch has its own clean tokens: row i of a batched call is sample i's call."""
+    transformer = TINY_MODELS["tiny-flux"]()["transformer"].eval()
+    inputs = _flux_inputs(transformer, batch=2)
+    clean = torch.zeros(2, 16, 1, dtype=torch.bool)
+    clean[0, :8] = True  # sample 0: top half visible
+    clean[1, 4:] = True  # sample 1: all but the first row
+    with torch.no_grad():
+        batched = context_forward(transformer, clean, **inputs)
+        alone = [context_forward(transformer, clean[i : i + 1], **_sample(inputs, i)) for i in range(2)]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[0], context_forward(transformer, clean[1:], **_sample(inputs, 0)), atol=1e-4)
+
+
+def _sample(inputs: dict, i: int) -> dict:
+    """Sample i of `_flux_inputs` (the ids are shared by the batch)."""
+    return {k: v if k.endswith("_ids") else v[i : i + 1] for k, v in inputs.items()}
+
+
 def test_clean_token_mask_follows_whole_patches():
     mask = panel_mask([1], Grid(1, 2), 8, 8)[None]  # (1, 1, 8, 8): right half masked
     mask[..., 0, 2] = 1.0  # one latent pixel of a left-half patch
