@@ -10,6 +10,7 @@ from diffusers import FluxPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import assert_batched_equals_single
 from iclora.backends import flux as flux_module
 from iclora.backends import load_backend
 from iclora.backends.flux_context import ContextDenoiser, clean_token_mask, context_forward
@@ -276,6 +277,30 @@ def test_visible_panels_reach_the_denoiser_clean_at_every_inference_step(backend
         left, top, right, bottom = panel_box(k, Grid(2, 2), 64, 64)
         assert np.array_equal(out[top:bottom, left:right], given[top:bottom, left:right])
     assert any(p.name == "00002_0.png" for p in files)
+
+
+@pytest.mark.parametrize("backend, flags", [
+    ("sdxl", ["--guidance_scale", "5"]),
+    ("sdxl", ["--strength", "0.6"]),
+    ("flux", []),  # zero: per-token modulation of a batch
+    ("flux", ["--context_timestep", "shared", "--strength", "0.6"]),
+])
+def test_batched_context_images_are_the_one_image_calls_images(backend, flags, data, tmp_path, decoded):
+    """SDXLContextPipeline / FluxContextPipeline batch: one generator and one clean input per
+    image; image i of a batch is the image its seed makes alone."""
+    cli, base = (flux_ic_lora_inference, "tiny-flux") if backend == "flux" else (sdxl_ic_lora_inference, "tiny-sdxl")
+    args = ["--lora_path", "none", "--base_model", base, "--conditioning", "context", "--input_image",
+            str(data / "00001.png"), "--prompt", "a set", "--panels_to_inpaint", "1", "3", "--num_inference_steps", "3",
+            "--num_images", "3", "--seed", "11", *flags]
+    single_files = cli.main([*args, "--output_dir", str(tmp_path / "single")])
+    single = list(decoded)
+    decoded.clear()
+    batched_files = cli.main([*args, "--output_dir", str(tmp_path / "batched"), "--batch_size", "2"])
+    assert [z.shape[0] for z in single] == [1, 1, 1] and [z.shape[0] for z in decoded] == [2, 1]
+    images = lambda files: [p for p in files if p.name in {f"00001_{i}.png" for i in range(3)}]  # noqa: E731
+    assert_batched_equals_single(decoded, single, images(batched_files), images(single_files))
+    out, given = np.asarray(Image.open(tmp_path / "batched" / "00001_2.png")), np.asarray(Image.open(data / "00001.png"))
+    assert np.array_equal(out[:, :32], given[:, :32])  # panels 0 and 2 kept in every image of the batch
 
 
 @pytest.mark.parametrize("extra", [
