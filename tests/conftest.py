@@ -133,3 +133,33 @@ def spy(monkeypatch):
     monkeypatch.setattr(SDXLBackend, "predict", spy_predict)
     monkeypatch.setattr(SDXLBackend, "encode_prompt", spy_encode_prompt)
     return calls
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Every latent batch the VAE decodes, (B, C, h, w): one entry per pipeline call, the
+    float result before it becomes 8-bit pixels."""
+    from diffusers import AutoencoderKL
+
+    seen = []
+    decode = AutoencoderKL.decode
+
+    def spy(self, z, *args, **kwargs):
+        seen.append(z.detach().clone())
+        return decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", spy)
+    return seen
+
+
+def assert_batched_equals_single(batched: list, single: list, batched_pngs: list, single_pngs: list) -> None:
+    """Image i of the batched calls is the one-image call's image i: the latents within
+    float rounding (another draw of noise would differ by ~1), the 8-bit pixels within 2."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    torch.testing.assert_close(torch.cat(batched), torch.cat(single), rtol=1e-4, atol=1e-3)
+    for a, b in zip(batched_pngs, single_pngs, strict=True):
+        with Image.open(a) as x, Image.open(b) as y:
+            assert np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max() <= 2, (a, b)

@@ -10,6 +10,7 @@ from diffusers import FluxPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import assert_batched_equals_single
 from iclora.backends import flux as flux_module
 from iclora.backends import load_backend
 from iclora.backends.flux_context import ContextDenoiser, clean_token_mask, context_forward
@@ -79,6 +80,25 @@ def test_clean_tokens_change_only_through_their_modulation():
         stock_t0 = transformer(**at_zero, return_dict=False)[0]
     assert not torch.allclose(ours, stock, atol=1e-4)
     assert torch.equal(ours_all_clean_t0, stock_t0)
+
+
+def test_context_forward_batch_rows_are_the_samples_alone():
+    """Each sample of a batch has its own clean tokens: row i of a batched call is sample i's call."""
+    transformer = TINY_MODELS["tiny-flux"]()["transformer"].eval()
+    inputs = _flux_inputs(transformer, batch=2)
+    clean = torch.zeros(2, 16, 1, dtype=torch.bool)
+    clean[0, :8] = True  # sample 0: top half visible
+    clean[1, 4:] = True  # sample 1: all but the first row
+    with torch.no_grad():
+        batched = context_forward(transformer, clean, **inputs)
+        alone = [context_forward(transformer, clean[i : i + 1], **_sample(inputs, i)) for i in range(2)]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[0], context_forward(transformer, clean[1:], **_sample(inputs, 0)), atol=1e-4)
+
+
+def _sample(inputs: dict, i: int) -> dict:
+    """Sample i of `_flux_inputs` (the ids are shared by the batch)."""
+    return {k: v if k.endswith("_ids") else v[i : i + 1] for k, v in inputs.items()}
 
 
 def test_clean_token_mask_follows_whole_patches():
@@ -257,6 +277,30 @@ def test_visible_panels_reach_the_denoiser_clean_at_every_inference_step(backend
         left, top, right, bottom = panel_box(k, Grid(2, 2), 64, 64)
         assert np.array_equal(out[top:bottom, left:right], given[top:bottom, left:right])
     assert any(p.name == "00002_0.png" for p in files)
+
+
+@pytest.mark.parametrize("backend, flags", [
+    ("sdxl", ["--guidance_scale", "5"]),
+    ("sdxl", ["--strength", "0.6"]),
+    ("flux", []),  # zero: per-token modulation of a batch
+    ("flux", ["--context_timestep", "shared", "--strength", "0.6"]),
+])
+def test_batched_context_images_are_the_one_image_calls_images(backend, flags, data, tmp_path, decoded):
+    """SDXLContextPipeline / FluxContextPipeline batch: one generator and one clean input per
+    image; image i of a batch is the image its seed makes alone."""
+    cli, base = (flux_ic_lora_inference, "tiny-flux") if backend == "flux" else (sdxl_ic_lora_inference, "tiny-sdxl")
+    args = ["--lora_path", "none", "--base_model", base, "--conditioning", "context", "--input_image",
+            str(data / "00001.png"), "--prompt", "a set", "--panels_to_inpaint", "1", "3", "--num_inference_steps", "3",
+            "--num_images", "3", "--seed", "11", *flags]
+    single_files = cli.main([*args, "--output_dir", str(tmp_path / "single")])
+    single = list(decoded)
+    decoded.clear()
+    batched_files = cli.main([*args, "--output_dir", str(tmp_path / "batched"), "--batch_size", "2"])
+    assert [z.shape[0] for z in single] == [1, 1, 1] and [z.shape[0] for z in decoded] == [2, 1]
+    images = lambda files: [p for p in files if p.name in {f"00001_{i}.png" for i in range(3)}]  # noqa: E731
+    assert_batched_equals_single(decoded, single, images(batched_files), images(single_files))
+    out, given = np.asarray(Image.open(tmp_path / "batched" / "00001_2.png")), np.asarray(Image.open(data / "00001.png"))
+    assert np.array_equal(out[:, :32], given[:, :32])  # panels 0 and 2 kept in every image of the batch
 
 
 @pytest.mark.parametrize("extra", [

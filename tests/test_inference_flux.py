@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from conftest import assert_batched_equals_single
 from iclora.inference import flux_ic_lora_inference as cli
 from iclora.inference.inpaint import check_inputs, load_pipeline
 from iclora.inference.config import InferConfig
@@ -103,6 +104,24 @@ def test_fill_transformer_sees_the_visible_panels_as_training_does(flux_loras, t
         expected = (1 - sigmas[k]) * clean + sigmas[k] * noise
         torch.testing.assert_close(reset[k][visible], expected[visible], atol=5e-4, rtol=1e-3)
         assert (free[k][visible] - expected[visible]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("conditioning, flags", [("blend", []), ("concat", ["--strength", "0.6"])])
+def test_batched_images_are_the_one_image_calls_images(flux_loras, tmp_path, decoded, conditioning, flags):
+    """FluxInpaintPipeline / FluxFillPipeline with one generator per image: image i of a
+    batch is the image its seed makes alone (each generator samples its own input copy)."""
+    data, loras = flux_loras
+    args = ["--lora_path", str(loras[conditioning]), "--input_image", str(data / "00001.png"), "--prompt", "a set",
+            "--panels_to_inpaint", "1", "3", "--num_images", "3", "--seed", "7", *STEPS, *flags]
+    single_files = cli.main(args + ["--output_dir", str(tmp_path / "single")])
+    single = list(decoded)
+    decoded.clear()
+    batched_files = cli.main(args + ["--output_dir", str(tmp_path / "batched"), "--batch_size", "3"])
+    assert [z.shape[0] for z in single] == [1, 1, 1] and [z.shape[0] for z in decoded] == [3]
+    images = lambda files: [p for p in files if p.name in {f"00001_{i}.png" for i in range(3)}]  # noqa: E731
+    assert_batched_equals_single(decoded, single, images(batched_files), images(single_files))
+    record = json.loads((tmp_path / "batched" / "00001_inference.json").read_text())
+    assert record["arguments"]["batch_size"] == 3 and [i["seed"] for i in record["images"]] == [7, 8, 9]
 
 
 def test_soft_mask_reaches_the_flux_pipeline_unbinarized(flux_loras):

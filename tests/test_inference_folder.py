@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import assert_batched_equals_single
 from iclora.backends import load_backend as real_load_backend
 from iclora.cli import run_cli
 from iclora.inference.sdxl_ic_lora_inference import main as infer_main
@@ -66,6 +67,23 @@ def test_the_folder_result_equals_single_image_runs(lora, inputs, tmp_path):
     infer_main(["--lora_path", str(lora), "--input_image", str(inputs / "00001.png"), "--prompt", "a set",
                 "--output_dir", str(tmp_path / "single"), *STEPS])
     assert (tmp_path / "folder" / "00001_0.png").read_bytes() == (tmp_path / "single" / "00001_0.png").read_bytes()
+
+
+def test_a_folder_batches_each_inputs_images(lora, inputs, tmp_path, decoded):
+    """--batch_size applies per input: its --num_images in one call, each image its seed's."""
+    args = ["--lora_path", str(lora), "--input_dir", str(inputs), "--prompt", "a set", "--num_images", "2", *STEPS]
+    infer_main([*args, "--output_dir", str(tmp_path / "single")])
+    single = list(decoded)
+    decoded.clear()
+    infer_main([*args, "--output_dir", str(tmp_path / "batched"), "--batch_size", "2"])
+    assert [z.shape[0] for z in single] == [1] * 6 and [z.shape[0] for z in decoded] == [2] * 3
+    names = [f"{stem}_{i}.png" for stem in ["00000", "00001", "00002"] for i in range(2)]
+    assert_batched_equals_single(decoded, single, [tmp_path / "batched" / n for n in names],
+                                 [tmp_path / "single" / n for n in names])
+    summary = json.loads((tmp_path / "batched" / "folder_summary.json").read_text())
+    assert summary["batch_size"] == 2 and [e["seeds"] for e in summary["images"]] == [[3, 4]] * 3
+    record = json.loads((tmp_path / "batched" / "00002_inference.json").read_text())
+    assert record["arguments"]["batch_size"] == 2
 
 
 @pytest.mark.parametrize("setup, argv, message", [

@@ -29,11 +29,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import assert_batched_equals_single
 from iclora.backends.tiny import save_tiny_model
 from iclora.cli import parse_config, run_cli
 from iclora.inference import inpaint
 from iclora.inference.config import InferConfig
-from iclora.inference.inpaint import COMPARISON_GAP, check_inputs, composite
+from iclora.inference.inpaint import COMPARISON_GAP, check_inputs, composite, load_pipeline
 from iclora.inference.sdxl_ic_lora_inference import DEFAULTS
 from iclora.inference.sdxl_ic_lora_inference import main as infer_main
 from iclora.panels import Grid
@@ -172,7 +173,7 @@ def test_defaults_are_the_documented_ones():
     c = parse_config(InferConfig, ["--lora_path", "x", "--prompt", "p"], prog="t", defaults=DEFAULTS)
     assert c.panels_to_inpaint == [2, 3]
     assert c.output_dir == "inference_output"
-    assert (c.num_inference_steps, c.guidance_scale, c.num_images, c.seed) == (50, 7.5, 1, None)
+    assert (c.num_inference_steps, c.guidance_scale, c.num_images, c.batch_size, c.seed) == (50, 7.5, 1, 1, None)
     assert (c.use_gradient_mask, c.gradient_width, c.strength) == (False, 20, 1.0)
     assert (c.base_model, c.grid, c.mask_image, c.negative_prompt, c.input_image) == (None, None, None, None, None)
     assert (c.save_comparison, c.cpu_offload, c.backend) == (False, False, "sdxl")
@@ -524,6 +525,75 @@ def test_same_seed_gives_byte_identical_files(ref, loras, tmp_path):
     assert a == b
 
 
+# ---- batches ------------------------------------------------------------------------------
+
+
+def one_image_calls(lora, seeds, **flags) -> list[np.ndarray]:
+    """The composites as the one-image path makes them: one pipeline call per seed with a
+    lone generator and a lone input image, nothing batched."""
+    plan = check_inputs(cfg(lora, panels_to_inpaint=[1, 3], num_inference_steps=2, guidance_scale=1.0, **flags))
+    backend, pipe = load_pipeline(plan)
+    width, height = plan.size  # 128x128: on the grid already
+    mask = torch.nn.functional.interpolate(plan.mask[None], size=(height, width), mode="bilinear",
+                                           align_corners=False).clamp(0, 1)
+    image = plan.image.resize((width, height))
+    kwargs = {**backend.pipeline_prompt(PROMPT, None, 1.0), "image": image,
+              "mask_image": mask, "height": height, "width": width, "strength": plan.cfg.strength,
+              "num_inference_steps": 2, "guidance_scale": 1.0, "output_type": "pil"}
+    images = [pipe(generator=torch.Generator("cpu").manual_seed(s), **kwargs,
+                   **backend.visible_reset(pipe, image, mask, [s])).images[0] for s in seeds]
+    return [np.asarray(composite(image, plan.image, plan.mask)).astype(np.int16) for image in images]
+
+
+def test_batch_size_1_is_bit_identical_to_one_call_per_image(ref, loras):
+    """The default path (--batch_size 1) makes exactly the images of a lone-generator call per seed."""
+    out, _ = ref
+    expected = one_image_calls(loras["concat"], [42, 43])
+    for i, image in enumerate(expected):
+        np.testing.assert_array_equal(pixels(out / f"00001_{i}.png"), image)
+    assert record(out)["arguments"]["batch_size"] == 1
+
+
+@pytest.mark.parametrize("conditioning, flags", [
+    ("blend", []),  # the input's VAE sample is drawn at every strength
+    ("concat", ["--strength", "0.6", "--guidance_scale", "5"]),  # with classifier-free guidance
+])
+def test_batched_images_are_the_one_image_calls_images(conditioning, flags, loras, tmp_path, decoded):
+    common = ["--lora_path", loras[conditioning], "--input_image", INPUT, "--panels_to_inpaint", 1, 3,
+              "--num_images", 3, "--seed", 42, *flags]
+    infer(tmp_path / "single", *common)
+    single = list(decoded)
+    decoded.clear()
+    infer(tmp_path / "batched", *common, "--batch_size", 2)
+    assert [z.shape[0] for z in single] == [1, 1, 1]
+    assert [z.shape[0] for z in decoded] == [2, 1]  # ceil(3 / 2) pipeline calls
+    names = [f"00001_{i}.png" for i in range(3)]
+    assert_batched_equals_single(decoded, single, [tmp_path / "batched" / n for n in names],
+                                 [tmp_path / "single" / n for n in names])
+    rec = record(tmp_path / "batched")
+    assert rec["arguments"]["batch_size"] == 2
+    assert [i["seed"] for i in rec["images"]] == [42, 43, 44]
+    np.testing.assert_array_equal(pixels(tmp_path / "batched" / "00001_2.png")[:, :64], pixels(INPUT)[:, :64])
+
+
+def test_one_input_beside_many_generators_would_shift_their_noise(loras):
+    """Why generate() passes one copy of the input per generator: the stock inpaint pipeline
+    samples the input's VAE posterior with generator i for input i only. With a lone input,
+    generators 1.. skip that draw, so their images are not their seeds' images."""
+    plan = check_inputs(cfg(loras["blend"]))
+    backend, pipe = load_pipeline(plan)
+    kwargs = {**backend.pipeline_prompt(PROMPT, None, 1.0), "mask_image": plan.mask[None], "height": 128,
+              "width": 128, "num_inference_steps": 2, "guidance_scale": 1.0, "output_type": "latent"}
+    single = torch.cat([pipe(image=plan.image, generator=torch.Generator().manual_seed(s), **kwargs).images
+                        for s in (5, 6)])
+    generators = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    lone = pipe(image=plan.image, generator=generators(), num_images_per_prompt=2, **kwargs).images
+    copies = pipe(image=[plan.image] * 2, generator=generators(), num_images_per_prompt=2, **kwargs).images
+    torch.testing.assert_close(copies, single, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(lone[0], single[0], rtol=1e-4, atol=1e-3)
+    assert (lone[1] - single[1]).abs().max() > 0.1
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 
@@ -546,6 +616,7 @@ ERRORS = {
     "negative num_images": (WITH_INPUT + ["--num_images", "-1"], "--num_images"),
     "zero num_images": (WITH_INPUT + ["--num_images", "0"], "--num_images"),
     "negative steps": (WITH_INPUT + ["--num_inference_steps", "-3"], "--num_inference_steps"),
+    "zero batch_size": (WITH_INPUT + ["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
     "no input": (["--lora_path", "{lora}"], "--input_image is required"),
     "mask without input": (["--lora_path", "{lora}", "--panels_to_inpaint", "all", "--mask_image",
                             "{tmp}/small_mask.png"], "--mask_image needs --input_image"),

@@ -71,6 +71,18 @@ class TimestepSampling:
         )
 
 
+def repeat_to_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """(b, ...) -> (batch, ...): one input shared by every image, or one input per image
+    (as diffusers' pipelines repeat their image and mask latents). A tensor already of the
+    batch comes back as it is: a copy would change its strides, and with them the kernels
+    that later ops pick, and so the last bits of a one-image result."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if batch % tensor.shape[0]:
+        raise ValueError(f"{tensor.shape[0]} {what} cannot be shared out over a batch of {batch} images")
+    return tensor.repeat(batch // tensor.shape[0], *[1] * (tensor.dim() - 1))
+
+
 class Backend(Protocol):
     name: str
     """Short name: 'sdxl' or 'flux'."""

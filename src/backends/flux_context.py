@@ -30,6 +30,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..panels import latent_mask
+from .base import repeat_to_batch
 
 CONTEXT_TIMESTEPS = ("zero", "shared")
 
@@ -151,14 +152,18 @@ class ContextDenoiser(torch.nn.Module):
 
 class FluxContextPipeline(FluxInpaintPipeline):
     """Panel completion with clean context: FluxInpaintPipeline's components and helpers,
-    a denoising loop that feeds the visible tokens clean at every step."""
+    a denoising loop that feeds the visible tokens clean at every step.
+
+    Batches as the stock pipeline does: `num_images_per_prompt` images per prompt, one
+    generator per image (each draws its image's noise, in a one-image call's order), and
+    `image` / `mask_image` either one for every image or one per image."""
 
     context_timestep: str = "zero"
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | None = None,
+        prompt: str | list[str] | None = None,
         image=None,
         mask_image=None,
         height: int = 1024,
@@ -166,24 +171,32 @@ class FluxContextPipeline(FluxInpaintPipeline):
         strength: float = 1.0,
         num_inference_steps: int = 28,
         guidance_scale: float = 3.5,
-        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ) -> FluxPipelineOutput:
         device = self._execution_device
         dtype = self.transformer.dtype
         prompt_embeds, pooled, text_ids = self.encode_prompt(
-            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=512
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=512,
         )
+        batch = prompt_embeds.shape[0]  # prompts x num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch} images")
         channels = self.transformer.config.in_channels // 4
         h, w = 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
 
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
-        clean = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax")  # the posterior mean
-        clean = ((clean - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(dtype)  # (1, C, h, w)
-        pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (1, 1, H, W)
-        mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (1, 1, h, w), 1 = masked
-        clean_tokens = clean_token_mask(mask)  # (1, N, 1)
-        clean_packed = self._pack_latents(clean, 1, channels, h, w)  # (1, N, 4C)
+        # One input at a time, as the stock pipeline encodes a batch: the same memory as one image.
+        clean = torch.cat([retrieve_latents(self.vae.encode(pixels[i : i + 1]), sample_mode="argmax") for i in range(len(pixels))])
+        clean = ((clean - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(dtype)  # posterior mean
+        clean = repeat_to_batch(clean, batch, "images")  # (B, C, h, w)
+        pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
+        mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (b, 1, h, w), 1 = masked
+        mask = repeat_to_batch(mask, batch, "masks")  # (B, 1, h, w)
+        clean_tokens = clean_token_mask(mask)  # (B, N, 1)
+        clean_packed = self._pack_latents(clean, batch, channels, h, w)  # (B, N, 4C)
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = calculate_shift(
@@ -194,14 +207,15 @@ class FluxContextPipeline(FluxInpaintPipeline):
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
 
-        noise = randn_tensor((1, channels, h, w), generator=generator, device=device, dtype=dtype)
-        latents = self._pack_latents(noise, 1, channels, h, w)  # (1, N, 4C)
+        # One row per generator: image i draws what a one-image call with its generator draws.
+        noise = randn_tensor((batch, channels, h, w), generator=generator, device=device, dtype=dtype)
+        latents = self._pack_latents(noise, batch, channels, h, w)  # (B, N, 4C)
         if strength < 1.0:  # SDEdit: the masked region starts from the noised input
-            latents = self.scheduler.scale_noise(clean_packed, timesteps[:1], latents)
-        image_ids = self._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+            latents = self.scheduler.scale_noise(clean_packed, timesteps[:1].repeat(batch), latents)
+        image_ids = self._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+            guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
 
         hook = getattr(self.transformer, "_hf_hook", None)
         if hook is not None and self.context_timestep == "zero":
@@ -211,7 +225,7 @@ class FluxContextPipeline(FluxInpaintPipeline):
         for t in self.progress_bar(timesteps):
             inputs = dict(
                 hidden_states=torch.where(clean_tokens, clean_packed, latents),
-                timestep=t.expand(1).to(dtype) / 1000, guidance=guidance, pooled_projections=pooled,
+                timestep=t.expand(batch).to(dtype) / 1000, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
             )
             if self.context_timestep == "zero":
@@ -221,7 +235,7 @@ class FluxContextPipeline(FluxInpaintPipeline):
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
         latents = torch.where(clean_tokens, clean_packed, latents)
-        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # (1, C, h, w)
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # (B, C, h, w)
         if output_type == "latent":
             return FluxPipelineOutput(images=latents)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor

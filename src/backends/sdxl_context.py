@@ -17,17 +17,21 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpain
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..panels import latent_mask
-from .base import with_clean_context
+from .base import repeat_to_batch, with_clean_context
 
 
 class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
     """StableDiffusionXLInpaintPipeline's components and helpers with a denoising loop that
-    never re-noises the visible panels (4-channel UNets)."""
+    never re-noises the visible panels (4-channel UNets).
+
+    Batches as the stock pipeline does: `num_images_per_prompt` images per prompt, one
+    generator per image (each draws its image's noise, in a one-image call's order), and
+    `image` / `mask_image` either one for every image or one per image."""
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | None = None,
+        prompt: str | list[str] | None = None,
         image=None,
         mask_image=None,
         height: int = 1024,
@@ -35,23 +39,28 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
         strength: float = 1.0,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        negative_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ) -> StableDiffusionXLPipelineOutput:
         device = self._execution_device
         dtype = self.unet.dtype
         cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
-            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            prompt, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=cfg,
             negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)  # (1, 6)
+        batch = embeds.shape[0]  # prompts x num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch} images")
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)
+        time_ids = time_ids.repeat(batch, 1)  # (B, 6)
         if cfg:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = time_ids.repeat(2, 1)
@@ -59,16 +68,19 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
         vae_dtype = self.vae.dtype
         self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-        clean = retrieve_latents(self.vae.encode(pixels), sample_mode="argmax") * self.vae.config.scaling_factor
-        clean = clean.to(dtype)  # (1, 4, h, w), the posterior mean
-        pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (1, 1, H, W)
-        mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (1, 1, h, w), 1 = masked
+        # One input at a time, as the stock pipeline encodes a batch: the same memory as one image.
+        clean = torch.cat([retrieve_latents(self.vae.encode(pixels[i : i + 1]), sample_mode="argmax") for i in range(len(pixels))])
+        clean = clean * self.vae.config.scaling_factor  # the posterior mean
+        clean = repeat_to_batch(clean.to(dtype), batch, "images")  # (B, 4, h, w)
+        pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
+        mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (b, 1, h, w), 1 = masked
+        mask = repeat_to_batch(mask, batch, "masks")  # (B, 1, h, w)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
-        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
+        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)  # a row per generator
         if strength < 1.0:  # SDEdit: the masked region starts from the noised input
-            latents = self.scheduler.add_noise(clean, noise, timesteps[:1])
+            latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
         else:
             latents = noise * self.scheduler.init_noise_sigma
         step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)

@@ -36,6 +36,9 @@ class InferConfig:
     """Classifier-free guidance (FLUX.1-dev: the distilled guidance value)."""
     num_images: int = 1
     """Images to make, each with its own seed (seed, seed + 1, ...)."""
+    batch_size: int = 1
+    """Images per pipeline call: --num_images run in ceil(num_images / batch_size) calls, faster where memory
+    allows. Image i keeps seed + i and, up to float rounding, the image a batch of 1 makes."""
     seed: Optional[int] = None
     """Seed of the first image (random when not given; always recorded in the JSON)."""
     use_gradient_mask: bool = False
@@ -77,7 +80,7 @@ class InferConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
-        for name in ["num_images", "num_inference_steps"]:
+        for name in ["num_images", "batch_size", "num_inference_steps"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ["gradient_width", "guidance_scale"]:

@@ -7,7 +7,8 @@ Each image NAME.(png|jpg|jpeg|webp) takes its prompt from NAME.txt (UTF-8), else
 --prompt, and a free-form mask from NAME_mask.png when there is one (else
 --panels_to_inpaint). Every input is checked before the model loads, and every problem is
 reported in one error. Outputs are those of a single-image run, per input, plus
-folder_summary.json listing the inputs, their prompts' source and files written.
+folder_summary.json listing the inputs, their prompts' source and files written. Each
+input's --num_images are made --batch_size a pipeline call, as in a single-image run.
 """
 
 from __future__ import annotations
@@ -87,5 +88,5 @@ def run_folder(cfg: InferConfig) -> list[Path]:
         })
     summary = Path(cfg.output_dir) / SUMMARY_NAME
     atomic_write_text(json.dumps({"input_dir": cfg.input_dir, "model_load_seconds": round(load_seconds, 2),
-                                  "images": entries}, indent=2), summary)
+                                  "batch_size": cfg.batch_size, "images": entries}, indent=2), summary)
     return [*files, summary]

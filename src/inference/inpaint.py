@@ -2,7 +2,7 @@
 
     check_inputs()   every user error, before any model is loaded or file written
     build_mask()     panel indices (or a free-form mask) -> soft or hard pixel mask
-    generate()       the backend's diffusers inpaint pipeline, once per seed
+    generate()       the backend's diffusers inpaint pipeline, --batch_size seeds a call
     composite()      generated and original pixels through the same (soft) mask
     write_outputs()  composites, panels, comparison and JSON, each via temp name + rename
 
@@ -194,7 +194,15 @@ def load_pipeline(plan: Plan):
 
 
 def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
-    """One composite per seed, at the input's own size, visible pixels pasted back."""
+    """One composite per seed, at the input's own size, visible pixels pasted back; the
+    images made in pipeline calls of up to --batch_size each.
+
+    Every image has its own generator (seed, seed + 1, ...) and its own copy of the input in
+    the call. diffusers' inpaint pipelines sample the input's VAE posterior (and the masked
+    input's) with generator i for input i only: one input beside several generators would
+    leave generators 1.. a draw short of what a one-image call draws, so their noise, and
+    their images, would differ. With a copy each, image i of a batch is the image a batch of
+    one makes with its seed, up to the float rounding of batched kernels."""
     cfg = plan.cfg
     width, height = fit_to_grid(*plan.size, plan.grid, backend.pixel_quantum)
     blank = Image.new("RGB", (width, height), (127, 127, 127))
@@ -204,7 +212,7 @@ def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
     accepted = inspect.signature(pipe.__call__).parameters
     kwargs = {
         **backend.pipeline_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance_scale),
-        "image": image, "mask_image": mask, "height": height, "width": width,
+        "mask_image": mask, "height": height, "width": width,
         "strength": cfg.strength, "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale, "output_type": "pil",
     }
@@ -215,12 +223,21 @@ def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
     first = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
     seeds = [first + i for i in range(cfg.num_images)]
     outputs = []
-    for seed in tqdm(seeds, desc="images", unit="image", disable=len(seeds) < 2):
-        generator = torch.Generator("cpu").manual_seed(seed)
-        reset = backend.visible_reset(pipe, image, mask, [seed]) if cfg.blend_visible and plan.image else {}
-        result = pipe(generator=generator, **kwargs, **reset).images[0]
-        outputs.append(composite(result.resize(plan.size, Image.Resampling.LANCZOS), plan.image, plan.mask))
+    with tqdm(total=len(seeds), desc="images", unit="image", disable=len(seeds) < 2) as progress:
+        for batch in batches(seeds, cfg.batch_size):
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch]
+            reset = backend.visible_reset(pipe, image, mask, batch) if cfg.blend_visible and plan.image else {}
+            results = pipe(image=[image] * len(batch), generator=generators, num_images_per_prompt=len(batch),
+                           **kwargs, **reset).images
+            for result in results:
+                outputs.append(composite(result.resize(plan.size, Image.Resampling.LANCZOS), plan.image, plan.mask))
+            progress.update(len(batch))
     return outputs, seeds
+
+
+def batches(items: list, size: int) -> list[list]:
+    """`items` in consecutive runs of `size` (the last one shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def composite(generated: Image.Image, original: Image.Image | None, mask: torch.Tensor) -> Image.Image:
