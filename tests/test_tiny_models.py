@@ -181,3 +181,18 @@ def test_subfolders_load_individually(tmp_path):
     assert _tokenize(clip, 77) == _tokenize(built_sdxl["tokenizer_2"], 77)
     t5 = T5Tokenizer.from_pretrained(tmp_path / "flux", subfolder="tokenizer_2")
     assert _tokenize(t5, 256) == _tokenize(built_flux["tokenizer_2"], 256)
+
+
+@pytest.mark.parametrize("name, denoiser", [("tiny-sdxl", "unet"), ("tiny-flux", "transformer")])
+def test_backends_load_frozen_weights_in_the_asked_dtype(name, denoiser, tmp_path):
+    """No float32 copy first: FLUX.1-dev and its T5 would take ~67 GB of host memory."""
+    from iclora.backends import load_backend
+
+    save_tiny_model(name, tmp_path)
+    backend = load_backend(name.split("-")[1], str(tmp_path), None, dtype=torch.bfloat16)
+    assert getattr(backend, denoiser).dtype == torch.bfloat16
+    assert backend.text_encoder.dtype == backend.text_encoder_2.dtype == torch.bfloat16
+    if name == "tiny-sdxl":
+        assert backend.vae.dtype == torch.float32  # SDXL's VAE overflows in fp16
+    plain = load_backend(name.split("-")[1], str(tmp_path), None)
+    assert getattr(plain, denoiser).dtype == torch.float32

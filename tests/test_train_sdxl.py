@@ -470,6 +470,18 @@ def test_mixed_precision(data_2x2, train, make_trainer, reference_run):
     assert all(v.dtype == torch.float32 for v in _lora(bf16).values())
 
 
+def test_mixed_precision_loads_the_frozen_weights_in_it(data_2x2, tiny_sdxl_dir, make_trainer, monkeypatch):
+    from iclora.training import trainer as trainer_module
+
+    asked, real = [], trainer_module.load_backend
+    monkeypatch.setattr(trainer_module, "load_backend", lambda *a, **k: asked.append(k) or real(*a, **k))
+    trainer = make_trainer(data_2x2, "--model_id", str(tiny_sdxl_dir), "--max_train_steps", "1", "--mixed_precision", "bf16")
+    assert asked[-1]["dtype"] == torch.bfloat16
+    assert trainer.backend.unet.conv_in.weight.dtype == torch.float32  # trained in float32 all the same
+    make_trainer(data_2x2, "--model_id", str(tiny_sdxl_dir), "--max_train_steps", "1")
+    assert "dtype" not in asked[-1]  # float32 on the CPU: loaded as saved
+
+
 def test_gradient_checkpointing_changes_memory_not_math(data_2x2, make_trainer, reference_run):
     plain = reference_run  # LoRA dropout 0.1: checkpointing must replay the same dropout masks
     trainer = make_trainer(data_2x2, "--max_train_steps", "2", "--gradient_checkpointing")

@@ -186,8 +186,11 @@ class FluxBackend:
         quantize: str | None = None,
         context_timestep: str | None = None,
         max_token_length: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "FluxBackend":
-        """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        """Load from a hub id, a local diffusers folder, or a built-in tiny model id. `dtype`:
+        load the transformer and text encoders in it (FLUX.1-dev and its T5 in float32 would
+        take ~67 GB of host memory first)."""
         if max_token_length not in (None, cls.max_token_length):
             raise ValueError(f"--max_token_length {max_token_length} is for SDXL: FLUX's CLIP reads 75 tokens")
         if quantize is not None:
@@ -208,11 +211,12 @@ class FluxBackend:
         else:
             _check_is_flux(model_id)
             kw = {"variant": variant} if variant else {}
+            weights = {**kw, "torch_dtype": dtype} if dtype else kw
             components = {
-                "transformer": _load_transformer(model_id, "transformer", variant, quantize),
+                "transformer": _load_transformer(model_id, "transformer", variant, quantize, dtype),
                 "vae": AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw),
-                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **kw),
-                "text_encoder_2": T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", **kw),
+                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **weights),
+                "text_encoder_2": T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
                 "tokenizer_2": T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_2"),
                 "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler"),
@@ -459,12 +463,13 @@ def prepare_quantized(transformer: FluxTransformer2DModel) -> FluxTransformer2DM
     return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
 
 
-def _load_transformer(source: str, subfolder: str | None, variant: str | None, quantize: str | None):
+def _load_transformer(source: str, subfolder: str | None, variant: str | None, quantize: str | None,
+                      dtype: torch.dtype | None = None):
     kw: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
     if variant:
         kw["variant"] = variant
     if not quantize:
-        return FluxTransformer2DModel.from_pretrained(source, **kw)
+        return FluxTransformer2DModel.from_pretrained(source, **kw, **({"torch_dtype": dtype} if dtype else {}))
     transformer = FluxTransformer2DModel.from_pretrained(
         source, quantization_config=QUANTIZE_CONFIGS[quantize](), torch_dtype=torch.bfloat16, **kw
     )

@@ -136,8 +136,10 @@ class SDXLBackend:
     def from_pretrained(
         cls, model_id: str, conditioning: str | None = "concat", variant: str | None = None, vae: str | None = None,
         quantize: str | None = None, context_timestep: str | None = None, max_token_length: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "SDXLBackend":
-        """Load from a hub id, a local diffusers folder, or a built-in tiny model id."""
+        """Load from a hub id, a local diffusers folder, or a built-in tiny model id. `dtype`:
+        load the UNet and text encoders in it (not float32 first: half the host memory)."""
         if quantize:
             # The SDXL UNet (2.6 B parameters) trains in 16 GB in fp16 with checkpointing and
             # 8-bit Adam; a 4/8-bit base buys little and costs speed.
@@ -150,11 +152,13 @@ class SDXLBackend:
                 components["vae"] = AutoencoderKL.from_pretrained(vae)
         else:
             kw = {"variant": variant} if variant else {}
+            weights = {**kw, "torch_dtype": dtype} if dtype else kw  # the VAE stays float32 (see to())
             components = {
-                "unet": UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **kw),
+                "unet": UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **weights),
                 "vae": AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw),
-                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **kw),
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", **kw),
+                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **weights),
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2",
+                                                                              **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
                 "tokenizer_2": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),
                 "scheduler": _load_scheduler(model_id),

@@ -148,12 +148,17 @@ def load_pipeline(plan: Plan):
     """The backend with the LoRA loaded, and its inpaint pipeline ready on the device."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from ..backends import load_backend
+    from ..backends import backend_class, load_backend
 
     cfg = plan.cfg
+    cuda = torch.cuda.is_available()
+    native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend_class(cfg.backend).preferred_mixed_precision]
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
     options = {"variant": cfg.variant}
     if cfg.quantize:
         options["quantize"] = cfg.quantize
+    elif dtype != torch.float32:
+        options["dtype"] = dtype  # loaded in it: no float32 copy of the weights on the host
     if plan.context_timestep:
         options["context_timestep"] = plan.context_timestep
     backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, max_token_length=plan.max_token_length,
@@ -170,9 +175,6 @@ def load_pipeline(plan: Plan):
     pipe.mask_processor = VaeImageProcessor(
         vae_scale_factor=backend.vae_scale_factor, do_normalize=False, do_binarize=False, do_convert_grayscale=True
     )
-    cuda = torch.cuda.is_available()
-    native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend.preferred_mixed_precision]
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
     if backend.quantized:
         # bitsandbytes weights keep their own dtype and device: cast the other components only.
         for component in pipe.components.values():

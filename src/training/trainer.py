@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..backends import BACKENDS, load_backend
+from ..backends import backend_class, load_backend
 from ..backends.base import TimestepSampling, with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..cli import RunStopped
@@ -129,15 +129,6 @@ def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def backend_class(name: str) -> type:
-    """The backend's class, whose attributes (pixel quantum, preferred precision) are known
-    before any weights are loaded."""
-    import importlib
-
-    module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)
-
-
 @dataclass
 class TrainResult:
     final_dir: Path
@@ -188,6 +179,8 @@ class Trainer:
             options["context_timestep"] = cfg.context_timestep
         if cfg.max_token_length:
             options["max_token_length"] = cfg.max_token_length
+        if self.weight_dtype != torch.float32 and not cfg.quantize:
+            options["dtype"] = self.weight_dtype  # frozen weights load in it: no float32 copy on the host
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std)
