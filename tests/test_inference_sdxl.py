@@ -541,7 +541,7 @@ def one_image_calls(lora, seeds, **flags) -> list[np.ndarray]:
               "mask_image": mask, "height": height, "width": width, "strength": plan.cfg.strength,
               "num_inference_steps": 2, "guidance_scale": 1.0, "output_type": "pil"}
     images = [pipe(generator=torch.Generator("cpu").manual_seed(s), **kwargs,
-                   **backend.visible_reset(pipe, image, mask, [s])).images[0] for s in seeds]
+                   **backend.visible_reset(pipe, [image], mask, [s])).images[0] for s in seeds]
     return [np.asarray(composite(image, plan.image, plan.mask)).astype(np.int16) for image in images]
 
 

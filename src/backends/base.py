@@ -200,3 +200,9 @@ class Backend(Protocol):
 
     def inpaint_pipeline(self) -> Any:
         """A diffusers pipeline for panel inpainting built from the loaded components."""
+
+    def visible_reset(self, pipe: Any, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
+        """The extra arguments of an `inpaint_pipeline()` call that keep the visible panels on
+        the input's noised trajectory ('concat': a step-end callback; {} where the pipeline
+        does it itself). `images` (PIL, at the call's size) and `masks` (b, 1, H, W): one for
+        every seed of the call, or one per seed."""

@@ -419,22 +419,23 @@ class FluxBackend:
         injected = set().union(*[m for a, m in lora_layers(self.transformer).items() if a not in before])
         check_applied(path, expected, injected, "FLUX transformer")
 
-    def visible_reset(self, pipe, image, mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
+    def visible_reset(self, pipe, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         """For concat (FLUX.1-Fill) inference: after every step the visible panels' tokens are
         reset to the input's noised to the next sigma, the input itself after the last, as
-        FluxInpaintPipeline does for 4-channel-layout transformers (see SDXLBackend's)."""
+        FluxInpaintPipeline does for 4-channel-layout transformers (see SDXLBackend's: the same
+        arguments)."""
         if self.conditioning != "concat":
             return {}
         device, dtype = pipe._execution_device, pipe.transformer.dtype
-        height, width = mask.shape[-2:]
-        pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, pipe.vae.dtype)
-        with torch.no_grad():
-            clean = pipe.vae.encode(pixels).latent_dist.mode()
-        clean = ((clean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).to(dtype)  # (1, C, h, w)
-        masked = latent_mask(mask.to(device), self.vae_scale_factor).to(dtype)  # (1, 1, h, w), soft
-        masked = pack(masked.expand(-1, clean.shape[1], -1, -1))  # (1, N, 4C), as the latents' tokens
+        height, width = masks.shape[-2:]
+        pixels = pipe.image_processor.preprocess(images, height=height, width=width).to(device, pipe.vae.dtype)
+        with torch.no_grad():  # one input at a time, as the pipeline encodes them
+            clean = torch.cat([pipe.vae.encode(pixels[i : i + 1]).latent_dist.mode() for i in range(len(pixels))])
+        clean = ((clean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).to(dtype)  # (b, C, h, w)
+        masked = latent_mask(masks.to(device), self.vae_scale_factor).to(dtype)  # (b, 1, h, w), soft
+        masked = pack(masked.expand(-1, clean.shape[1], -1, -1))  # (b, N, 4C), as the latents' tokens
         clean = pack(clean)
-        noise = torch.cat([torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(seed))
+        noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds]).to(device, dtype)  # (B, N, 4C)
 
         def reset(pipe, i, t, tensors):

@@ -378,27 +378,28 @@ class SDXLBackend:
                 "needs its trained conv_in"
             )
 
-    def visible_reset(self, pipe, image, mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
+    def visible_reset(self, pipe, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         """For concat inference: after every step, the visible panels' latents are reset to the
         input's noised to the next timestep, the input itself after the last (the 9-channel
         UNet then sees there what training showed it: q(x_t | x_0) of the input). diffusers'
         inpaint pipeline does this for 4-channel UNets only; ComfyUI's InpaintModelConditioning
         does it by default (noise_mask). Without it the visible latents follow the model's
         own unsupervised predictions and drift into another picture that the LoRA copies from.
-        The noise is each image's own, from its seed. Returns the pipeline call's kwargs."""
+        `images` and `masks` (b, 1, H, W): one for every seed, or one per seed. The noise is
+        each image's own, from its seed. Returns the pipeline call's kwargs."""
         if self.conditioning != "concat":
             return {}
         device, dtype = pipe._execution_device, pipe.unet.dtype
-        height, width = mask.shape[-2:]
-        pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        height, width = masks.shape[-2:]
+        pixels = pipe.image_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
         vae_dtype = pipe.vae.dtype
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-        with torch.no_grad():
-            clean = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor  # (1, 4, h, w)
+        with torch.no_grad():  # one input at a time, as the pipeline encodes them
+            clean = torch.cat([pipe.vae.encode(pixels[i : i + 1]).latent_dist.mode() for i in range(len(pixels))])
         pipe.vae.to(vae_dtype)
-        clean = clean.to(dtype)
-        masked = latent_mask(mask.to(device), self.vae_scale_factor).to(dtype)  # (1, 1, h, w), soft
-        noise = torch.cat([torch.randn(clean.shape, generator=torch.Generator("cpu").manual_seed(seed))
+        clean = (clean * pipe.vae.config.scaling_factor).to(dtype)  # (b, 4, h, w)
+        masked = latent_mask(masks.to(device), self.vae_scale_factor).to(dtype)  # (b, 1, h, w), soft
+        noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds]).to(device, dtype)  # (B, 4, h, w)
 
         def reset(pipe, i, t, tensors):
