@@ -9,6 +9,8 @@ from PIL import Image
 from conftest import assert_batched_equals_single
 from iclora.backends import load_backend as real_load_backend
 from iclora.cli import run_cli
+from iclora.inference.flux_ic_lora_inference import main as flux_main
+from iclora.inference.inpaint import pipeline_calls
 from iclora.inference.sdxl_ic_lora_inference import main as infer_main
 from iclora.panels import Grid, panel_box
 from iclora.toy import make_dataset
@@ -69,21 +71,81 @@ def test_the_folder_result_equals_single_image_runs(lora, inputs, tmp_path):
     assert (tmp_path / "folder" / "00001_0.png").read_bytes() == (tmp_path / "single" / "00001_0.png").read_bytes()
 
 
-def test_a_folder_batches_each_inputs_images(lora, inputs, tmp_path, decoded):
-    """--batch_size applies per input: its --num_images in one call, each image its seed's."""
-    args = ["--lora_path", str(lora), "--input_dir", str(inputs), "--prompt", "a set", "--num_images", "2", *STEPS]
+def test_a_folder_batches_across_inputs(lora, inputs, tmp_path, decoded):
+    """One image per input (a folder of try-on composites): --batch_size 2 makes two inputs a
+    call, each image its own input's, with its own prompt, mask and seed."""
+    args = ["--lora_path", str(lora), "--input_dir", str(inputs), "--prompt", "a set", *STEPS]
     infer_main([*args, "--output_dir", str(tmp_path / "single")])
     single = list(decoded)
     decoded.clear()
     infer_main([*args, "--output_dir", str(tmp_path / "batched"), "--batch_size", "2"])
-    assert [z.shape[0] for z in single] == [1] * 6 and [z.shape[0] for z in decoded] == [2] * 3
-    names = [f"{stem}_{i}.png" for stem in ["00000", "00001", "00002"] for i in range(2)]
+    assert [z.shape[0] for z in single] == [1] * 3 and [z.shape[0] for z in decoded] == [2, 1]
+    names = [f"{stem}_0.png" for stem in ["00000", "00001", "00002"]]
     assert_batched_equals_single(decoded, single, [tmp_path / "batched" / n for n in names],
                                  [tmp_path / "single" / n for n in names])
     summary = json.loads((tmp_path / "batched" / "folder_summary.json").read_text())
-    assert summary["batch_size"] == 2 and [e["seeds"] for e in summary["images"]] == [[3, 4]] * 3
+    assert summary["batch_size"] == 2 and [e["seeds"] for e in summary["images"]] == [[3]] * 3
+    assert "split evenly" in summary["seconds_per_input"]
     record = json.loads((tmp_path / "batched" / "00002_inference.json").read_text())
-    assert record["arguments"]["batch_size"] == 2
+    assert record["arguments"]["batch_size"] == 2 and record["arguments"]["mask_image"].endswith("00002_mask.png")
+
+
+@pytest.fixture
+def mixed_inputs(tmp_path):
+    """Four composites, each with its own prompt (one takes --prompt): one with a free-form
+    mask, one of another size (96x96, its own pipeline calls)."""
+    folder = tmp_path / "mixed"
+    make_dataset(folder, 3, seed=5, panel_size=32)
+    make_dataset(tmp_path / "large", 1, seed=6, panel_size=48)
+    (tmp_path / "large" / "00000.png").rename(folder / "00003.png")
+    (folder / "00001.txt").unlink()
+    for stem, prompt in [("00000", "a red set"), ("00002", "four panels of one object, large and small, blue and green"),
+                         ("00003", "a large set")]:
+        (folder / f"{stem}.txt").write_text(prompt)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[40:60, 36:62] = 255  # a blob in panel 3
+    Image.fromarray(mask).save(folder / "00002_mask.png")
+    return folder
+
+
+@pytest.mark.parametrize("backend, base, conditioning, flags", [
+    ("sdxl", "tiny-sdxl", "blend", ["--use_gradient_mask", "--gradient_width", "8"]),  # StableDiffusionXLInpaintPipeline
+    ("sdxl", "tiny-sdxl-inpaint", "concat", ["--strength", "0.6", "--guidance_scale", "5"]),  # + visible reset
+    ("sdxl", "tiny-sdxl", "context", ["--guidance_scale", "5", "--negative_prompt", "blurry"]),  # SDXLContextPipeline
+    ("flux", "tiny-flux", "blend", ["--strength", "0.6"]),  # FluxInpaintPipeline
+    ("flux", "tiny-flux-fill", "concat", ["--use_gradient_mask", "--gradient_width", "8"]),  # FluxFillPipeline + reset
+    ("flux", "tiny-flux", "context", []),  # FluxContextPipeline, per-token modulation
+    ("flux", "tiny-flux", "context", ["--context_timestep", "shared", "--strength", "0.6"]),
+])
+def test_batched_folder_images_are_the_one_input_runs_images(backend, base, conditioning, flags, mixed_inputs,
+                                                             tmp_path, decoded):
+    """Every pipeline takes a batch of different prompts, inputs, (soft, free-form) masks and
+    seeds: image i of a batched folder run is the one --batch_size 1 makes, within float rounding."""
+    main = flux_main if backend == "flux" else infer_main
+    args = ["--lora_path", "none", "--base_model", base, "--conditioning", conditioning, "--input_dir",
+            str(mixed_inputs), "--prompt", "a set", "--panels_to_inpaint", "1", "3", "--num_images", "2",
+            "--num_inference_steps", "2", "--seed", "3", *flags]
+    main([*args, "--output_dir", str(tmp_path / "single")])
+    single = list(decoded)
+    decoded.clear()
+    main([*args, "--output_dir", str(tmp_path / "batched"), "--batch_size", "3"])
+    # 64x64: a0 a1 b0 | b1 c0 c1, 96x96: d0 d1 (an input of another size has calls of its own)
+    assert [z.shape[0] for z in single] == [1] * 8 and [z.shape[0] for z in decoded] == [3, 3, 2]
+    names = [f"{stem}_{i}.png" for stem in ["00000", "00001", "00002", "00003"] for i in range(2)]
+    assert_batched_equals_single(decoded, single, [tmp_path / "batched" / n for n in names],
+                                 [tmp_path / "single" / n for n in names])
+    summary = json.loads((tmp_path / "batched" / "folder_summary.json").read_text())
+    assert [e["input"].rsplit("/", 1)[-1] for e in summary["images"]] == [f"0000{i}.png" for i in range(4)]
+    assert [e["seeds"] for e in summary["images"]] == [[3, 4]] * 4
+    kept = np.asarray(Image.open(tmp_path / "batched" / "00002_1.png"))
+    given = np.asarray(Image.open(mixed_inputs / "00002.png"))
+    assert np.array_equal(kept[:24], given[:24])  # outside its own (feathered) mask: the input's pixels
+
+
+def test_pipeline_calls_group_by_size_in_input_order():
+    calls = pipeline_calls(["64", "96", "64"], [[1, 2], [5], [3, 4]], 3)
+    assert calls == [[(0, 1), (0, 2), (2, 3)], [(2, 4)], [(1, 5)]]
+    assert pipeline_calls(["64", "64"], [[1], [1]], 1) == [[(0, 1)], [(1, 1)]]
 
 
 @pytest.mark.parametrize("setup, argv, message", [

@@ -38,7 +38,8 @@ class InferConfig:
     """Images to make, each with its own seed (seed, seed + 1, ...)."""
     batch_size: int = 1
     """Images per pipeline call: --num_images run in ceil(num_images / batch_size) calls, faster where memory
-    allows. Image i keeps seed + i and, up to float rounding, the image a batch of 1 makes."""
+    allows (with --input_dir: the images of all inputs of one working size). Image i keeps seed + i and, up to
+    float rounding, the image a batch of 1 makes."""
     seed: Optional[int] = None
     """Seed of the first image (random when not given; always recorded in the JSON)."""
     use_gradient_mask: bool = False
