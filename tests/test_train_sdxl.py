@@ -65,12 +65,16 @@ def test_defaults():
         "grid": "2x2", "conditioning": "concat", "caption_dropout": 0.0, "backend": "sdxl",
         "max_train_steps": None, "gradient_accumulation_steps": 1, "lr_warmup_steps": 0,
         "resume_from_checkpoint": None, "use_8bit_adam": False, "gradient_checkpointing": False,
-        "mixed_precision": None, "visible_loss_weight": 0.0,
+        "mixed_precision": None, "visible_loss_weight": None,
     }
     for name, value in expected.items():
         assert getattr(cfg, name) == value, name
         assert namespace[name] == value, name
         assert type(getattr(cfg, name)) is type(value), name
+    # Resolved by the conditioning: concat weights the visible panels half, the others not at all.
+    assert cfg.visible_weight == 0.5
+    assert _parse(["--data_dir", "d", "--conditioning", "blend"]).visible_weight == 0.0
+    assert _parse(["--data_dir", "d", "--visible_loss_weight", "0"]).visible_weight == 0.0
 
 
 def test_data_dir_is_required(capsys):

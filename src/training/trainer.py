@@ -168,6 +168,7 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
         self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
+        self.run_signature["visible_loss_weight"] = cfg.visible_weight
         self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                   num_processes=self.accelerator.num_processes)
         self._check_outputs()
@@ -360,7 +361,7 @@ class Trainer:
             latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
             masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
-        return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
+        return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_weight)
 
     # ---- saving -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -388,7 +389,8 @@ class Trainer:
             "image_size": self.cfg.image_size,
             "max_token_length": backend.max_token_length,
             "global_step": self.global_step,
-            "training_args": dataclasses.asdict(self.cfg),
+            "training_args": {**dataclasses.asdict(self.cfg), "visible_loss_weight": self.cfg.visible_weight,
+                              "timestep_sampling": self.cfg.sampling_scheme},
         }
 
     def save_inference_files(self, folder: Path) -> None:
