@@ -54,6 +54,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
@@ -121,6 +122,7 @@ class FluxBackend:
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     preferred_mixed_precision = "bf16"
     max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
+    compiled: CompiledBlocks | None = None  # until compile_blocks
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
@@ -171,6 +173,8 @@ class FluxBackend:
         self._pipe = pipeline(**self._components())
         if conditioning == "context":
             self._pipe.context_timestep = self.context_timestep
+            if self.context_timestep == "zero":
+                self._pipe.context_denoiser = self.denoiser
         self._checked_prompts: set[str] = set()
         self._clip_warned = False
 
@@ -237,6 +241,19 @@ class FluxBackend:
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
+
+    def compile_blocks(self, **options: Any) -> CompiledBlocks:
+        if self.context_timestep == "zero":
+            # The per-token forward never calls the blocks' own forward (flux_context.py).
+            self.denoiser.compile_blocks(**options)
+            blocks = {type(stack[0]).__name__: len(stack)
+                      for stack in (self.transformer.transformer_blocks, self.transformer.single_transformer_blocks)
+                      if len(stack)}
+        else:
+            self.transformer.compile_repeated_blocks(**options)
+            blocks = compiled_block_counts(self.transformer)
+        self.compiled = CompiledBlocks(blocks, self.denoiser)
+        return self.compiled
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         if dtype == torch.float16:

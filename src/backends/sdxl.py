@@ -27,6 +27,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     CONV_IN_WEIGHT_NAME,
@@ -74,6 +75,7 @@ class SDXLBackend:
     pixel_quantum = 8
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
+    compiled: CompiledBlocks | None = None  # until compile_blocks
     max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
 
     def __init__(
@@ -180,6 +182,13 @@ class SDXLBackend:
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
+
+    def compile_blocks(self, **options: Any) -> CompiledBlocks:
+        # The UNet's forward calls its transformer blocks as modules (the context pipeline's
+        # loop too), checkpointed or not: compiling the blocks compiles what runs.
+        self.unet.compile_repeated_blocks(**options)
+        self.compiled = CompiledBlocks(compiled_block_counts(self.unet), self.denoiser)
+        return self.compiled
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         # The VAE stays float32: SDXL's VAE overflows in float16.

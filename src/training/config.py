@@ -95,6 +95,8 @@ class TrainConfig:
     """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the denoiser."""
+    compile: bool = False
+    """torch.compile the denoiser's repeated blocks (regional compilation: SDXL's transformer blocks, FLUX's double and single blocks), with the LoRA and checkpointing in place; the first step compiles them (its seconds are logged and in train_log.jsonl)."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
     output_kohya_format: bool = True

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from ..backends import BACKENDS, load_backend
 from ..backends.base import with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..cli import RunStopped
+from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
 from . import checkpoints
@@ -56,7 +58,7 @@ logger = logging.getLogger(__name__)
 # model, the data order or the math of a step, the optimizer's and the schedule's included
 # (their state is restored from the checkpoint, so a new value would be recorded but not
 # used). What may change: max_train_steps / num_epochs, save_every, checkpoints_total_limit,
-# output options, cache_text_embeddings, gradient_checkpointing, num_workers.
+# output options, cache_text_embeddings, gradient_checkpointing, compile, num_workers.
 RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "conditioning", "context_timestep",
                "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
@@ -141,6 +143,7 @@ class Trainer:
         self.micro_step = 0  # micro-batches trained so far
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of self.epoch already trained
+        self.first_step_seconds: float | None = None  # with --compile: this process's first step
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -167,6 +170,8 @@ class Trainer:
         self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                   num_processes=self.accelerator.num_processes)
         self._check_outputs()
+        if cfg.compile:
+            check_compilable(self.accelerator.device)
 
         options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
         if cfg.quantize:
@@ -183,6 +188,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.backend.enable_gradient_checkpointing()
         self.backend.to(self.accelerator.device, self.weight_dtype)
+        if cfg.compile:  # after the LoRA and checkpointing: the compiled blocks run both
+            compiled = self.backend.compile_blocks(**COMPILE_OPTIONS)
+            logger.info("--compile: %s compiled; the first step compiles them",
+                        ", ".join(f"{n} {name}" for name, n in compiled.blocks.items()))
 
         dataset = CompositeDataset(records)
         self.prompt_cache, self.latent_cache = build_caches(
@@ -246,7 +255,7 @@ class Trainer:
         if changed:
             raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)}); "
                              "resume with the checkpoint's settings (the run length, saving, text-embedding caching, "
-                             "gradient checkpointing and workers may change)")
+                             "gradient checkpointing, compiling and workers may change)")
 
     def _save_hook(self, models, weights, output_dir) -> None:
         # Save only what is trained: a full SDXL/FLUX state per checkpoint would be GBs.
@@ -291,6 +300,8 @@ class Trainer:
                 batches = accelerator.skip_first_batches(self.dataloader, self.batches_in_epoch)
             running = []
             for batch in batches:
+                if not running:  # an optimizer step begins
+                    step_started = time.perf_counter()
                 with accelerator.accumulate(self.backend.denoiser):
                     loss = self._loss_step(batch, self.micro_step)
                     finite, stop = agree(accelerator, loss, signals)
@@ -311,7 +322,13 @@ class Trainer:
                 losses.append(step_loss)
                 progress.update(1)
                 progress.set_postfix(epoch=self.epoch, loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                self.monitor.step(step_loss)
+                extra = {}
+                if cfg.compile and self.first_step_seconds is None:
+                    self.first_step_seconds = time.perf_counter() - step_started
+                    logger.info("--compile: step %d took %.1f s, compiling the blocks' forward and backward included",
+                                self.global_step, self.first_step_seconds)
+                    extra["first_compiled_step_seconds"] = round(self.first_step_seconds, 3)
+                self.monitor.step(step_loss, extra)
                 if self.global_step % cfg.save_every == 0 or stop:
                     saved = self.save_checkpoint()
                     self.monitor.checkpoint()
