@@ -35,6 +35,19 @@ logger = logging.getLogger(__name__)
 COMPILE_OPTIONS: dict[str, Any] = {"options": {"fallback_random": True}}
 
 
+def unsupported(quantize: str | None, gradient_checkpointing: bool) -> str | None:
+    """Why --compile cannot train with these settings, or None."""
+    if quantize and gradient_checkpointing:
+        # Measured with bitsandbytes 0.50 (4-bit, CPU): its layers cast their bias (int8: also
+        # their weights) at their first call, so the checkpoint's recompute of a compiled block
+        # traces other code than its forward saved tensors for.
+        return (f"--compile with --quantize {quantize} and --gradient_checkpointing: bitsandbytes' quantized layers "
+                "change their own state at their first call, so the checkpoint's recompute of a compiled block "
+                "saves other tensors than its forward (torch.utils.checkpoint.CheckpointError); drop --compile or "
+                "--gradient_checkpointing")
+    return None
+
+
 def check_compilable(device: torch.device | str) -> None:
     """Refuse --compile, before any model loads, where torch.compile's default backend has
     nothing to generate code with (inductor needs a C++ compiler on the CPU and triton on CUDA)."""

@@ -211,6 +211,17 @@ def test_compile_without_a_cpu_compiler_is_one_error_line(data_2x2, tmp_path, ca
     assert not (tmp_path / "final_model").exists()
 
 
+def test_compile_with_quantize_and_checkpointing_is_one_error_line(data_2x2, tmp_path, capsys):
+    """bitsandbytes' layers change their state at their first call: the checkpoint's recompute
+    of a compiled block would not match its forward (measured in benchmarks/train_memory.py)."""
+    with pytest.raises(SystemExit) as info:
+        run_cli(train_flux_ic_lora.main, ["--data_dir", str(data_2x2), "--output_dir", str(tmp_path), *FLUX_ARGS,
+                                          "--quantize", "nf4", "--gradient_checkpointing", "--compile"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --compile with --quantize nf4 and --gradient_checkpointing")
+
+
 # ---- inference -------------------------------------------------------------------------------------
 
 
