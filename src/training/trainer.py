@@ -45,7 +45,7 @@ from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_f
 from ..cli import RunStopped
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
-from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
+from ..panels import Grid, panel_masks, sample_masked_panels
 from . import checkpoints
 from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
 from .cache import build_caches
@@ -193,9 +193,12 @@ class Trainer:
             logger.info("--compile: %s compiled; the first step compiles them",
                         ", ".join(f"{n} {name}" for name, n in compiled.blocks.items()))
 
+        self.records = records
         dataset = CompositeDataset(records)
         self.prompt_cache, self.latent_cache = build_caches(
             cfg, self.backend, records, dataset, self.grid, self.accelerator.device)
+        if self.latent_cache is not None:  # the pixels are never used: do not decode them each step
+            dataset = CompositeDataset(records, pixels=False)
 
         params = self.backend.trainable_parameters()
         if cfg.use_8bit_adam:
@@ -347,29 +350,31 @@ class Trainer:
         # LoRA dropout and VAE latent sampling draw from the global RNG, which data loader
         # start-up also draws from: reseed it per micro-batch so a resumed run matches.
         torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        pixels = batch["pixels"].to(device)  # (B, 3, H, W)
-        batch_size, _, height, width = pixels.shape
+        indices = batch["index"].tolist()
+        height, width = self.records[indices[0]].size  # the batch's bucket
 
-        masks, captions, subsets = [], [], []
+        captions, subsets = [], []
         for caption in batch["caption"]:
             masked = sample_masked_panels(self.grid.num_panels, cfg.mask_probability, cfg.max_masked_panels, generator)
             # Nothing masked is trained as everything masked: text -> whole image set. An
             # unmasked sample would let the model copy its answer from the conditioning.
             subsets.append(tuple(masked or range(self.grid.num_panels)))
-            masks.append(panel_mask(list(subsets[-1]), self.grid, height, width))
             dropped = torch.rand((), generator=generator).item() < cfg.caption_dropout
             captions.append("" if dropped else caption)
-        pixel_mask = torch.stack(masks).to(device)  # (B, 1, H, W)
+        # Panel boundaries fall on latent pixels, so the masks are built at latent size directly:
+        # exactly the pixel masks' area averages (latent_mask), at 1/64 of the pixels.
+        f = backend.vae_scale_factor
+        mask = panel_masks(subsets, self.grid, height // f, width // f).to(device, self.weight_dtype)  # (B, 1, h, w)
 
         embeds = self.prompt_cache.batch(captions, device) if self.prompt_cache else backend.encode_prompt(captions)
         if self.latent_cache is not None:
-            indices = batch["index"].tolist()
             latents = self.latent_cache.latents(backend, indices, device).to(self.weight_dtype)  # (B, C, h, w)
             masked_latents = self.latent_cache.masked_latents(indices, subsets, device)
         else:
+            pixels = batch["pixels"].to(device)  # (B, 3, H, W)
             latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
+            pixel_mask = panel_masks(subsets, self.grid, height, width).to(device)  # (B, 1, H, W)
             masked_latents = backend.masked_image_latents(pixels, pixel_mask)
-        mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_loss_weight)
 
     # ---- saving -------------------------------------------------------------------------
