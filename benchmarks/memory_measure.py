@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from iclora.compiling import COMPILE_OPTIONS
 from iclora.training.config import TrainConfig
 from memory_models import FAMILIES, SEED, make_backend  # a sibling in benchmarks/ (see train_memory.py)
 
@@ -170,21 +171,25 @@ def measure(device, warmup: int, steps: int, step: Callable[[int], torch.Tensor]
 
 
 @contextlib.contextmanager
-def _swapped(holder, attr: str, module):
-    compiled = getattr(holder, attr)
-    setattr(holder, attr, module)
+def _eager_blocks(model: torch.nn.Module):
+    """The blocks `nn.Module.compile` compiled run eager inside (as compile_repeated_blocks
+    leaves them: the compiled call in `_compiled_call_impl`)."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl is not None]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
     try:
         yield
     finally:
-        setattr(holder, attr, compiled)
+        for module, call in compiled:
+            module._compiled_call_impl = call
 
 
-def maybe_compile(holder, attr: str, enabled: bool) -> Callable[[], Any]:
-    """torch.compile holder.<attr> in place when enabled; returns the eager-swap context."""
-    eager_module = getattr(holder, attr)
+def maybe_compile(model: torch.nn.Module, compile_blocks: Callable[[], Any], enabled: bool) -> Callable[[], Any]:
+    """Regional compilation of `model` by `compile_blocks` when enabled (the trainer's
+    --compile); returns the context in which its blocks run eager again."""
     if enabled:
-        setattr(holder, attr, torch.compile(eager_module))
-    return lambda: _swapped(holder, attr, eager_module)
+        compile_blocks()
+    return lambda: _eager_blocks(model)
 
 
 def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
@@ -208,7 +213,7 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     optimizer, optimizer_name = make_optimizer(backend.trainable_parameters(), setting.adam8bit)
     lr_scheduler = get_scheduler("constant", optimizer)
     backend.denoiser, optimizer, lr_scheduler = accelerator.prepare(backend.denoiser, optimizer, lr_scheduler)
-    eager = maybe_compile(backend, "denoiser", opts.compile)
+    eager = maybe_compile(backend.denoiser, lambda: backend.compile_blocks(**COMPILE_OPTIONS), opts.compile)
     backend.denoiser.train()
     inputs = make_inputs(family, config, setting, device, dtype, backend.vae.dtype)
     skipped = 0
@@ -258,7 +263,7 @@ def run_reference(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     optimizer, optimizer_name = make_optimizer(params, setting.adam8bit)
     lr_scheduler = get_scheduler("constant", optimizer)
     ref.model, optimizer, lr_scheduler = accelerator.prepare(ref.model, optimizer, lr_scheduler)
-    eager = maybe_compile(ref, "model", opts.compile)
+    eager = maybe_compile(ref.model, lambda: ref.model.compile_repeated_blocks(**COMPILE_OPTIONS), opts.compile)
     ref.model.train()
     inputs = make_inputs(family, config, setting, device, dtype, torch.float32)  # (SDXL's VAE output dtype)
     skipped = 0

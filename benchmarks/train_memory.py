@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="timed steps (default 10, tiny 2)")
     p.add_argument("--lora_dropout", type=float, default=TRAIN_DEFAULTS["lora_dropout"],
                    help="LoRA dropout, ours and the reference (default: TrainConfig's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (ours and reference)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the denoiser's repeated blocks: the trainer's --compile (ours), "
+                        "compile_repeated_blocks (reference)")
     p.add_argument("--channels_last", action="store_true", help="denoiser weights in channels_last (ours and reference)")
     p.add_argument("--no_reference", action="store_true", help="skip the diffusers reference step")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda or cpu (default: cuda when available, cpu with --tiny)")
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     notes, settings = [], []
     for setting in settings_matrix(args):
-        problem = _unsupported(setting)
+        problem = _unsupported(setting, args.compile)
         if problem and problem not in notes:
             notes.append(problem)
         if not problem:
@@ -367,10 +369,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
-def _unsupported(setting: Setting) -> str | None:
+def _unsupported(setting: Setting, compile_blocks: bool) -> str | None:
     """Why a setting cannot run here (printed as a note), or None."""
+    from iclora.compiling import unsupported
+
     if setting.model == "sdxl" and setting.nf4:
         return "SDXL rows with --nf4 on skipped: the SDXL backend has no quantized loading"
+    if compile_blocks and (problem := unsupported("nf4" if setting.nf4 else None, setting.checkpointing)):
+        return f"rows with --nf4 on and --checkpointing on skipped, as the trainer refuses them: {problem}"
     if setting.model == "flux":
         try:
             Flux.backend_cls()

@@ -80,6 +80,22 @@ def panel_mask(indices: list[int], grid: Grid, height: int, width: int) -> torch
     return mask
 
 
+def panel_masks(subsets: list[list[int]] | list[tuple[int, ...]], grid: Grid, height: int, width: int) -> torch.Tensor:
+    """Hard masks (B, 1, H, W), one per subset of panels: `panel_mask` of each, stacked, built
+    at once (each pixel looks its panel up; a few tensor ops per batch, not per panel)."""
+    rows = _panel_of(grid.rows, height)  # (H,)
+    cols = _panel_of(grid.cols, width)  # (W,)
+    index = rows[:, None] * grid.cols + cols[None, :]  # (H, W): the panel of each pixel, row-major
+    chosen = torch.tensor([[float(i in subset) for i in range(grid.num_panels)] for subset in subsets])  # (B, P)
+    return chosen[:, index][:, None]  # (B, 1, H, W)
+
+
+def _panel_of(count: int, size: int) -> torch.Tensor:
+    """(size,): which of `count` panel rows (or columns) each pixel lies in, on panel_box's boundaries."""
+    bounds = torch.tensor([(i * size) // count for i in range(1, count)])
+    return torch.bucketize(torch.arange(size), bounds, right=True)
+
+
 def feather(mask: torch.Tensor, width: int) -> torch.Tensor:
     """Soften a hard mask (..., H, W) with a linear ramp `width` pixels wide centred on each
     edge between masked and kept regions. Image borders are not edges (replicate padding),
@@ -160,6 +176,6 @@ def expected_masked_fraction(num_panels: int, mask_probability: float, max_maske
 
 
 __all__ = [
-    "Grid", "composite_size", "fit_to_grid", "panel_box", "panel_mask", "feather", "inpaint_mask",
+    "Grid", "composite_size", "fit_to_grid", "panel_box", "panel_mask", "panel_masks", "feather", "inpaint_mask",
     "latent_mask", "sample_masked_panels", "parse_panels", "split_panels", "expected_masked_fraction",
 ]

@@ -16,6 +16,7 @@ from iclora.training.train_flux_ic_lora import main as train_flux
 def no_models(monkeypatch):
     """Fail the test if anything tries to load a model."""
     import iclora.backends
+    import iclora.training.trainer  # first: importing it while patched would bind the refusal for good
 
     def refuse(*args, **kwargs):
         raise AssertionError("--dry_run loaded a model")

@@ -175,6 +175,25 @@ def test_dataset_items_and_collate(data_2x2):
     assert batch["original_size"].shape == (2, 2) and batch["crop_top_left"].shape == (2, 2)
 
 
+def test_dataset_without_pixels_gives_the_same_samples_undecoded(tmp_path, monkeypatch):
+    """With cached latents training reads no pixels: the rest of each sample (the SDXL crop
+    conditioning included) must be what decoding gives."""
+    _disc_image(tmp_path / "tall.png", 128, 192, radius=50)
+    _disc_image(tmp_path / "wide.png", 256, 120, radius=40)
+    for name in ("tall", "wide"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    records = scan_folder(tmp_path, 128, G2x2, 8, allow_crop=True)
+    decoded = [CompositeDataset(records)[i] for i in range(len(records))]
+    monkeypatch.setattr("iclora.data.load_composite", lambda *a: pytest.fail("decoded an image"))
+    undecoded = [CompositeDataset(records, pixels=False)[i] for i in range(len(records))]
+    assert all(d["crop_top_left"].sum() > 0 for d in decoded)  # both are cropped
+    for full, light in zip(decoded, undecoded):
+        assert light.keys() == full.keys() - {"pixels"}
+        assert all(torch.equal(torch.as_tensor(light[k]), torch.as_tensor(full[k])) for k in light if k != "caption")
+        assert light["caption"] == full["caption"]
+    assert "pixels" not in collate(undecoded)
+
+
 # ---- buckets --------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from iclora.panels import (
     latent_mask,
     panel_box,
     panel_mask,
+    panel_masks,
     parse_panels,
     sample_masked_panels,
     split_panels,
@@ -162,6 +163,22 @@ def test_feather_keeps_batch_shapes_and_zero_width_is_a_copy():
     assert torch.equal(same, hard) and same is not hard
     assert torch.equal(inpaint_mask([0], G2x2, 32, 32), panel_mask([0], G2x2, 32, 32))
     assert torch.equal(inpaint_mask([0], G2x2, 32, 32, gradient_width=6), feather(panel_mask([0], G2x2, 32, 32), 6))
+
+
+@pytest.mark.parametrize("grid", [G2x2, G1x3, Grid(3, 1), Grid(2, 3)])
+@pytest.mark.parametrize("height, width", [(64, 64), (10, 17), (7, 5), (96, 144)])
+def test_panel_masks_stack_the_panel_mask_of_each_subset(grid, height, width):
+    subsets = [(), (0,), (1, grid.num_panels - 1), tuple(range(grid.num_panels))]
+    expected = torch.stack([panel_mask(list(s), grid, height, width) for s in subsets])  # (B, 1, H, W)
+    assert torch.equal(panel_masks(subsets, grid, height, width), expected)
+
+
+@pytest.mark.parametrize("grid, height, width", [(G2x2, 128, 128), (G1x3, 64, 192), (Grid(2, 3), 48, 144)])
+def test_panel_masks_at_latent_size_are_the_pixel_masks_area_averages(grid, height, width):
+    """What training builds directly at latent size: exact, as panel boundaries fall on latent pixels."""
+    subsets = [(0,), (1, 2), tuple(range(grid.num_panels))]
+    pixel = panel_masks(subsets, grid, height, width)
+    assert torch.equal(panel_masks(subsets, grid, height // 8, width // 8), latent_mask(pixel, 8))
 
 
 @pytest.mark.parametrize("grid, height, width, indices", [

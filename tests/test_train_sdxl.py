@@ -93,7 +93,7 @@ NON_DEFAULTS = {
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "max_token_length": 75, "cache_text_embeddings": True, "cache_latents": True,
     "cache_dir": "some/cache", "dry_run": True,
-    "mixed_precision": "bf16", "gradient_checkpointing": True, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
+    "mixed_precision": "bf16", "gradient_checkpointing": True, "compile": False, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
     "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
     "validation_image": ["v1.png", "v2.png"], "validation_prompt": "a prompt", "validation_panels": [0, 2],
@@ -102,8 +102,9 @@ NON_DEFAULTS = {
     "logit_mean": 0.5, "logit_std": 1.5,
 }
 # Flags that only go with another setting: context_timestep needs --conditioning context,
-# which refuses a visible-panel loss.
-CONTEXT_NON_DEFAULTS = {**NON_DEFAULTS, "conditioning": "context", "context_timestep": "zero", "visible_loss_weight": 0.0}
+# which refuses a visible-panel loss; --compile refuses --quantize with checkpointing.
+CONTEXT_NON_DEFAULTS = {**NON_DEFAULTS, "conditioning": "context", "context_timestep": "zero", "visible_loss_weight": 0.0,
+                        "compile": True, "gradient_checkpointing": False}
 # conv_in_learning_rate needs SDXL concat, the one mode that trains conv_in in full.
 CONCAT_NON_DEFAULTS = {**NON_DEFAULTS, "backend": "sdxl", "conditioning": "concat", "conv_in_learning_rate": 1e-3}
 

@@ -112,6 +112,8 @@ class Backend(Protocol):
     denoiser: torch.nn.Module
     """The module that is trained (UNet / transformer). The trainer may replace it by its
     distributed wrapper; the backend must call it through this attribute."""
+    compiled: Any
+    """What `compile_blocks` compiled (iclora.compiling.CompiledBlocks); None: all eager."""
 
     def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
         """Freeze the base model and add a PEFT LoRA to the denoiser's attention and
@@ -126,6 +128,12 @@ class Backend(Protocol):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations of the denoiser's blocks in the backward pass."""
+
+    def compile_blocks(self, **options: Any) -> Any:
+        """--compile: torch.compile the denoiser's repeated blocks where they actually run
+        (regional compilation, iclora.compiling), `options` passed to torch.compile; after
+        `add_lora` / `load_lora` and `enable_gradient_checkpointing`. Parameter names stay as
+        they are. Returns and keeps (`compiled`) the blocks compiled, counted by class."""
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Place the frozen weights (dtype) and the trainable ones (float32) on `device`."""

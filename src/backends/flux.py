@@ -55,6 +55,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from ..panels import latent_mask
 from .base import TimestepSampling
+from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
@@ -123,6 +124,7 @@ class FluxBackend:
     preferred_mixed_precision = "bf16"
     max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
     timestep_sampling = TimestepSampling("logit_normal")  # SD3's, as diffusers' FLUX scripts train
+    compiled: CompiledBlocks | None = None  # until compile_blocks
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
@@ -173,6 +175,8 @@ class FluxBackend:
         self._pipe = pipeline(**self._components())
         if conditioning == "context":
             self._pipe.context_timestep = self.context_timestep
+            if self.context_timestep == "zero":
+                self._pipe.context_denoiser = self.denoiser
         self._checked_prompts: set[str] = set()
         self._clip_warned = False
 
@@ -246,6 +250,19 @@ class FluxBackend:
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
+
+    def compile_blocks(self, **options: Any) -> CompiledBlocks:
+        if self.context_timestep == "zero":
+            # The per-token forward never calls the blocks' own forward (flux_context.py).
+            self.denoiser.compile_blocks(**options)
+            blocks = {type(stack[0]).__name__: len(stack)
+                      for stack in (self.transformer.transformer_blocks, self.transformer.single_transformer_blocks)
+                      if len(stack)}
+        else:
+            self.transformer.compile_repeated_blocks(**options)
+            blocks = compiled_block_counts(self.transformer)
+        self.compiled = CompiledBlocks(blocks, self.denoiser)
+        return self.compiled
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         if dtype == torch.float16:

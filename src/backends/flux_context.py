@@ -14,6 +14,13 @@ Two ways to tell the transformer which tokens are clean (`context_timestep`):
 
 `FluxContextPipeline` is the inference side: the visible tokens stay clean at every step
 (never re-noised), the masked ones are denoised by the model's own flow-matching scheduler.
+In `zero` mode training and inference both call the transformer through `ContextDenoiser`.
+
+--compile (iclora.compiling) in `zero` mode: `context_forward` runs each block through
+`_double_block` / `_single_block`, never through the block's own forward, which is what
+`compile_repeated_blocks` compiles; `ContextDenoiser.compile_blocks` compiles those two
+functions instead. The block is an argument and its weights graph inputs, so one compiled
+graph serves every block of a kind, as with `compile_repeated_blocks`.
 """
 
 from __future__ import annotations
@@ -91,6 +98,9 @@ def _single_block(block, hidden, context, temb, temb_zero, clean, rotary):
     return x[:, :text_len], x[:, text_len:]
 
 
+BLOCK_FORWARDS = (_double_block, _single_block)  # per-token forwards of the double and single blocks
+
+
 def context_forward(
     transformer,
     clean_tokens: torch.Tensor,
@@ -101,9 +111,11 @@ def context_forward(
     txt_ids: torch.Tensor,
     img_ids: torch.Tensor,
     guidance: torch.Tensor | None = None,
+    blocks: tuple = BLOCK_FORWARDS,
 ) -> torch.Tensor:
     """FluxTransformer2DModel.forward (same arguments, return_dict=False's first output)
-    with the image tokens where `clean_tokens` (B, N, 1) is True modulated as timestep 0."""
+    with the image tokens where `clean_tokens` (B, N, 1) is True modulated as timestep 0.
+    `blocks`: the double and single blocks' forwards (BLOCK_FORWARDS, or compiled ones)."""
     hidden = transformer.x_embedder(hidden_states)
     timestep = timestep.to(hidden.dtype) * 1000
     zero = torch.zeros_like(timestep)
@@ -118,8 +130,9 @@ def context_forward(
     rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
     checkpointing = torch.is_grad_enabled() and transformer.gradient_checkpointing
-    for blocks, fn in ((transformer.transformer_blocks, _double_block), (transformer.single_transformer_blocks, _single_block)):
-        for block in blocks:
+    double, single = blocks
+    for stack, fn in ((transformer.transformer_blocks, double), (transformer.single_transformer_blocks, single)):
+        for block in stack:
             step = functools.partial(fn, block)
             if checkpointing:
                 context, hidden = transformer._gradient_checkpointing_func(step, hidden, context, temb, temb_zero, clean_tokens, rotary)
@@ -145,9 +158,14 @@ class ContextDenoiser(torch.nn.Module):
     def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
+        self.blocks = BLOCK_FORWARDS
+
+    def compile_blocks(self, **options: Any) -> None:
+        """torch.compile the per-token block forwards (see the module docstring)."""
+        self.blocks = tuple(torch.compile(fn, **options) for fn in BLOCK_FORWARDS)
 
     def forward(self, clean_tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor]:
-        return (context_forward(self.transformer, clean_tokens, **kwargs),)  # as return_dict=False
+        return (context_forward(self.transformer, clean_tokens, blocks=self.blocks, **kwargs),)  # as return_dict=False
 
 
 class FluxContextPipeline(FluxInpaintPipeline):
@@ -159,6 +177,7 @@ class FluxContextPipeline(FluxInpaintPipeline):
     `image` / `mask_image` either one for every image or one per image."""
 
     context_timestep: str = "zero"
+    context_denoiser: ContextDenoiser | None = None  # the backend's (one is made on the fly without)
 
     @torch.no_grad()
     def __call__(
@@ -217,19 +236,22 @@ class FluxContextPipeline(FluxInpaintPipeline):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
 
-        hook = getattr(self.transformer, "_hf_hook", None)
-        if hook is not None and self.context_timestep == "zero":
-            # Model CPU offload moves the transformer when its forward is called, which the
-            # per-token forward bypasses (it calls the blocks): move it here instead.
-            hook.pre_forward(self.transformer)
+        per_token = None
+        if self.context_timestep == "zero":
+            per_token = self.context_denoiser if self.context_denoiser is not None else ContextDenoiser(self.transformer)
+            hook = getattr(self.transformer, "_hf_hook", None)
+            if hook is not None:
+                # Model CPU offload moves the transformer when its forward is called, which the
+                # per-token forward bypasses (it calls the blocks): move it here instead.
+                hook.pre_forward(self.transformer)
         for t in self.progress_bar(timesteps):
             inputs = dict(
                 hidden_states=torch.where(clean_tokens, clean_packed, latents),
                 timestep=t.expand(batch).to(dtype) / 1000, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
             )
-            if self.context_timestep == "zero":
-                velocity = context_forward(self.transformer, clean_tokens, **inputs)
+            if per_token is not None:
+                velocity = per_token(clean_tokens, **inputs)[0]
             else:
                 velocity = self.transformer(**inputs, return_dict=False)[0]
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
@@ -244,4 +266,5 @@ class FluxContextPipeline(FluxInpaintPipeline):
         return FluxPipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
 
 
-__all__ = ["CONTEXT_TIMESTEPS", "clean_token_mask", "context_forward", "ContextDenoiser", "FluxContextPipeline"]
+__all__ = ["BLOCK_FORWARDS", "CONTEXT_TIMESTEPS", "clean_token_mask", "context_forward", "ContextDenoiser",
+           "FluxContextPipeline"]

@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ..panels import latent_mask
 from .base import TimestepSampling
+from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     CONV_IN_WEIGHT_NAME,
@@ -76,6 +77,7 @@ class SDXLBackend:
     pixel_quantum = 8
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
+    compiled: CompiledBlocks | None = None  # until compile_blocks
     max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
     timestep_sampling = TimestepSampling("uniform")  # DDPM's own: every t alike
 
@@ -190,6 +192,13 @@ class SDXLBackend:
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
+
+    def compile_blocks(self, **options: Any) -> CompiledBlocks:
+        # The UNet's forward calls its transformer blocks as modules (the context pipeline's
+        # loop too), checkpointed or not: compiling the blocks compiles what runs.
+        self.unet.compile_repeated_blocks(**options)
+        self.compiled = CompiledBlocks(compiled_block_counts(self.unet), self.denoiser)
+        return self.compiled
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         # The VAE stays float32: SDXL's VAE overflows in float16.

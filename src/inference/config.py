@@ -77,6 +77,8 @@ class InferConfig:
     """SDXL: CLIP tokens read from the prompt, 75, 150 or 225 (default: the LoRA's recorded value, else 75)."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the FLUX transformer quantized through bitsandbytes (CUDA only; FLUX.1 in bf16 needs ~24 GB)."""
+    compile: bool = False
+    """torch.compile the denoiser's repeated blocks after the LoRA is loaded (regional compilation); the first denoising step compiles them (its seconds are logged and in the JSON)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:

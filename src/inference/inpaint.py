@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..backends.lora_files import read_metadata, resolve_lora_file
+from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..images import open_rgb8
 from ..panels import Grid, feather, fit_to_grid, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
@@ -130,6 +131,8 @@ def check_inputs(cfg: InferConfig) -> Plan:
     else:
         mask = inpaint_mask(panels, grid, height, width, cfg.gradient_width if cfg.use_gradient_mask else 0)
     _check_output_dir(Path(cfg.output_dir))
+    if cfg.compile:
+        check_compilable("cuda" if torch.cuda.is_available() else "cpu")
     return Plan(cfg, base_model, grid, conditioning, context_timestep, panels, image, mask, size, stem,
                 max_token_length=max_token_length)
 
@@ -190,6 +193,8 @@ def load_pipeline(plan: Plan):
         pipe.enable_model_cpu_offload()
     elif cuda:
         pipe.to("cuda")
+    if cfg.compile:  # after the LoRA is loaded: the compiled blocks run its layers
+        backend.compile_blocks(**COMPILE_OPTIONS)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
     transformer = getattr(pipe, "transformer", None)
     if (backend.conditioning == "concat" and transformer is not None and transformer.config.guidance_embeds
@@ -416,6 +421,7 @@ def resolved_settings(plan: Plan, backend) -> dict:
         "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
         "conditioning": backend.conditioning, "context_timestep": backend.context_timestep,
         "max_token_length": backend.max_token_length, "panels": plan.panels, "size": list(plan.size),
+        **({"compile": backend.compiled.record()} if backend.compiled is not None else {}),
     }
 
 

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from ..compiling import unsupported as compile_unsupported
 from ..panels import Grid, parse_panels
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class TrainConfig:
     """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the denoiser."""
+    compile: bool = False
+    """torch.compile the denoiser's repeated blocks (regional compilation: SDXL's transformer blocks, FLUX's double and single blocks), with the LoRA and checkpointing in place; the first step compiles them (its seconds are logged and in train_log.jsonl)."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
     output_kohya_format: bool = True
@@ -192,6 +195,8 @@ class TrainConfig:
                 raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
             if self.backend == "flux" and self.max_token_length != 75:
                 raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
+        if self.compile and (problem := compile_unsupported(self.quantize, self.gradient_checkpointing)):
+            raise ValueError(problem)
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         self._check_monitoring()

@@ -11,7 +11,8 @@ Sample sheets come from the model being trained, through the shared inference co
 reload), in eval mode with fixed seeds. The RNG state is saved and restored around them, so
 a run with samples trains exactly as one without (and resumes exactly).
 
-    output_dir/train_log.jsonl                 step, epoch, loss, lr, seconds, images/s (+ GPU peak)
+    output_dir/train_log.jsonl                 step, epoch, loss, lr, seconds, images/s (+ GPU peak;
+                                               with --compile the first step's seconds)
     output_dir/loss.png                        the loss per step and a smoothed line
     output_dir/samples/step_000100/            <stem>_0.png, <stem>_comparison.png, ... per image
     output_dir/samples/progress.png            per validation image: input | mask | step 0 | ... | last
@@ -68,7 +69,8 @@ class Monitor:
         if step == 0 and self.validation:
             self.sample()
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: float, extra: dict | None = None) -> None:
+        """`extra`: more fields for this step's train_log.jsonl line."""
         trainer, step = self.trainer, self.trainer.global_step
         now = time.monotonic()
         images = self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
@@ -78,6 +80,7 @@ class Monitor:
         }
         if torch.cuda.is_available():
             record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        record.update(extra or {})
         self.last_time = now
         self.history.append(record)
         if self.main:

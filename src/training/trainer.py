@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,9 @@ from ..backends import backend_class, load_backend
 from ..backends.base import TimestepSampling, with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..cli import RunStopped
+from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
-from ..panels import Grid, latent_mask, panel_mask, sample_masked_panels
+from ..panels import Grid, panel_masks, sample_masked_panels
 from . import checkpoints
 from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
 from .cache import build_caches
@@ -56,7 +58,7 @@ logger = logging.getLogger(__name__)
 # model, the data order or the math of a step, the optimizer's and the schedule's included
 # (their state is restored from the checkpoint, so a new value would be recorded but not
 # used). What may change: max_train_steps / num_epochs, save_every, checkpoints_total_limit,
-# output options, cache_text_embeddings, gradient_checkpointing, num_workers.
+# output options, cache_text_embeddings, gradient_checkpointing, compile, num_workers.
 RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "conditioning", "context_timestep",
                "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "conv_in_learning_rate",
                "lr_scheduler",
@@ -100,7 +102,9 @@ def diffusion_loss(
     if backend.conditioning == "context":  # the visible panels enter clean, never noised
         noisy = with_clean_context(noisy, latents, mask)
     pred = backend.predict(noisy, timesteps, prompt_embeds, mask, masked_latents, batch)
-    weight = mask + visible_loss_weight * (1 - mask)
+    # Without a visible-panel weight (the default) the weights are the mask itself: three
+    # elementwise ops fewer a step.
+    weight = mask + visible_loss_weight * (1 - mask) if visible_loss_weight else mask
     return masked_mse(pred, target, weight.float())
 
 
@@ -145,6 +149,7 @@ class Trainer:
         self.micro_step = 0  # micro-batches trained so far
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of self.epoch already trained
+        self.first_step_seconds: float | None = None  # with --compile: this process's first step
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -172,6 +177,8 @@ class Trainer:
         self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                   num_processes=self.accelerator.num_processes)
         self._check_outputs()
+        if cfg.compile:
+            check_compilable(self.accelerator.device)
 
         options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
         if cfg.quantize:
@@ -191,10 +198,17 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.backend.enable_gradient_checkpointing()
         self.backend.to(self.accelerator.device, self.weight_dtype)
+        if cfg.compile:  # after the LoRA and checkpointing: the compiled blocks run both
+            compiled = self.backend.compile_blocks(**COMPILE_OPTIONS)
+            logger.info("--compile: %s compiled; the first step compiles them",
+                        ", ".join(f"{n} {name}" for name, n in compiled.blocks.items()))
 
+        self.records = records
         dataset = CompositeDataset(records)
         self.prompt_cache, self.latent_cache = build_caches(
             cfg, self.backend, records, dataset, self.grid, self.accelerator.device)
+        if self.latent_cache is not None:  # the pixels are never used: do not decode them each step
+            dataset = CompositeDataset(records, pixels=False)
 
         params = parameter_groups(self.backend, cfg)
         if cfg.use_8bit_adam:
@@ -254,7 +268,7 @@ class Trainer:
         if changed:
             raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)}); "
                              "resume with the checkpoint's settings (the run length, saving, text-embedding caching, "
-                             "gradient checkpointing and workers may change)")
+                             "gradient checkpointing, compiling and workers may change)")
 
     def _save_hook(self, models, weights, output_dir) -> None:
         # Save only what is trained: a full SDXL/FLUX state per checkpoint would be GBs.
@@ -299,6 +313,8 @@ class Trainer:
                 batches = accelerator.skip_first_batches(self.dataloader, self.batches_in_epoch)
             running = []
             for batch in batches:
+                if not running:  # an optimizer step begins
+                    step_started = time.perf_counter()
                 with accelerator.accumulate(self.backend.denoiser):
                     loss = self._loss_step(batch, self.micro_step)
                     finite, stop = agree(accelerator, loss, signals)
@@ -319,7 +335,13 @@ class Trainer:
                 losses.append(step_loss)
                 progress.update(1)
                 progress.set_postfix(epoch=self.epoch, loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                self.monitor.step(step_loss)
+                extra = {}
+                if cfg.compile and self.first_step_seconds is None:
+                    self.first_step_seconds = time.perf_counter() - step_started
+                    logger.info("--compile: step %d took %.1f s, compiling the blocks' forward and backward included",
+                                self.global_step, self.first_step_seconds)
+                    extra["first_compiled_step_seconds"] = round(self.first_step_seconds, 3)
+                self.monitor.step(step_loss, extra)
                 if self.global_step % cfg.save_every == 0 or stop:
                     saved = self.save_checkpoint()
                     self.monitor.checkpoint()
@@ -338,29 +360,31 @@ class Trainer:
         # LoRA dropout and VAE latent sampling draw from the global RNG, which data loader
         # start-up also draws from: reseed it per micro-batch so a resumed run matches.
         torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        pixels = batch["pixels"].to(device)  # (B, 3, H, W)
-        batch_size, _, height, width = pixels.shape
+        indices = batch["index"].tolist()
+        height, width = self.records[indices[0]].size  # the batch's bucket
 
-        masks, captions, subsets = [], [], []
+        captions, subsets = [], []
         for caption in batch["caption"]:
             masked = sample_masked_panels(self.grid.num_panels, cfg.mask_probability, cfg.max_masked_panels, generator)
             # Nothing masked is trained as everything masked: text -> whole image set. An
             # unmasked sample would let the model copy its answer from the conditioning.
             subsets.append(tuple(masked or range(self.grid.num_panels)))
-            masks.append(panel_mask(list(subsets[-1]), self.grid, height, width))
             dropped = torch.rand((), generator=generator).item() < cfg.caption_dropout
             captions.append("" if dropped else caption)
-        pixel_mask = torch.stack(masks).to(device)  # (B, 1, H, W)
+        # Panel boundaries fall on latent pixels, so the masks are built at latent size directly:
+        # exactly the pixel masks' area averages (latent_mask), at 1/64 of the pixels.
+        f = backend.vae_scale_factor
+        mask = panel_masks(subsets, self.grid, height // f, width // f).to(device, self.weight_dtype)  # (B, 1, h, w)
 
         embeds = self.prompt_cache.batch(captions, device) if self.prompt_cache else backend.encode_prompt(captions)
         if self.latent_cache is not None:
-            indices = batch["index"].tolist()
             latents = self.latent_cache.latents(backend, indices, device).to(self.weight_dtype)  # (B, C, h, w)
             masked_latents = self.latent_cache.masked_latents(indices, subsets, device)
         else:
+            pixels = batch["pixels"].to(device)  # (B, 3, H, W)
             latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
+            pixel_mask = panel_masks(subsets, self.grid, height, width).to(device)  # (B, 1, H, W)
             masked_latents = backend.masked_image_latents(pixels, pixel_mask)
-        mask = latent_mask(pixel_mask, backend.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_weight)
 
     # ---- saving -------------------------------------------------------------------------
