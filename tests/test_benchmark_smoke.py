@@ -9,32 +9,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark, markdown_rows
+
 GIB = 2**30
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_memory", ROOT / "benchmarks" / "train_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
-
-
-def _table(text: str) -> list[dict[str, str]]:
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+bench = load_benchmark("train_memory")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +33,7 @@ def test_tiny_report_has_every_row_and_column(tiny_run):
     results, text = tiny_run
     assert "- device: CPU" in text and "- date: " in text and "diffusers " in text
     assert "- command: `python benchmarks/train_memory.py --tiny --out " in text
-    rows = _table(text)
+    rows = markdown_rows(text)
     assert list(rows[0]) == bench.COLUMNS
     # SDXL: bs 1/2 x checkpointing on/off; FLUX (NF4 through bitsandbytes on CPU): checkpointing on/off.
     assert sorted((r["model"], r["bs"], r["ckpt"], r["nf4"]) for r in rows) == sorted([
@@ -128,4 +113,4 @@ def test_each_row_is_reported_as_soon_as_it_is_measured(tmp_path, capsys):
     err = capsys.readouterr().err
     rows = [line for line in err.splitlines() if line.startswith("| sdxl | 64×64 | 1 |")]
     assert len(rows) == 2 and err.index(rows[0]) < err.index("[2/2]")  # row 1 printed before setting 2 ran
-    assert len(_table(out.read_text())) == 2
+    assert len(markdown_rows(out.read_text())) == 2

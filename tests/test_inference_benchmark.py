@@ -8,31 +8,16 @@ import os
 # Before diffusers/huggingface_hub are imported: they read it once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark, markdown_rows
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("inference_speed", ROOT / "benchmarks" / "inference_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-bench = _load_benchmark()
-
-
-def _table(text: str) -> list[dict[str, str]]:
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+bench = load_benchmark("inference_speed")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +31,7 @@ def test_tiny_report_has_every_row_with_positive_timings(tiny_run):
     rows, text = tiny_run
     assert "- device: " in text and "- date: " in text and "diffusers " in text
     assert "- command: `python benchmarks/inference_speed.py --tiny --out " in text
-    table = _table(text)
+    table = markdown_rows(text)
     assert list(table[0]) == bench.COLUMNS
     folder = "folder (3 inputs, 1 load)"
     assert [(r["model"], r["mode"], r["bs"], r["images"]) for r in table] == [

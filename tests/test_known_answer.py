@@ -23,16 +23,14 @@ SDXL ~25 min, FLUX (per-token timestep 0) ~30 min on a shared 2-core machine:
     python -m pytest -m slow tests/test_known_answer.py -k context
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "known_answer.py"
+from conftest import load_benchmark
+
 
 B = "(b) IC-LoRA, --mask_probability 0.7"
 A = "(a) untrained model"
@@ -40,16 +38,9 @@ C = "(c) LoRA, --mask_probability 0"
 BLANK = "(e) flat background"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("known_answer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_masked_panel_training_beats_untrained_and_unmasked_training(tmp_path):
-    report = _load_benchmark().main(["--json", str(tmp_path / "known_answer.json")])
+    report = load_benchmark("known_answer").main(["--json", str(tmp_path / "known_answer.json")])
     table = report["table"]
     b, a, c, blank = table[B], table[A], table[C], table[BLANK]
 
@@ -71,7 +62,7 @@ def test_masked_panel_training_beats_untrained_and_unmasked_training(tmp_path):
 
 @pytest.mark.slow
 def test_flux_masked_panel_training_reads_the_visible_panels(tmp_path):
-    report = _load_benchmark().main(["--backend", "flux", "--json", str(tmp_path / "known_answer_flux.json")])
+    report = load_benchmark("known_answer").main(["--backend", "flux", "--json", str(tmp_path / "known_answer_flux.json")])
     table = report["table"]
     b, a, c = table[B], table[A], table[C]
     for row in (a, b, c):
@@ -92,7 +83,7 @@ def test_flux_concat_with_more_masked_panels_beats_the_flat_background(tmp_path)
     """FLUX.1-Fill layout with every sample completing 1-3 panels (~6 min on 2 cores).
     Measured (unseen pairs): (b) 12.0 hidden MAE, 50 % right colour; (a) 28.9; flat
     background 14.6 (the trainer's 0.7 / 2 masking only ties it, 14.6)."""
-    report = _load_benchmark().main(["--backend", "flux", "--mask_probability", "1.0", "--max_masked_panels", "3",
+    report = load_benchmark("known_answer").main(["--backend", "flux", "--mask_probability", "1.0", "--max_masked_panels", "3",
                                      "--skip_c", "--threads", "1", "--json", str(tmp_path / "flux_concat.json")])
     table = report["table"]
     b = table["(b) IC-LoRA, --mask_probability 1 --max_masked_panels 3"]
@@ -108,7 +99,7 @@ THROUGH_BLEND = "(b) through blend inference"
 
 @pytest.mark.slow
 def test_sdxl_context_training_reads_the_visible_panels(tmp_path):
-    report = _load_benchmark().main(["--conditioning", "context", "--threads", "1",
+    report = load_benchmark("known_answer").main(["--conditioning", "context", "--threads", "1",
                                      "--json", str(tmp_path / "known_answer_context.json")])
     table = report["table"]
     b, a, c, blank, blended = table[B], table[A], table[C], table[BLANK], table[THROUGH_BLEND]
@@ -125,7 +116,7 @@ def test_sdxl_context_training_reads_the_visible_panels(tmp_path):
 
 @pytest.mark.slow
 def test_flux_context_training_beats_every_blend_run(tmp_path):
-    report = _load_benchmark().main(["--backend", "flux", "--conditioning", "context", "--context_timestep", "zero",
+    report = load_benchmark("known_answer").main(["--backend", "flux", "--conditioning", "context", "--context_timestep", "zero",
                                      "--threads", "1", "--json", str(tmp_path / "known_answer_flux_context.json")])
     table = report["table"]
     b, a, c, blank, blended = table[B], table[A], table[C], table[BLANK], table[THROUGH_BLEND]
@@ -142,18 +133,11 @@ def test_flux_context_training_beats_every_blend_run(tmp_path):
     assert b["colour_unseen"] >= c["colour_unseen"], table
 
 
-def _load_hard_benchmark():
-    spec = importlib.util.spec_from_file_location("known_answer_hard", ROOT / "benchmarks" / "known_answer_hard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_sdxl_context_training_reads_continuous_colours_on_the_harder_toy(tmp_path):
     """benchmarks/known_answer_hard.py, SDXL context, 2x2 (~13 min on a shared 2-core machine).
     Measured colour error: (b) 24.9, (a) 70.4, blind guess 53.1; within 25: (b) 56 %, (a) 2 %."""
-    report = _load_hard_benchmark().main(["--backend", "sdxl", "--conditioning", "context", "--threads", "1",
+    report = load_benchmark("known_answer_hard").main(["--backend", "sdxl", "--conditioning", "context", "--threads", "1",
                                           "--skip_c", "--json", str(tmp_path / "hard.json")])
     table = report["table"]
     b, a, blind = table[B], table["(a) untrained base"], table["blind guess (mean colour)"]
@@ -168,7 +152,7 @@ def test_flux_context_training_reads_continuous_colours_on_the_harder_toy(tmp_pa
     """benchmarks/known_answer_hard.py, FLUX context (zero), 2x2 (~15 min on a shared 2-core
     machine). Measured colour error: (b) 19.1, (a) 57.1, (c) 20.2, blind guess 53.1; within
     25: (b) 77 %, (c) 71 %, (a) 10 %."""
-    report = _load_hard_benchmark().main(["--backend", "flux", "--conditioning", "context", "--context_timestep", "zero",
+    report = load_benchmark("known_answer_hard").main(["--backend", "flux", "--conditioning", "context", "--context_timestep", "zero",
                                           "--steps", "1650", "--batch_size", "4", "--threads", "1",
                                           "--json", str(tmp_path / "hard_flux.json")])
     table = report["table"]
@@ -186,7 +170,7 @@ def test_sdxl_concat_training_reads_continuous_colours_on_the_harder_toy(tmp_pat
     defaults, 2x2 (~15 min on a shared 2-core machine). Measured colour error: (b) 24.7,
     (c) 41.2, (a) 67.6; within 25: (b) 60 %, (c) 15 %; (b) with the visible latents left to
     the model, as diffusers' 9-channel pipeline does, 39.2."""
-    report = _load_hard_benchmark().main(["--backend", "sdxl", "--conditioning", "concat", "--threads", "1",
+    report = load_benchmark("known_answer_hard").main(["--backend", "sdxl", "--conditioning", "concat", "--threads", "1",
                                           "--json", str(tmp_path / "hard_concat.json")])
     table = report["table"]
     b, a, c = table[B], table["(a) untrained base"], table[C]
