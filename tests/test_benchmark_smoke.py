@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 

@@ -9,12 +9,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import math
-from pathlib import Path
 
 import pytest
 
 from conftest import load_benchmark, markdown_rows
-
 
 
 bench = load_benchmark("inference_speed")
