@@ -119,7 +119,7 @@ def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: floa
         "--output_dir", str(out_dir), "--image_size", str(image_size), "--grid", str(grid),
         "--conditioning", args.conditioning, "--mask_probability", str(mask_probability),
         *(["--context_timestep", args.context_timestep] if args.context_timestep else []),
-        *(["--max_masked_panels", str(args.max_masked_panels)] if getattr(args, "max_masked_panels", None) else []),
+        "--max_masked_panels", str(getattr(args, "max_masked_panels", 2)),
         "--max_train_steps", str(args.steps), "--batch_size", str(args.batch_size),
         "--learning_rate", str(args.lr), "--lr_scheduler", args.lr_scheduler,
         "--lr_warmup_steps", str(args.warmup),
@@ -286,7 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--context_timestep", choices=["zero", "shared"], default=None,
                         help="with context: clean tokens at timestep 0 (FLUX default) or the shared t")
     parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
-    parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
+    parser.add_argument("--max_masked_panels", type=int, default=2,
+                        help="for (b) (default 2, the SDXL script's; the FLUX script's own default is 3)")
     parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
                         "'--timestep_sampling logit_normal --logit_mean 1'")
     parser.add_argument("--skip_c", action="store_true",
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
             lora_c, timings["train (c)"] = train(model_dir, work / "train", work / "lora_c", 0.0, args)
         t = time.monotonic()
         b_name = f"(b) IC-LoRA, --mask_probability {args.mask_probability:g}"
-        if args.max_masked_panels:
+        if args.max_masked_panels != 2:
             b_name += f" --max_masked_panels {args.max_masked_panels}"
         if args.train_args:
             b_name += f" {args.train_args}"

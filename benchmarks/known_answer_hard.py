@@ -148,7 +148,8 @@ def parse_args(argv):
     parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
                         "'--timestep_sampling logit_normal --logit_mean 1'")
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
-    parser.add_argument("--max_masked_panels", type=int, default=None, help="for (b) (default: the trainer's, 2)")
+    parser.add_argument("--max_masked_panels", type=int, default=2,
+                        help="for (b) (default 2, the SDXL script's; the FLUX script's own default is 3)")
     parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
     parser.add_argument("--vae", default=str(TOY_VAE))
     parser.add_argument("--base", default=None, help="fitted base denoiser folder (default: fit_hard_toy.py's)")
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
         done = lambda lora, conditioning=None: complete(  # noqa: E731
             model_dir, lora, eval_paths, args, conditioning=conditioning, prompt=prompt, hidden=hidden, grid=grid)
         b_name = f"(b) IC-LoRA, --mask_probability {args.mask_probability:g}"
-        if args.max_masked_panels:
+        if args.max_masked_panels != 2:
             b_name += f" --max_masked_panels {args.max_masked_panels}"
         if args.train_args:
             b_name += f" {args.train_args}"

@@ -130,6 +130,7 @@ def test_flux_defaults():
     cfg = parse_config(TrainConfig, ["--data_dir", "x"], prog="t", defaults=DEFAULTS)
     assert (cfg.backend, cfg.model_id, cfg.lora_rank, cfg.lora_alpha, cfg.conditioning) == (
         "flux", "black-forest-labs/FLUX.1-dev", 16, 16, "context")
+    assert (cfg.mask_probability, cfg.max_masked_panels) == (1.0, 3)
 
 
 # ---- the saved LoRA elsewhere -----------------------------------------------------------
@@ -298,7 +299,7 @@ def test_storyboard_example_config_trains_through_the_flux_entry_point(tmp_path)
     make_dataset(data, n=2, panel_size=32, grid=(3, 1))  # 32 x 96 three-shot strips
     argv = ["--config", str(example), "--data_dir", str(data), "--output_dir", str(tmp_path / "out")]
     cfg = parse_config(TrainConfig, argv, prog="t", defaults=DEFAULTS)
-    assert (cfg.grid, cfg.conditioning, cfg.quantize, cfg.mask_probability) == ("3x1", "context", "nf4", 0.7)
+    assert (cfg.grid, cfg.conditioning, cfg.quantize, cfg.mask_probability) == ("3x1", "context", "nf4", 1.0)
     result = main(argv + ["--model_id", "tiny-flux", "--image_size", "96", "--quantize", "none",
                           "--mixed_precision", "no", "--no_use_8bit_adam", "--max_train_steps", "1"])
     assert result.global_step == 1 and np.isfinite(result.losses[0])
