@@ -75,6 +75,7 @@ def test_defaults():
     assert cfg.visible_weight == 0.5
     assert _parse(["--data_dir", "d", "--conditioning", "blend"]).visible_weight == 0.0
     assert _parse(["--data_dir", "d", "--visible_loss_weight", "0"]).visible_weight == 0.0
+    assert _parse(["--data_dir", "d", "--backend", "flux"]).visible_weight == 0.0  # FLUX.1-Fill: no gain measured
 
 
 def test_data_dir_is_required(capsys):

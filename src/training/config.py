@@ -17,10 +17,11 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 
 # Each backend's own noise-level sampling (iclora.backends.*.timestep_sampling).
 TIMESTEP_SAMPLING_DEFAULTS = {"sdxl": "uniform", "flux": "logit_normal"}
-MAX_TOKEN_LENGTHS = (75, 150, 225)
-# With concat the visible panels count half as much as the masked ones: measured on the
-# harder known-answer toy (benchmarks/RESULTS.md), it reads the visible colour far better.
-CONCAT_VISIBLE_LOSS_WEIGHT = 0.5  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
+# With SDXL concat the visible panels count half as much as the masked ones: on the harder
+# known-answer toy (benchmarks/RESULTS.md) the widened conv_in then reads the visible colour
+# far better. FLUX.1-Fill's input layer is pretrained; there it measured no gain.
+CONCAT_VISIBLE_LOSS_WEIGHT = {"sdxl": 0.5, "flux": 0.0}
 
 
 @dataclass
@@ -92,8 +93,8 @@ class TrainConfig:
     logit_std: float = 1.0
     """With logit_normal sampling: the normal's standard deviation."""
     visible_loss_weight: Optional[float] = None
-    """Loss weight of visible panels relative to masked ones (default: 0.5 with concat, where denoising the visible
-    panels from the masked-image input teaches the model to read it; 0 otherwise: masked panels only)."""
+    """Loss weight of visible panels relative to masked ones (default: 0.5 with SDXL concat, where denoising the
+    visible panels from the masked-image input teaches the widened conv_in to read it; 0 otherwise: masked panels only)."""
     caption_dropout: float = 0.0
     """Chance of training a sample with an empty caption."""
     max_token_length: Optional[int] = None
@@ -146,7 +147,7 @@ class TrainConfig:
     def visible_weight(self) -> float:
         if self.visible_loss_weight is not None:
             return self.visible_loss_weight
-        return CONCAT_VISIBLE_LOSS_WEIGHT if self.conditioning == "concat" else 0.0
+        return CONCAT_VISIBLE_LOSS_WEIGHT[self.backend] if self.conditioning == "concat" else 0.0
 
     @property
     def sampling_scheme(self) -> str:
