@@ -102,7 +102,7 @@ def time_ours(cfg: InferConfig, batch_sizes: list[int], repeats: int, device) ->
         generate(warm, backend, pipe)
         timed = check_inputs(dataclasses.replace(cfg, batch_size=b))
         per_image[b] = _median_per_image(lambda: generate(timed, backend, pipe), cfg.num_images, repeats, device)
-    del backend, pipe
+    backend = pipe = None  # free them before the next model loads
     _free(device)
     return load, per_image
 
@@ -129,7 +129,7 @@ def time_stock(model: str, folder: Path, lora: Path, cfg: InferConfig, batch_siz
         make(b, b, WARMUP_STEPS)
         steps = cfg.num_inference_steps
         per_image[b] = _median_per_image(lambda: make(cfg.num_images, b, steps), cfg.num_images, repeats, device)
-    del pipe
+    pipe = None  # freed before the next model loads
     _free(device)
     return load, per_image
 
