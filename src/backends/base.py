@@ -83,6 +83,23 @@ def repeat_to_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor
     return tensor.repeat(batch // tensor.shape[0], *[1] * (tensor.dim() - 1))
 
 
+def visible_reset_callback(clean: torch.Tensor, noise: torch.Tensor, masked: torch.Tensor, renoise) -> dict[str, Any]:
+    """A pipeline's step-end callback (and its kwargs) that resets the visible region of the
+    latents to `clean` noised to the next timestep by `renoise(clean, noise, t)` (the
+    scheduler's own forward process), and to `clean` itself after the last step, through the
+    soft mask `masked` (1 = generated): what diffusers' 4-channel inpaint pipelines do."""
+
+    def reset(pipe, i, t, tensors):
+        timesteps = pipe.scheduler.timesteps
+        index = int((timesteps == t).nonzero()[0])
+        target = clean
+        if index + 1 < len(timesteps):
+            target = renoise(pipe.scheduler, clean, noise, timesteps[index + 1 : index + 2])
+        return {"latents": masked * tensors["latents"] + (1 - masked) * target}
+
+    return {"callback_on_step_end": reset, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
 class Backend(Protocol):
     name: str
     """Short name: 'sdxl' or 'flux'."""

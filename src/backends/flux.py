@@ -54,7 +54,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..panels import latent_mask
-from .base import TimestepSampling
+from .base import TimestepSampling, visible_reset_callback
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
 from .lora_files import (
@@ -455,15 +455,7 @@ class FluxBackend:
         noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds]).to(device, dtype)  # (B, N, 4C)
 
-        def reset(pipe, i, t, tensors):
-            timesteps = pipe.scheduler.timesteps
-            index = int((timesteps == t).nonzero()[0])
-            target = clean
-            if index + 1 < len(timesteps):  # as FluxInpaintPipeline's blend
-                target = pipe.scheduler.scale_noise(clean, timesteps[index + 1 : index + 2], noise)
-            return {"latents": masked * tensors["latents"] + (1 - masked) * target}
-
-        return {"callback_on_step_end": reset, "callback_on_step_end_tensor_inputs": ["latents"]}
+        return visible_reset_callback(clean, noise, masked, lambda scheduler, x, n, t: scheduler.scale_noise(x, t, n))
 
     def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
         """The prompt as the inpaint pipeline takes it (FLUX's own encoding reads 512 T5 tokens)."""

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..panels import latent_mask
-from .base import TimestepSampling
+from .base import TimestepSampling, visible_reset_callback
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
@@ -411,15 +411,7 @@ class SDXLBackend:
         noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds]).to(device, dtype)  # (B, 4, h, w)
 
-        def reset(pipe, i, t, tensors):
-            timesteps = pipe.scheduler.timesteps
-            index = int((timesteps == t).nonzero()[0])
-            target = clean
-            if index + 1 < len(timesteps):  # as the pipeline's own 4-channel blend
-                target = pipe.scheduler.add_noise(clean, noise, timesteps[index + 1 : index + 2])
-            return {"latents": masked * tensors["latents"] + (1 - masked) * target}
-
-        return {"callback_on_step_end": reset, "callback_on_step_end_tensor_inputs": ["latents"]}
+        return visible_reset_callback(clean, noise, masked, lambda scheduler, x, n, t: scheduler.add_noise(x, n, t))
 
     def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
         """The prompt as the inpaint pipeline's embeddings, made by encode_prompt: inference
