@@ -199,9 +199,15 @@ def test_two_process_training_runs_the_compiled_blocks(data_2x2, tmp_path, count
 
 
 def test_compile_without_a_cpu_compiler_is_one_error_line(data_2x2, tmp_path, capsys, monkeypatch):
-    from torch._inductor import config
+    # The compiler lookup fails as it does on a machine without one. Patching it, not inductor's
+    # `config.cpp.cxx`: on torch 2.13 a config entry set and then undone by monkeypatch reads as
+    # missing afterwards, which broke every later --compile test.
+    from torch._inductor import cpp_builder, exc
 
-    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler++"))
+    def no_compiler():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     with pytest.raises(SystemExit) as info:
         run_cli(train_sdxl_ic_lora.main, ["--data_dir", str(data_2x2), "--output_dir", str(tmp_path), *TINY_ARGS,
                                           "--compile"])
