@@ -20,14 +20,9 @@ from typing import Any, Sequence, TypeVar
 import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
+from .errors import RunStopped
+
 T = TypeVar("T")
-
-
-class RunStopped(RuntimeError):
-    """A run that stopped for a reason the user must see (a non-finite loss, a signal, a full
-    disk): its message is the one line printed, `exit_code` the status."""
-
-    exit_code = 1
 
 
 class _Parser(ArgumentParser):

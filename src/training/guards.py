@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import RunStopped
+from ..errors import RunStopped
 from .checkpoints import find_checkpoints
 
 RESUME_HINT = "continue with the same command and --resume_from_checkpoint latest"

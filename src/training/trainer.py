@@ -42,7 +42,7 @@ from .. import __version__
 from ..backends import backend_class, load_backend
 from ..backends.base import TimestepSampling, with_clean_context
 from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
-from ..cli import RunStopped
+from ..errors import RunStopped
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, panel_masks, sample_masked_panels
