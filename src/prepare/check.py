@@ -96,7 +96,7 @@ def schedule(records: list[Record], batch_size: int, accumulation: int, num_epoc
 
 def check_training_data(cfg) -> CheckReport:
     """The dry-run report for a TrainConfig (nothing written, no model weights loaded)."""
-    from ..training.trainer import backend_class
+    from ..backends import backend_class
 
     grid = Grid.parse(cfg.grid)
     records = scan_folder(cfg.data_dir, cfg.image_size, grid, backend_class(cfg.backend).pixel_quantum)
