@@ -63,7 +63,8 @@ sys.path.pop(0)
 
 from iclora.inference import flux_ic_lora_inference, sdxl_ic_lora_inference  # noqa: E402
 from iclora.inference.config import InferConfig  # noqa: E402
-from iclora.inference.inpaint import batches, check_inputs, generate, load_pipeline, run  # noqa: E402
+from iclora.inference.folder import run_folder  # noqa: E402
+from iclora.inference.inpaint import batches, check_inputs, generate, load_pipeline  # noqa: E402
 from iclora.panels import Grid, inpaint_mask  # noqa: E402
 
 ENTRY_DEFAULTS = {"sdxl": sdxl_ic_lora_inference.DEFAULTS, "flux": flux_ic_lora_inference.DEFAULTS}
@@ -140,7 +141,7 @@ def time_folder(cfg: InferConfig, inputs: Path, out: Path, device) -> tuple[floa
     folder_cfg = dataclasses.replace(cfg, input_dir=str(inputs), input_image=None, num_images=1, batch_size=1,
                                      output_dir=str(out))
     count = len(list(inputs.glob("*.png")))
-    seconds = _timed(lambda: run(folder_cfg), device)
+    seconds = _timed(lambda: run_folder(folder_cfg), device)
     summary = json.loads((out / "folder_summary.json").read_text())
     _free(device)
     return seconds / count, summary["model_load_seconds"]

@@ -146,7 +146,10 @@ def infer_entry(argv: Sequence[str] | None, prog: str, description: str, default
 
     setup_logging()
     cfg = parse_config(InferConfig, argv, prog=prog, description=description, defaults=defaults)
-    from .inference.inpaint import run
+    if cfg.input_dir:  # the folder mode runs the single-image steps once per input
+        from .inference.folder import run_folder as run
+    else:
+        from .inference.inpaint import run
 
     files = run(cfg)
     for file in files:

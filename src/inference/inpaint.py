@@ -426,10 +426,9 @@ def resolved_settings(plan: Plan, backend) -> dict:
 
 
 def run(cfg: InferConfig) -> list[Path]:
+    """One --input_image (folder.run_folder runs an --input_dir with this module's steps)."""
     if cfg.input_dir:
-        from .folder import run_folder  # it builds on this module
-
-        return run_folder(cfg)
+        raise ValueError("--input_dir: a folder runs through iclora.inference.folder.run_folder")
     plan = check_inputs(cfg)
     backend, pipe = load_pipeline(plan)
     outputs, seeds = generate(plan, backend, pipe)
