@@ -1,0 +1,141 @@
+"""The web app in a real browser: headless Chromium from the system's packages, driven by
+Selenium, against `python -m iclora.app` running on the tiny models in a workspace of toy
+data. Nothing is downloaded: the browser and its driver are the Debian packages chromium and
+chromium-driver (scripts/test.sh installs them where missing).
+
+    pytest tests/test_app_browser.py
+    ICLORA_SCREENSHOTS=docs pytest tests/test_app_browser.py   # also saves docs/app_*.png
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_training, toy_dataset
+
+pytest.importorskip("gradio", reason="the web app's extra: pip install 'iclora[ui]'")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs the system's chromium and chromedriver (apt-get install chromium chromium-driver)")
+SCREENSHOTS = os.environ.get("ICLORA_SCREENSHOTS")
+PROMPT = "a set of four panels"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("app_workspace")
+    toy_dataset(root / "data")
+    run_training(root / "data", root / "runs" / "r1", "--max_train_steps", "1")
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(workspace):
+    """The app as a user starts it; yields its URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "iclora.app", "--workspace", str(workspace), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if "running at" in line or process.poll() is not None:
+                break
+        match = re.search(r"running at (http://127\.0\.0\.1:\d+/?)", line)
+        assert match, f"the app did not start: {line!r}"
+        yield match.group(1)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser online
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, seconds: float = 60):
+    return WebDriverWait(driver, seconds, poll_frequency=0.25)
+
+
+def fill(driver, elem_id: str, text: str, tag: str = "input") -> None:
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} {tag}")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(text)
+    box.send_keys(Keys.TAB)  # blur: Gradio takes the value on change
+
+
+def value(driver, elem_id: str, tag: str = "input") -> str:
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} {tag}").get_attribute("value")
+
+
+def open_tab(driver, name: str) -> None:
+    tab = next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text.strip() == name)
+    tab.click()
+
+
+def screenshot(driver, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(SCREENSHOTS) / f"app_{name}.png"))
+
+
+def test_inpaint_in_the_browser(app, browser, workspace):
+    browser.get(app)
+    wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#composite input[type=file]")))
+    assert value(browser, "lora") == "runs/r1/final_model"  # the newest LoRA of the workspace
+    browser.find_element(By.CSS_SELECTOR, "#composite input[type=file]").send_keys(str(workspace / "data" / "00001.png"))
+    preview = wait(browser).until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#panels_preview img")))
+    wait(browser).until(lambda d: preview.size["width"] > 50)
+    width, height = preview.size["width"], preview.size["height"]
+    for dx, dy in [(-width // 4, height // 4), (width // 4, height // 4)]:  # panels 2 and 3 (from the centre)
+        ActionChains(browser).move_to_element_with_offset(preview, dx, dy).click().perform()
+        time.sleep(0.5)
+    wait(browser, 20).until(lambda d: value(d, "panels_text", "textarea") == "2 3")
+    fill(browser, "prompt", PROMPT, "textarea")
+    fill(browser, "steps", "2")
+    fill(browser, "guidance", "1")
+    browser.find_element(By.ID, "inpaint_run").click()
+    wait(browser, 90).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#comparison img"))
+    status = value(browser, "inpaint_status", "textarea")
+    assert status.startswith("wrote"), status
+    assert browser.find_elements(By.CSS_SELECTOR, "#outputs img")
+    written = workspace / "inpaint_output" / "final_model"
+    assert (written / "00001_0.png").is_file() and (written / "00001_comparison.png").is_file()
+    downloads = browser.find_element(By.ID, "downloads").text  # name and suffix in two elements
+    assert "00001_0\n.png" in downloads and "00001_comparison" in downloads
+    screenshot(browser, "inpaint")
