@@ -121,9 +121,15 @@ def test_inpaint_in_the_browser(app, browser, workspace):
     browser.find_element(By.CSS_SELECTOR, "#composite input[type=file]").send_keys(str(workspace / "data" / "00001.png"))
     preview = wait(browser).until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#panels_preview img")))
     wait(browser).until(lambda d: preview.size["width"] > 50)
-    width, height = preview.size["width"], preview.size["height"]
-    for dx, dy in [(-width // 4, height // 4), (width // 4, height // 4)]:  # panels 2 and 3 (from the centre)
-        ActionChains(browser).move_to_element_with_offset(preview, dx, dy).click().perform()
+    # The picture sits centred in its box (object-fit: scale-down, or contain): panels 2 and 3
+    # are a quarter of its shown width left and right of the centre, a quarter of its height below.
+    *natural, fit = browser.execute_script(
+        "const i = arguments[0]; return [i.naturalWidth, i.naturalHeight, getComputedStyle(i).objectFit]", preview)
+    scale = min(preview.size["width"] / natural[0], preview.size["height"] / natural[1])
+    scale = min(scale, 1.0) if fit == "scale-down" else scale
+    width, height = natural[0] * scale, natural[1] * scale
+    for dx, dy in [(-width / 4, height / 4), (width / 4, height / 4)]:
+        ActionChains(browser).move_to_element_with_offset(preview, int(dx), int(dy)).click().perform()
         time.sleep(0.5)
     wait(browser, 20).until(lambda d: value(d, "panels_text", "textarea") == "2 3")
     fill(browser, "prompt", PROMPT, "textarea")
