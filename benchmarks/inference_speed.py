@@ -178,7 +178,7 @@ def bench_model(model: str, size: tuple[int, int], args, work: Path) -> list[dic
         lora_path=str(lora), prompt=PROMPT, input_image=str(inputs / "00000.png"), panels_to_inpaint=PANELS,
         output_dir=str(work / "ours"), num_inference_steps=args.steps or defaults["num_inference_steps"],
         guidance_scale=defaults["guidance_scale"], num_images=args.images, seed=0, backend=model,
-        base_model=str(base), conditioning=CONDITIONING,
+        base_model=str(base), conditioning=CONDITIONING, native_size=True,  # timed at the size given
     )
     batch_sizes = sorted({1, args.batch_size})
     ours_load, ours = time_ours(cfg, batch_sizes, args.repeats, device)

@@ -130,7 +130,8 @@ def pipe_spy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory) -> dict[str, Path]:
-    """A concat and a blend LoRA, trained 2 steps through the training CLI. The high
+    """A concat and a blend LoRA, trained 2 steps through the training CLI at the inputs' size
+    (128, so inference works at the input's own size). The high
     learning rate makes the LoRA's effect visible in 8-bit outputs; alpha (default 64) !=
     rank (4) so a wrong LoRA scale would show."""
     root = tmp_path_factory.mktemp("loras")
@@ -138,7 +139,7 @@ def loras(tmp_path_factory) -> dict[str, Path]:
     for conditioning in ["concat", "blend"]:
         result = train_main([
             "--data_dir", str(DATA), "--output_dir", str(root / conditioning), "--model_id", "tiny-sdxl",
-            "--image_size", "64", "--max_train_steps", "2", "--batch_size", "1", "--lora_rank", "4",
+            "--image_size", "128", "--max_train_steps", "2", "--batch_size", "1", "--lora_rank", "4",
             "--learning_rate", "1e-2", "--conditioning", conditioning,
         ])
         assert result.global_step == 2
@@ -223,7 +224,8 @@ def test_lora_as_a_single_file_beside_its_record(ref, loras, tmp_path):
 
 def test_lone_lora_file_with_base_model(blend_ref, loras, tmp_path):
     """A .safetensors file with no record beside it: --base_model says what to load it on
-    (and --max_token_length how its captions were read: without a record it is CLIP's 75).
+    (--max_token_length how its captions were read: without a record it is CLIP's 75; and
+    --image_size the size it was trained at: without a record it is the base's 1024).
     Its adapter metadata asks for dropout, as LoRAs from elsewhere may: inference must run
     the LoRA layers in eval mode, or the output is random whatever the seed."""
     out_ref, seed = blend_ref
@@ -235,13 +237,14 @@ def test_lone_lora_file_with_base_model(blend_ref, loras, tmp_path):
     lone.parent.mkdir()
     save_file(load_file(source), lone, metadata={**metadata, "lora_adapter_metadata": json.dumps(adapter)})
     infer(tmp_path / "out", "--lora_path", lone, "--base_model", "tiny-sdxl", "--input_image", INPUT, "--seed", seed,
-          "--max_token_length", 150)
+          "--max_token_length", 150, "--image_size", 128)
     assert (tmp_path / "out" / "00001_0.png").read_bytes() == (out_ref / "00001_0.png").read_bytes()
 
 
 def test_lora_none_runs_the_bare_base_and_differs_from_the_lora(blend_ref, tmp_path):
     out_ref, seed = blend_ref
-    infer(tmp_path, "--lora_path", "none", "--base_model", "tiny-sdxl", "--input_image", INPUT, "--seed", seed)
+    infer(tmp_path, "--lora_path", "none", "--base_model", "tiny-sdxl", "--input_image", INPUT, "--seed", seed,
+          "--native_size")
     bare, with_lora = pixels(tmp_path / "00001_0.png"), pixels(out_ref / "00001_0.png")
     np.testing.assert_array_equal(bare[:64], with_lora[:64])
     assert np.abs(bare[64:] - with_lora[64:]).mean() > 1, "the LoRA had no visible effect"
@@ -462,9 +465,9 @@ def test_all_panels_without_input_generates_the_whole_set(loras, tmp_path):
     names = ["generated_0.png"] + [f"generated_0_panel{k}.png" for k in range(4)] + ["generated_inference.json"]
     assert sorted(p.name for p in files) == sorted(names) == sorted(p.name for p in out.iterdir())
     image = pixels(out / "generated_0.png")
-    assert image.shape == (64, 64, 3)  # the LoRA's training image_size
-    for k, (x, y) in enumerate([(0, 0), (32, 0), (0, 32), (32, 32)]):
-        np.testing.assert_array_equal(pixels(out / f"generated_0_panel{k}.png"), image[y:y + 32, x:x + 32])
+    assert image.shape == (128, 128, 3)  # the LoRA's training image_size
+    for k, (x, y) in enumerate([(0, 0), (64, 0), (0, 64), (64, 64)]):
+        np.testing.assert_array_equal(pixels(out / f"generated_0_panel{k}.png"), image[y:y + 64, x:x + 64])
 
 
 # ---- outputs -----------------------------------------------------------------------------

@@ -115,6 +115,9 @@ class Backend(Protocol):
     pixel_quantum: int
     """Every panel boundary must fall on a multiple of this many pixels (a latent pixel for
     SDXL, a packed 2x2 latent patch for FLUX)."""
+    native_image_size: int
+    """The longer side, in pixels, the base model generates at by default (SDXL, FLUX.1: 1024):
+    inference's working size when no image_size is recorded with the LoRA."""
     preferred_mixed_precision: str
     """Mixed precision used on CUDA when --mixed_precision is not given ('fp16' or 'bf16')."""
     quantized: bool

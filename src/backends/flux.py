@@ -121,6 +121,7 @@ class FluxBackend:
     name = "flux"
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
+    native_image_size = 1024  # FluxPipeline's default_sample_size 128 latents
     preferred_mixed_precision = "bf16"
     max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
     timestep_sampling = TimestepSampling("logit_normal")  # SD3's, as diffusers' FLUX scripts train

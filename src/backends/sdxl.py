@@ -75,6 +75,7 @@ class SDXLBackend:
     name = "sdxl"
     vae_scale_factor = 8
     pixel_quantum = 8
+    native_image_size = 1024  # SDXL's own generation size (128 latents)
     preferred_mixed_precision = "fp16"
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
     compiled: CompiledBlocks | None = None  # until compile_blocks

@@ -60,10 +60,18 @@ class InferConfig:
     """How the visible panels condition the model (default: the LoRA's recorded mode)."""
     context_timestep: Optional[Literal["zero", "shared"]] = None
     """With context conditioning: how clean panels are modulated (default: the LoRA's recorded choice)."""
+    image_size: Optional[int] = None
+    """Longer side of the working size: the input is resized to the size training gives such a composite,
+    denoised there and resized back, the visible panels pasted from the original (default: the LoRA's recorded
+    image_size, else the base model's own size, 1024 for SDXL and FLUX.1)."""
+    native_size: bool = False
+    """Denoise at the input's own size (rounded to the grid) instead of the trained size."""
     width: Optional[int] = None
-    """Width of a generated image set when there is no input image (default: the LoRA's image_size)."""
+    """Width of a generated image set when there is no input image (default: the working size, the grid's
+    aspect)."""
     height: Optional[int] = None
-    """Height of a generated image set when there is no input image (default: the LoRA's image_size)."""
+    """Height of a generated image set when there is no input image (default: the working size, the grid's
+    aspect)."""
     blend_visible: bool = True
     """With concat conditioning: reset the visible panels to the input noised to the current step after every
     step, as training shows them (ComfyUI's noise_mask); --no_blend_visible leaves them to the model."""
@@ -77,6 +85,13 @@ class InferConfig:
     """SDXL: CLIP tokens read from the prompt, 75, 150 or 225 (default: the LoRA's recorded value, else 75)."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the FLUX transformer quantized through bitsandbytes (CUDA only; FLUX.1 in bf16 needs ~24 GB)."""
+    pretrained_vae: Optional[str] = None
+    """A separate VAE folder or hub id, as training's --pretrained_vae (default: the one recorded with the LoRA;
+    'none': the base model's own)."""
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    """Run the VAE in tiles (one large image) and slices (a batch, one image at a time) to bound its memory:
+    'auto' tiles images of more than 2 x 1024x1024 pixels and slices calls of several images whose pixels together
+    exceed 1024x1024."""
     compile: bool = False
     """torch.compile the denoiser's repeated blocks after the LoRA is loaded (regional compilation); the first denoising step compiles them (its seconds are logged and in the JSON)."""
 
@@ -98,6 +113,10 @@ class InferConfig:
             )
         if self.input_image and (self.width or self.height):
             raise ValueError("--width/--height set the size of a generated set; with --input_image the output keeps its size")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"--image_size must be at least 1, got {self.image_size}")
+        if self.native_size and self.image_size is not None:
+            raise ValueError("--native_size denoises at the input's own size: give it without --image_size")
         if self.grid is not None:
             Grid.parse(self.grid)
         if self.max_token_length is not None and self.max_token_length not in (75, 150, 225):

@@ -35,11 +35,14 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..backends import backend_class
 from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..images import open_rgb8
-from ..panels import Grid, feather, fit_to_grid, inpaint_mask, panel_box, parse_panels
+from ..panels import Grid, feather, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
+from .sizing import WorkingSize, generated_size, working_mask, working_side, working_size
+from .vae import apply_memory_settings, memory_record, memory_settings, resolve_vae
 
 logger = logging.getLogger(__name__)
 # FLUX.1-Fill-dev's guidance embedding was distilled around 30 (its model card's value);
@@ -65,6 +68,8 @@ class Plan:
     size: tuple[int, int]  # (width, height) of the output
     stem: str
     max_token_length: int = 75  # CLIP tokens read from the prompt, as in training
+    working: WorkingSize | None = None  # where the pipeline runs (sizing.py); set by check_inputs
+    pretrained_vae: str | None = None  # a VAE loaded instead of the base model's
 
 
 def _open_image(path: str, flag: str, mode: str) -> Image.Image:
@@ -93,6 +98,8 @@ def check_inputs(cfg: InferConfig) -> Plan:
         raise ValueError(f"--context_timestep {context_timestep} needs --conditioning context")
     # A LoRA recorded before long prompts, a foreign one and the bare base read CLIP's 75.
     max_token_length = cfg.max_token_length or meta.get("max_token_length") or 75
+    pretrained_vae = resolve_vae(cfg.pretrained_vae, meta, cfg.lora_path)
+    backend_cls = backend_class(cfg.backend)
 
     words = [str(p).strip().lower() for p in cfg.panels_to_inpaint]
     panels = parse_panels(words, grid)
@@ -102,8 +109,8 @@ def check_inputs(cfg: InferConfig) -> Plan:
             raise ValueError("--mask_image needs --input_image")
         if words != ["all"]:
             raise ValueError("--input_image is required unless --panels_to_inpaint all (text -> whole image set)")
-        side = int(meta.get("image_size", 1024))
-        size = (cfg.width or side, cfg.height or side)
+        side, _ = working_side(cfg, meta, backend_cls.native_image_size)
+        size = generated_size(cfg, grid, side, backend_cls.pixel_quantum)
         stem = "generated"
     else:
         if words != ["all"] and len(panels) == grid.num_panels and not cfg.mask_image:
@@ -133,8 +140,9 @@ def check_inputs(cfg: InferConfig) -> Plan:
     _check_output_dir(Path(cfg.output_dir))
     if cfg.compile:
         check_compilable("cuda" if torch.cuda.is_available() else "cpu")
+    working = working_size(cfg, meta, size, grid, backend_cls.pixel_quantum, backend_cls.native_image_size)
     return Plan(cfg, base_model, grid, conditioning, context_timestep, panels, image, mask, size, stem,
-                max_token_length=max_token_length)
+                max_token_length=max_token_length, working=working, pretrained_vae=pretrained_vae)
 
 
 def _check_output_dir(folder: Path) -> None:
@@ -155,13 +163,13 @@ def load_pipeline(plan: Plan):
     """The backend with the LoRA loaded, and its inpaint pipeline ready on the device."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from ..backends import backend_class, load_backend
+    from ..backends import load_backend
 
     cfg = plan.cfg
     cuda = torch.cuda.is_available()
     native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend_class(cfg.backend).preferred_mixed_precision]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
-    options = {"variant": cfg.variant}
+    options = {"variant": cfg.variant, "vae": plan.pretrained_vae}
     if cfg.quantize:
         options["quantize"] = cfg.quantize
     elif dtype != torch.float32:
@@ -205,8 +213,9 @@ def load_pipeline(plan: Plan):
 
 
 def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
-    """One composite per seed, at the input's own size, visible pixels pasted back; the
-    images made in pipeline calls of up to --batch_size each."""
+    """One composite per seed, denoised at the working size and resized back to the input's
+    size, visible pixels pasted back; the images made in pipeline calls of up to --batch_size
+    each."""
     [(_, outputs, seeds, _)] = generate_all([plan], backend, pipe)
     return outputs, seeds
 
@@ -226,7 +235,7 @@ def generate_all(plans: list[Plan], backend, pipe) -> Iterator[tuple[int, list[I
     one makes with its seed, up to the float rounding of batched kernels."""
     seeds = [_seeds(plan.cfg) for plan in plans]
     # What the images of one call must share: the working size, and whether there is an input.
-    keys = [(fit_to_grid(*plan.size, plan.grid, backend.pixel_quantum), plan.image is None) for plan in plans]
+    keys = [(plan.working.size, plan.image is None) for plan in plans]
     ready: dict[int, PipelineInput] = {}  # the inputs of unfinished plans, made when first needed
     outputs: dict[int, list[Image.Image]] = {i: [] for i in range(len(plans))}
     seconds = [0.0] * len(plans)
@@ -277,18 +286,19 @@ class PipelineInput:
 
     plan: Plan
     image: Image.Image  # at the working size (mid-grey without an input)
-    mask: torch.Tensor  # (1, 1, H, W) at the working size, soft
+    mask: torch.Tensor  # (1, 1, h, w) at the working size, soft
     prompt: dict[str, Any]  # backend.pipeline_prompt's arguments
 
 
 def pipeline_input(plan: Plan, backend) -> PipelineInput:
     cfg = plan.cfg
-    width, height = fit_to_grid(*plan.size, plan.grid, backend.pixel_quantum)
-    blank = Image.new("RGB", (width, height), (127, 127, 127))
-    image = plan.image.resize((width, height), Image.Resampling.LANCZOS) if plan.image else blank
-    mask = torch.nn.functional.interpolate(plan.mask[None], size=(height, width), mode="bilinear", align_corners=False)
+    size = plan.working.size  # (width, height)
+    blank = Image.new("RGB", size, (127, 127, 127))
+    image = plan.image.resize(size, Image.Resampling.LANCZOS) if plan.image else blank
+    hard_panels = None if cfg.mask_image or cfg.use_gradient_mask else plan.panels
+    mask = working_mask(plan.mask, size, plan.grid, hard_panels)
     prompt = backend.pipeline_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance_scale)
-    return PipelineInput(plan, image, mask.clamp(0, 1), prompt)
+    return PipelineInput(plan, image, mask, prompt)
 
 
 def call_pipeline(backend, pipe, inputs: list[PipelineInput], seeds: list[int]) -> list[Image.Image]:
@@ -311,6 +321,7 @@ def call_pipeline(backend, pipe, inputs: list[PipelineInput], seeds: list[int]) 
         raise ValueError(f"--negative_prompt is not supported by {type(pipe).__name__}")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    apply_memory_settings(pipe.vae, memory_settings(cfg.vae_tiling, width, height, len(inputs)))
     visible = cfg.blend_visible and inputs[0].plan.image is not None
     reset = backend.visible_reset(pipe, [x.image for x in parts], mask, seeds) if visible else {}
     return pipe(image=[x.image for x in inputs], generator=generators, num_images_per_prompt=len(inputs) // len(parts),
@@ -421,6 +432,9 @@ def resolved_settings(plan: Plan, backend) -> dict:
         "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
         "conditioning": backend.conditioning, "context_timestep": backend.context_timestep,
         "max_token_length": backend.max_token_length, "panels": plan.panels, "size": list(plan.size),
+        "working_size": list(plan.working.size), "working_size_from": plan.working.source,
+        "pretrained_vae": plan.pretrained_vae,
+        "vae": memory_record(plan.cfg, plan.working.size),
         **({"compile": backend.compiled.record()} if backend.compiled is not None else {}),
     }
 

@@ -148,6 +148,7 @@ class Monitor:
                 output_dir=str(folder), backend=cfg.backend, base_model=cfg.model_id, grid=cfg.grid,
                 conditioning=cfg.conditioning, num_inference_steps=cfg.validation_inference_steps,
                 guidance_scale=guidance, seed=cfg.seed, save_comparison=True,
+                native_size=True,  # the inputs are at the training size already
             ))
             for image, prompt in self.validation
         ]

@@ -1,0 +1,80 @@
+"""The size inference denoises at: the size training gives such a composite.
+
+A LoRA learns its panels at the size training resized its composites to: the longer side
+`--image_size`, the other keeping the aspect ratio, both rounded so every panel boundary
+falls on a latent pixel (`panels.composite_size`, the training bucket). Denoising a 2048 px
+composite with a LoRA trained at 1024 would show it four times the area it learned (and
+take four times the memory), so inference resizes the input to its bucket (the working
+size), denoises there, and resizes the result back to the input's size; the visible panels
+are then pasted from the original at full resolution (`inpaint.composite`), exactly where
+the mask is 0. `--native_size` denoises at the input's own size instead (rounded to the
+grid), as earlier versions did.
+
+The working size is resolved from the flags and the LoRA's record before any model loads:
+
+    --image_size N       the longer side N
+    (recorded)           the image_size recorded in the LoRA's iclora_config.json
+    (neither)            the backend's native size (SDXL, FLUX.1: 1024), for the bare base
+                         and LoRAs from elsewhere
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..panels import Grid, composite_size, fit_to_grid, inpaint_mask
+
+
+@dataclass(frozen=True)
+class WorkingSize:
+    """Where the pipeline runs: `size` (width, height), and whence its side came (for the JSON)."""
+
+    size: tuple[int, int]
+    source: str
+
+
+def working_side(cfg, meta: dict, native: int) -> tuple[int, str]:
+    """The longer side training would give the input, and what set it."""
+    if cfg.image_size:
+        return cfg.image_size, "--image_size"
+    if meta.get("image_size"):
+        return int(meta["image_size"]), "the LoRA's recorded image_size"
+    return native, f"the base model's native size ({native}; no image_size recorded with the LoRA)"
+
+
+def generated_size(cfg, grid: Grid, side: int, quantum: int) -> tuple[int, int]:
+    """The output size of a set generated from text (no input): --width and --height when
+    both are given; one of them with the other from the grid's aspect (square panels);
+    neither: the training bucket of the grid's aspect (SDXL, 1x3, side 1024: 1032x344)."""
+    if cfg.width and cfg.height:
+        return cfg.width, cfg.height
+    if cfg.width:
+        return cfg.width, max(1, round(cfg.width * grid.rows / grid.cols))
+    if cfg.height:
+        return max(1, round(cfg.height * grid.cols / grid.rows)), cfg.height
+    return composite_size(grid.cols, grid.rows, side, grid, quantum)
+
+
+def working_size(cfg, meta: dict, size: tuple[int, int], grid: Grid, quantum: int, native: int) -> WorkingSize:
+    """The size a composite of `size` (width, height) is denoised at."""
+    if cfg.native_size:
+        return WorkingSize(fit_to_grid(*size, grid, quantum), "--native_size: the input's own size, rounded to the grid")
+    side, source = working_side(cfg, meta, native)
+    return WorkingSize(composite_size(*size, side, grid, quantum), f"{source}, the longer side")
+
+
+def working_mask(mask: torch.Tensor, size: tuple[int, int], grid: Grid, panels: list[int] | None) -> torch.Tensor:
+    """The pixel mask (1, H, W) at the working size (width, height), as (1, 1, h, w). Hard
+    panel masks are drawn anew there, so panel boundaries stay exact (as training draws
+    them); feathered and free-form masks are resampled (averaged where they shrink)."""
+    width, height = size
+    if mask.shape[-2:] == (height, width):
+        return mask[None].clone()
+    if panels is not None:
+        return inpaint_mask(panels, grid, height, width)[None]
+    shrinking = height < mask.shape[-2] or width < mask.shape[-1]
+    resized = torch.nn.functional.interpolate(mask[None], size=(height, width), mode="bilinear",
+                                              align_corners=False, antialias=shrinking)
+    return resized.clamp(0, 1)  # (1, 1, h, w)
