@@ -148,6 +148,7 @@ def complete(model_dir: Path, lora: str, images: list[Path], args, conditioning:
             panels_to_inpaint=hidden, grid=str(grid), backend=args.backend, base_model=str(model_dir),
             conditioning=conditioning, context_timestep=context_timestep, num_inference_steps=args.inference_steps,
             guidance_scale=args.guidance_scale, seed=args.seed, blend_visible=blend_visible,
+            native_size=True,  # at the training size, the untrained base ("none", no record) too
         ))
         for path in images
     ]

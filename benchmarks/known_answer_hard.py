@@ -93,6 +93,7 @@ def text_to_set(model_dir: Path, lora: str, args, grid: Grid, n: int) -> list[np
         base_model=str(model_dir), conditioning=args.conditioning, context_timestep=args.context_timestep,
         num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale, seed=args.seed, num_images=n,
         width=PANEL_SIZE * grid.cols, height=PANEL_SIZE * grid.rows,
+        native_size=True,  # at the training size, the untrained base ("none", no record) too
     ))
     backend, pipe = load_pipeline(plan)
     return [np.asarray(image) for image in generate(plan, backend, pipe)[0]]

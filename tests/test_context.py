@@ -289,7 +289,7 @@ def test_batched_context_images_are_the_one_image_calls_images(backend, flags, d
     """SDXLContextPipeline / FluxContextPipeline batch: one generator and one clean input per
     image; image i of a batch is the image its seed makes alone."""
     cli, base = (flux_ic_lora_inference, "tiny-flux") if backend == "flux" else (sdxl_ic_lora_inference, "tiny-sdxl")
-    args = ["--lora_path", "none", "--base_model", base, "--conditioning", "context", "--input_image",
+    args = ["--lora_path", "none", "--base_model", base, "--native_size", "--conditioning", "context", "--input_image",
             str(data / "00001.png"), "--prompt", "a set", "--panels_to_inpaint", "1", "3", "--num_inference_steps", "3",
             "--num_images", "3", "--seed", "11", *flags]
     single_files = cli.main([*args, "--output_dir", str(tmp_path / "single")])

@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = ["--max_train_steps", "6", "--save_every", "2"]  # 6 composites, batch 2: 3 steps an epoch
 RESUME = "--resume_from_checkpoint latest"
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-INFER = ["--lora_path", "none", "--base_model", "tiny-sdxl", "--prompt", "a set", "--num_inference_steps", "2",
-         "--guidance_scale", "1", "--seed", "1"]
+INFER = ["--lora_path", "none", "--base_model", "tiny-sdxl", "--native_size", "--prompt", "a set",
+         "--num_inference_steps", "2", "--guidance_scale", "1", "--seed", "1"]
 
 
 @dataclass

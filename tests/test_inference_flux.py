@@ -138,12 +138,14 @@ def test_soft_mask_reaches_the_flux_pipeline_unbinarized(flux_loras):
 
 def test_single_lora_file_from_elsewhere_and_text_to_image_set(flux_loras, tmp_path):
     data, loras = flux_loras
-    # A lone .safetensors (no iclora_config.json beside it): the base comes from the flag.
+    # A lone .safetensors (no iclora_config.json beside it): the base and the trained size come
+    # from the flags (without --image_size it would work at FLUX's native 1024).
     lone = tmp_path / "elsewhere" / "my_flux_lora.safetensors"
     lone.parent.mkdir()
     save_file(load_file(loras["blend"] / "pytorch_lora_weights.safetensors"), lone)
     files = cli.main(["--lora_path", str(lone), "--base_model", "tiny-flux", "--prompt", "a set",
-                      "--panels_to_inpaint", "all", "--width", "128", "--height", "128", "--seed", "1",
+                      "--panels_to_inpaint", "all", "--width", "128", "--height", "128", "--image_size", "128",
+                      "--seed", "1",
                       "--save_comparison", "--output_dir", str(tmp_path / "out"), *STEPS])
     names = sorted(p.name for p in files)
     assert names == sorted(["generated_0.png", *[f"generated_0_panel{k}.png" for k in range(4)],

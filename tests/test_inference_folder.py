@@ -122,7 +122,7 @@ def test_batched_folder_images_are_the_one_input_runs_images(backend, base, cond
     """Every pipeline takes a batch of different prompts, inputs, (soft, free-form) masks and
     seeds: image i of a batched folder run is the one --batch_size 1 makes, within float rounding."""
     main = flux_main if backend == "flux" else infer_main
-    args = ["--lora_path", "none", "--base_model", base, "--conditioning", conditioning, "--input_dir",
+    args = ["--lora_path", "none", "--base_model", base, "--native_size", "--conditioning", conditioning, "--input_dir",
             str(mixed_inputs), "--prompt", "a set", "--panels_to_inpaint", "1", "3", "--num_images", "2",
             "--num_inference_steps", "2", "--seed", "3", *flags]
     main([*args, "--output_dir", str(tmp_path / "single")])

@@ -170,11 +170,13 @@ def test_text_to_set_takes_the_trained_grids_aspect(lora, tmp_path):
     meta = json.loads((strip / "iclora_config.json").read_text())
     (strip / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3"}))
     out = tmp_path / "out"
-    infer_main([*FAST, "--lora_path", str(strip), "--panels_to_inpaint", "all", "--seed", "0", "--output_dir", str(out)])
+    infer_main([*FAST, "--lora_path", str(strip), "--panels_to_inpaint", "all", "--seed", "0",
+                "--output_dir", str(out)])
     image = pixels(out / "generated_0.png")
     assert image.shape == (24, 72, 3)  # 1x3 at 64: 64x21 on the grid's steps (24 x 8 px), not 64x64
     assert record(out, "generated")["resolved"]["working_size"] == [72, 24]
-    assert check_inputs(InferConfig(lora_path=str(strip), prompt="p", panels_to_inpaint=["all"], width=96)).size == (96, 32)
+    width_only = InferConfig(lora_path=str(strip), prompt="p", panels_to_inpaint=["all"], width=96)
+    assert check_inputs(width_only).size == (96, 32)  # the height from the grid
 
 
 def test_the_bare_base_works_at_its_native_size_and_says_so(tmp_path):

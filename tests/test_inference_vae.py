@@ -191,5 +191,6 @@ def test_a_recorded_vae_that_is_gone_is_one_clear_error(vae_lora, tmp_path, caps
         run_cli(infer_main, [*BARE[5:], "--lora_path", str(moved), "--input_image", str(INPUT), "--output_dir",
                              str(tmp_path / "out")])
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"error: --lora_path {moved}: its training used --pretrained_vae {tmp_path / 'vae_elsewhere'}")
+    gone = tmp_path / "vae_elsewhere"
+    assert line.startswith(f"error: --lora_path {moved}: its training used --pretrained_vae {gone}")
     assert "--pretrained_vae none" in line

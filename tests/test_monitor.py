@@ -213,7 +213,8 @@ def test_training_progress_bar_shows_epoch_loss_lr(data_2x2, tmp_path, capsys):
 def test_inference_shows_progress_over_images_and_steps(data_2x2, tmp_path, capsys):
     from iclora.inference.sdxl_ic_lora_inference import main
 
-    main(["--lora_path", "none", "--base_model", "tiny-sdxl", "--input_image", str(data_2x2 / "00000.png"),
+    main(["--lora_path", "none", "--base_model", "tiny-sdxl", "--native_size",
+          "--input_image", str(data_2x2 / "00000.png"),
           "--prompt", "p", "--num_images", "2", "--num_inference_steps", "2", "--seed", "0",
           "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -2,9 +2,10 @@
 
     check_inputs()   every user error, before any model is loaded or file written
     build_mask()     panel indices (or a free-form mask) -> soft or hard pixel mask
-    generate()       the backend's diffusers inpaint pipeline, --batch_size images a call
+    generate()       the backend's diffusers inpaint pipeline at the working size (sizing.py),
+                     --batch_size images a call, the VAE tiled or sliced as vae.py decides
     generate_all()   the same for many inputs (--input_dir), batched across inputs
-    composite()      generated and original pixels through the same (soft) mask
+    composite()      generated (resized back) and original pixels through the same (soft) mask
     write_outputs()  composites, panels, comparison and JSON, each via temp name + rename
 
 The denoising itself is diffusers': StableDiffusionXLInpaintPipeline (9-channel `concat`

@@ -60,7 +60,8 @@ def generated_size(cfg, grid: Grid, side: int, quantum: int) -> tuple[int, int]:
 def working_size(cfg, meta: dict, size: tuple[int, int], grid: Grid, quantum: int, native: int) -> WorkingSize:
     """The size a composite of `size` (width, height) is denoised at."""
     if cfg.native_size:
-        return WorkingSize(fit_to_grid(*size, grid, quantum), "--native_size: the input's own size, rounded to the grid")
+        own = fit_to_grid(*size, grid, quantum)
+        return WorkingSize(own, "--native_size: the input's own size, rounded to the grid")
     side, source = working_side(cfg, meta, native)
     return WorkingSize(composite_size(*size, side, grid, quantum), f"{source}, the longer side")
 
