@@ -31,6 +31,12 @@ def test_pack_is_registry_ready():
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"]
     assert meta["project"]["license"]["file"] == "LICENSE"
     assert "GNU GENERAL PUBLIC LICENSE" in (PACK / "LICENSE").read_text()[:200]
+    workflows = {p.name: json.loads(p.read_text()) for p in (PACK / "example_workflows").glob("*.json")}
+    assert set(workflows) == {"flux_context_complete_panels_2_3.json", "sdxl_concat_inpaint.json", "flux_text_to_set.json"}
+    types = {name: {n["type"] for n in w["nodes"]} for name, w in workflows.items()}
+    assert {"ICLoRALoader", "ICLoRAPanelMask", "SetLatentNoiseMask"} <= types["flux_context_complete_panels_2_3.json"]
+    assert {"InpaintModelConditioning", "LoraLoader"} <= types["sdxl_concat_inpaint.json"]
+    assert "ICLoRAContext" not in types["sdxl_concat_inpaint.json"]  # concat needs no context node
 
 
 def test_token_mask_matches_iclora_flux_rule():

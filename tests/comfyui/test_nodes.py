@@ -55,3 +55,48 @@ def test_context_node_refuses_a_fill_model(comfy):
     model = comfy.comfy.sd.load_diffusion_model_state_dict(fill.state_dict())
     with pytest.raises(ValueError, match="FLUX.1-Fill"):
         comfy.pack.nodes.ICLoRAContext().apply(model, "none", "auto")
+
+
+def _widgets(spec: dict) -> list[str]:
+    """The widget inputs of a node (what widgets_values holds), in order."""
+    inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+    return [n for n, s in inputs.items() if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "comfyui_iclora" / "example_workflows").glob("*.json")))
+def test_example_workflow_matches_comfyui_nodes(comfy, name):
+    """Every node exists (ComfyUI's own and this pack's), every link joins an output to an
+    input of its type, every node holds one value per widget, and choices are valid ones."""
+    import json
+
+    nodes = comfy.nodes
+    if "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    test_comfyui_loads_the_pack(comfy)
+    workflow = json.loads((REPO / "comfyui_iclora" / "example_workflows" / name).read_text())
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        cls = nodes.NODE_CLASS_MAPPINGS[node["type"]]
+        spec = cls.INPUT_TYPES()
+        inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+        widgets = _widgets(spec)
+        values = list(node["widgets_values"])
+        for widget in widgets:
+            value = values.pop(0)
+            if widget in ("seed", "noise_seed"):
+                assert values.pop(0) in ("fixed", "randomize", "increment", "decrement")
+            choices = inputs[widget][0]
+            if isinstance(choices, list) and choices and not widget.endswith("_name") and widget != "image":
+                assert value in choices, f"{name}: {node['type']}.{widget} = {value!r}"
+        assert values in ([], ["image"]), f"{name}: {node['type']} has extra widget values {values}"
+        for socket in node["inputs"]:
+            assert socket["type"] == inputs[socket["name"]][0], f"{name}: {node['type']}.{socket['name']}"
+        for slot, out in enumerate(node["outputs"]):
+            assert out["type"] == cls.RETURN_TYPES[slot]
+    for link_id, src, slot, dst, dst_slot, type_ in workflow["links"]:
+        assert by_id[src]["outputs"][slot]["type"] == type_ == by_id[dst]["inputs"][dst_slot]["type"]
+        assert link_id in by_id[src]["outputs"][slot]["links"] and by_id[dst]["inputs"][dst_slot]["link"] == link_id
+    for node in workflow["nodes"]:  # every required non-widget input is connected
+        spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+        for input_name in set(spec.get("required", {})) - set(_widgets(spec)):
+            assert any(s["name"] == input_name and s["link"] for s in node["inputs"]), f"{name}: {node['type']}.{input_name}"
