@@ -54,6 +54,9 @@ def _sampler_sample(family: str):
 
 def _with_context(x: torch.Tensor, stash: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, C, h, w) with the visible region clean; and the (rows, 1, h, w) mask."""
+    if x.shape[-2:] != stash["mask"].shape[-2:]:
+        raise ValueError(f"IC-LoRA Context: the model input is {tuple(x.shape[-2:])} latents, the composite "
+                         f"{tuple(stash['mask'].shape[-2:])}: area conditioning (a part of the latent) is not supported")
     mask = repeat_rows(stash["mask"], x.shape[0]).to(x)
     clean = repeat_rows(stash["clean"], x.shape[0]).to(x)
     return x * mask + clean * (1 - mask), mask
@@ -121,7 +124,8 @@ def flux_context_forward(model, x, timestep, context, y, guidance, masked, trans
         if model.params.guidance_embed and guidance is not None:
             vec = vec + model.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
         if model.vector_in is not None:
-            vec = vec + model.vector_in(y[:, : model.params.vec_in_dim])
+            pooled = y if y is not None else torch.zeros((bs, model.params.vec_in_dim), device=x.device, dtype=img.dtype)
+            vec = vec + model.vector_in(pooled[:, : model.params.vec_in_dim])
         return vec
 
     vec = torch.stack([embed(timestep), embed(torch.zeros_like(timestep))], dim=1)  # (B, 2, D): k = 0 at t, 1 at 0
