@@ -107,7 +107,7 @@ def test_flux_context_node_gives_the_cli_images(comfy, flux, tmp_path):
     main(["--base_model", str(flux), "--lora_path", "none", "--conditioning", "context", "--context_timestep", "zero",
           "--input_image", str(tmp_path / "input.png"), "--panels_to_inpaint", "2", "3", "--prompt", PROMPT,
           "--num_inference_steps", str(STEPS), "--guidance_scale", str(GUIDANCE), "--seed", str(SEED),
-          "--output_dir", str(tmp_path / "out")])
+          "--output_dir", str(tmp_path / "out"), "--native_size"])
     cli = np.asarray(Image.open(tmp_path / "out" / "input_0.png"), dtype=np.int16)
 
     pipe = ours(flux, image_path=tmp_path / "input.png")

@@ -112,7 +112,7 @@ def test_sdxl_context_node_gives_the_cli_images(comfy, sdxl, tmp_path):
     image.save(tmp_path / "input.png")
     main(["--base_model", str(sdxl), "--lora_path", "none", "--conditioning", "context", "--input_image",
           str(tmp_path / "input.png"), "--panels_to_inpaint", "2", "3", "--prompt", PROMPT, "--num_inference_steps",
-          str(STEPS), "--guidance_scale", str(CFG), "--seed", str(SEED), "--output_dir", str(tmp_path / "out")])
+          str(STEPS), "--guidance_scale", str(CFG), "--seed", str(SEED), "--output_dir", str(tmp_path / "out"), "--native_size"])
     cli = np.asarray(Image.open(tmp_path / "out" / "input_0.png"), dtype=np.int16)
 
     pipe = ours(sdxl, tmp_path / "input.png")
