@@ -55,11 +55,14 @@ class TimestepSampling:
     """How training draws each sample's noise level u in [0, 1) (1 = pure noise): uniform, or
     sigmoid of a normal (SD3's logit-normal). A positive `logit_mean` spends more steps at
     high noise, where a composite's layout and colours are decided; the backend maps u to
-    its own timesteps (SDXL: DDPM's t = u * 1000; FLUX: the flow sigma itself)."""
+    its own timesteps (SDXL: DDPM's t = u * 1000; FLUX: the flow sigma itself). `shift`
+    'resolution' (FLUX): the backend then moves u as its scheduler moves inference's
+    schedule for the composite's size; 'none': u is used as drawn."""
 
     scheme: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    shift: str = "none"
 
     def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """(batch_size,) noise levels, on the CPU, from `generator` alone."""

@@ -20,9 +20,11 @@ Conditioning:
 Training choices, and why:
     sigma    logit-normal (mean 0, std 1), continuous, as diffusers'
              train_dreambooth_lora_flux.py with --weighting_scheme logit_normal and
-             ai-toolkit's default ("sigmoid") timesteps. No resolution-dependent shift:
-             neither of them applies one in training (the scheduler's dynamic shift is
-             an inference-time spacing of steps).
+             ai-toolkit's default ("sigmoid") timesteps. With --timestep_shift resolution
+             each drawn sigma is moved as the scheduler moves inference's schedule for the
+             composite's token count (`inference_shift`: mu from calculate_shift, as
+             the SD3 paper's section 5.3.2 and SimpleTuner's flux_schedule_auto_shift do);
+             diffusers' FLUX scripts apply no shift in training.
     guidance the guidance embedding is fed 1.0 (TRAIN_GUIDANCE), as ai-toolkit does
              (cfg_scale 1.0), which trained the official IC-LoRAs; diffusers' script
              feeds --guidance_scale 3.5. Inference still runs at 3.5 (dev) / 30 (Fill).
@@ -56,7 +58,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from ..panels import latent_mask
 from .base import TimestepSampling, visible_reset_callback
 from ..compiling import CompiledBlocks, compiled_block_counts
-from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask
+from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask, shift_mu
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
@@ -106,6 +108,17 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
 def unpack(tokens: torch.Tensor, h: int, w: int, vae_scale_factor: int) -> torch.Tensor:
     """Inverse of `pack`: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
     return FluxPipeline._unpack_latents(tokens, h * vae_scale_factor, w * vae_scale_factor, vae_scale_factor)
+
+
+def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+    """`sigmas` in [0, 1] moved as `scheduler` moves an inference schedule for an image of
+    `image_seq_len` packed tokens: its time shift with mu from `calculate_shift` where it
+    shifts by resolution (FLUX.1-dev: exp(mu) ~ 3.2 at 1024 x 1024), else its fixed shift."""
+    config = scheduler.config
+    if config.get("use_dynamic_shifting"):
+        return scheduler.time_shift(shift_mu(config, image_seq_len), 1.0, sigmas)
+    shift = config.get("shift", 1.0)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def fill_mask_channels(pixel_mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
@@ -352,7 +365,10 @@ class FluxBackend:
         return self._scale(self.vae.encode(blanked).latent_dist.mode())
 
     def noise_latents(self, latents, noise, generator):
-        sigmas = self.timestep_sampling.draw(latents.shape[0], generator).to(latents.device)  # (B,); 1 = pure noise
+        sigmas = self.timestep_sampling.draw(latents.shape[0], generator)  # (B,); 1 = pure noise
+        if self.timestep_sampling.shift == "resolution":  # the packed sequence: one token per 2x2 latent patch
+            sigmas = inference_shift(self.scheduler, sigmas, latents.shape[-2] * latents.shape[-1] // 4)
+        sigmas = sigmas.to(latents.device)
         s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
         noisy = (1.0 - s) * latents + s * noise  # rectified flow: straight line from data to noise
         return noisy, sigmas * 1000, noise - latents  # timesteps on the scheduler's 0..1000 scale; velocity

@@ -42,6 +42,15 @@ from .base import repeat_to_batch
 CONTEXT_TIMESTEPS = ("zero", "shared")
 
 
+def shift_mu(scheduler_config, image_seq_len: int) -> float:
+    """mu of the scheduler's resolution-dependent shift for an image of `image_seq_len` packed
+    tokens, as every FLUX pipeline computes it (`calculate_shift` with the scheduler's config)."""
+    return calculate_shift(
+        image_seq_len, scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15),
+    )
+
+
 def clean_token_mask(mask: torch.Tensor) -> torch.Tensor:
     """Latent mask (B, 1, h, w), 1 = masked -> (B, h/2 * w/2, 1) bool, True where a whole
     2x2 patch is visible (a token with any masked latent pixel is denoised)."""
@@ -218,11 +227,7 @@ class FluxContextPipeline(FluxInpaintPipeline):
         clean_packed = self._pack_latents(clean, batch, channels, h, w)  # (B, N, 4C)
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        mu = calculate_shift(
-            h * w // 4, self.scheduler.config.get("base_image_seq_len", 256),
-            self.scheduler.config.get("max_image_seq_len", 4096), self.scheduler.config.get("base_shift", 0.5),
-            self.scheduler.config.get("max_shift", 1.15),
-        )
+        mu = shift_mu(self.scheduler.config, h * w // 4)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
 

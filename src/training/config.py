@@ -17,6 +17,9 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 
 # Each backend's own noise-level sampling (iclora.backends.*.timestep_sampling).
 TIMESTEP_SAMPLING_DEFAULTS = {"sdxl": "uniform", "flux": "logit_normal"}
+# Whether FLUX moves each drawn noise level as inference moves its schedule for the
+# composite's size (--timestep_shift; benchmarks/RESULTS.md has the measurement).
+TIMESTEP_SHIFT_DEFAULTS = {"sdxl": "none", "flux": "none"}
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
 # With SDXL concat the visible panels count half as much as the masked ones: on the harder
 # known-answer toy (benchmarks/RESULTS.md) the widened conv_in then reads the visible colour
@@ -92,6 +95,11 @@ class TrainConfig:
     """With logit_normal sampling: the normal's mean; above 0 spends more steps at high noise."""
     logit_std: float = 1.0
     """With logit_normal sampling: the normal's standard deviation."""
+    timestep_shift: Optional[Literal["none", "resolution"]] = None
+    """FLUX: 'resolution' moves each drawn noise level as inference moves its schedule for the composite's token
+    count (the scheduler's time shift, mu from the pipeline's calculate_shift: about 3.2x at 1024x1024), so training
+    spends its steps at the noise levels inference visits; 'none' uses the draw as it is. Default: none (SDXL: none only).
+    A resumed run keeps its checkpoint's choice (none for checkpoints that do not record one)."""
     visible_loss_weight: Optional[float] = None
     """Loss weight of visible panels relative to masked ones (default: 0.5 with SDXL concat, where denoising the
     visible panels from the masked-image input teaches the widened conv_in to read it; 0 otherwise: masked panels only)."""
@@ -154,6 +162,10 @@ class TrainConfig:
         return self.timestep_sampling or TIMESTEP_SAMPLING_DEFAULTS[self.backend]
 
     @property
+    def shift_scheme(self) -> str:
+        return self.timestep_shift or TIMESTEP_SHIFT_DEFAULTS[self.backend]
+
+    @property
     def validating(self) -> bool:
         return bool(self.validation_every or self.validation_image)
 
@@ -186,6 +198,9 @@ class TrainConfig:
         if self.sampling_scheme == "uniform" and (self.logit_mean or self.logit_std != 1.0):
             raise ValueError(f"--logit_mean / --logit_std shape --timestep_sampling logit_normal; --backend {self.backend} "
                              "samples uniformly unless it is given")
+        if self.backend == "sdxl" and self.timestep_shift == "resolution":
+            raise ValueError("--timestep_shift resolution is for --backend flux: SDXL's noise schedule does not depend "
+                             "on the image size")
         if self.conditioning == "context" and self.visible_loss_weight:
             raise ValueError(
                 "--visible_loss_weight must be 0 with --conditioning context: the visible panels are clean inputs there, "

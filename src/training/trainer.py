@@ -65,7 +65,11 @@ RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
                "lora_dropout", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
                "visible_loss_weight", "caption_dropout",
-               "cache_latents", "max_token_length", "seed")
+               "cache_latents", "max_token_length", "seed", "timestep_shift")
+# Run settings that checkpoints record only since they exist: a checkpoint without one was
+# trained with this value. A resumed run keeps the checkpoint's value, unless its flag is
+# given (then the two must agree), so a later change of default never changes a resumed run.
+UNRECORDED = {"timestep_shift": "none"}
 
 
 def parameter_groups(backend, cfg: TrainConfig) -> list:
@@ -174,6 +178,7 @@ class Trainer:
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
         self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
         self.run_signature["visible_loss_weight"] = cfg.visible_weight
+        self.run_signature["timestep_shift"] = cfg.shift_scheme
         self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                   num_processes=self.accelerator.num_processes)
         self._check_outputs()
@@ -191,7 +196,8 @@ class Trainer:
             options["dtype"] = self.weight_dtype  # frozen weights load in it: no float32 copy on the host
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std)
+        self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std,
+                                                          self.run_signature["timestep_shift"])
         if self.accelerator.is_main_process:  # now exactly: the estimate was made before loading
             checkpoints.check_free_space(self.output_dir, sum(p.numel() for p in self.backend.trainable_parameters()),
                                          cfg.use_8bit_adam, "counted")
@@ -263,7 +269,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _check_resumable(self, state: dict) -> None:
-        saved = state.get("run", {})
+        saved = {**UNRECORDED, **state.get("run", {})}
+        for key in UNRECORDED:
+            if getattr(self.cfg, key, None) is None:  # not given: what the checkpoint was trained with
+                self.run_signature[key] = saved[key]
         changed = [f"{k} {saved[k]} -> {v}" for k, v in self.run_signature.items() if k in saved and saved[k] != v]
         if changed:
             raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)}); "
@@ -414,7 +423,8 @@ class Trainer:
             "max_token_length": backend.max_token_length,
             "global_step": self.global_step,
             "training_args": {**dataclasses.asdict(self.cfg), "visible_loss_weight": self.cfg.visible_weight,
-                              "timestep_sampling": self.cfg.sampling_scheme},
+                              "timestep_sampling": self.cfg.sampling_scheme,
+                              "timestep_shift": self.run_signature["timestep_shift"]},
         }
 
     def save_inference_files(self, folder: Path) -> None:
