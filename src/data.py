@@ -4,7 +4,7 @@ Every problem in the folder is found before any model is loaded and reported in 
 each image is decoded in full (a truncated file fails here, not at step 0), each caption
 must be UTF-8 (a BOM is dropped). Composites of different aspect ratios train together:
 each is resized (never stretched: scaled to cover, then centre-cropped by a few pixels) to
-its bucket size from `panels.composite_size`, and a batch only holds samples of one
+its bucket size from `panels.composite_size` (longer side or area), and a batch only holds samples of one
 bucket. A composite whose bucket would crop more than MAX_CROP of a side (and more than the
 one grid step that rounding may cost) is refused unless allowed (`--allow_crop`). Pixels are read as 8-bit RGB by `images.open_rgb8` (16-bit,
 palette and transparent images included), as inference reads them.
@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .images import open_rgb8
-from .panels import Grid, composite_size
+from .panels import Grid, bucket_scale, composite_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MAX_UPSCALE = 2.0  # a composite whose longer side would be enlarged more than this is "too small"
@@ -43,8 +43,9 @@ class Record:
 
 
 def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int,
-                allow_crop: bool = False) -> list[Record]:
-    """Read captions and decode every image in `data_dir` (sorted by name)."""
+                allow_crop: bool = False, bucket_by: str = "longest") -> list[Record]:
+    """Read captions and decode every image in `data_dir` (sorted by name); each bucket from
+    `composite_size` with `bucket_by`."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DatasetError(f"--data_dir {folder}: no such folder")
@@ -69,13 +70,15 @@ def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int,
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             problems.append((path.name, f"{path.name}: unreadable image ({error.__class__.__name__}: {error})"))
             continue
-        if max(width, height) * MAX_UPSCALE < image_size:
+        scale = bucket_scale(width, height, image_size, bucket_by)
+        if scale > MAX_UPSCALE:
+            longer = max(width, height)
             problems.append((path.name,
                 f"{path.name}: {width}x{height} is too small for --image_size {image_size} "
-                f"(longer side must be at least {math.ceil(image_size / MAX_UPSCALE)})"
+                f"(longer side must be at least {math.ceil(round(longer * scale / MAX_UPSCALE, 6))})"
             ))
             continue
-        bucket_w, bucket_h = composite_size(width, height, image_size, grid, quantum)
+        bucket_w, bucket_h = composite_size(width, height, image_size, grid, quantum, bucket_by)
         kept_w, kept_h = crop_kept(width, height, bucket_w, bucket_h)
         # Rounding to whole panels crops up to one grid step: more than that and MAX_CROP
         # means the composite's shape does not fit the training size at all.

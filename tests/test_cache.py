@@ -22,7 +22,7 @@ def test_a_run_from_cache_trains_what_a_run_without_it_trains(conditioning, data
     cold = train(data_2x2, *flags, *cache)  # encodes and writes the cache
     warm = train(data_2x2, *flags, *cache)  # reads it
     assert len(list((tmp_path / "cache" / "latents").iterdir())) == 4
-    assert len(list((tmp_path / "cache" / "text").iterdir())) == len(captions(data_2x2)) + 1  # and the dropped ""
+    assert len(list((tmp_path / "cache" / "text").iterdir())) == len(captions(data_2x2)) + 1  # and a dropped caption's unconditional embeddings
     torch.testing.assert_close(torch.tensor(cold.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
     assert warm.losses == cold.losses
 

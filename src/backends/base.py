@@ -171,6 +171,11 @@ class Backend(Protocol):
         """Text embeddings for a batch of prompts, each tensor batch-first, so they can be
         cached per caption and stacked again."""
 
+    def unconditional_prompt(self) -> dict[str, torch.Tensor]:
+        """What inference's unconditional branch is fed when no negative prompt is given, as
+        `encode_prompt` of one prompt (SDXL: zeros where the pipeline zeroes empty prompts,
+        force_zeros_for_empty_prompt; FLUX: the encoding of ""). Caption dropout trains on it."""
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
 

@@ -328,6 +328,10 @@ class FluxBackend:
         # text ids are all zeros in FLUX.1: predict() rebuilds them, they are not cached.
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 512, D), (B, D_clip)
 
+    def unconditional_prompt(self) -> dict[str, torch.Tensor]:
+        # The FLUX pipelines' negative prompt defaults to "" (true CFG); FLUX.1-dev itself is guidance-distilled.
+        return self.encode_prompt([""])
+
     def _warn_truncation(self, prompts: list[str]) -> None:
         """Say once (not every step, as the pipeline does) that CLIP reads only the start of
         long prompts, and once per prompt that T5 cuts one."""

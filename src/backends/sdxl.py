@@ -226,6 +226,12 @@ class SDXLBackend:
             self.max_token_length, self.text_encoder_2.device,
         )  # (B, L + 2, D), (B, D2)
 
+    def unconditional_prompt(self) -> dict[str, torch.Tensor]:
+        empty = self.encode_prompt([""])
+        if self._prompt_pipe.config.force_zeros_for_empty_prompt:  # as the pipeline feeds guidance without a negative prompt
+            return {k: torch.zeros_like(v) for k, v in empty.items()}
+        return empty
+
     def _warn_truncation(self, prompts: list[str]) -> None:
         """Warn once per prompt that the text encoders read only --max_token_length tokens."""
         limit = self.max_token_length
@@ -420,10 +426,7 @@ class SDXLBackend:
         embeds = self.encode_prompt([prompt])
         kwargs = dict(embeds)
         if guidance_scale > 1 or negative_prompt is not None:  # (> 1: diffusers' classifier-free guidance)
-            if negative_prompt is None and self._prompt_pipe.config.force_zeros_for_empty_prompt:
-                negative = {k: torch.zeros_like(v) for k, v in embeds.items()}  # as the pipeline does
-            else:
-                negative = self.encode_prompt([negative_prompt or ""])
+            negative = self.unconditional_prompt() if negative_prompt is None else self.encode_prompt([negative_prompt])
             kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
         return kwargs

@@ -2,8 +2,8 @@
 
     python src/training/train_sdxl_ic_lora.py --config examples/sdxl_2x2.yaml --dry_run
 
-Prints the composites found and their aspect buckets (with how much of each composite
-the resize crops away), every caption's length in tokens for each text encoder (and the
+Prints the composites found and their aspect buckets (their size against image_size², and
+how much of each composite the resize crops away), every caption's length in tokens for each text encoder (and the
 captions that will be cut), the panel markers of each caption against the grid, and the
 steps and epochs the settings give. Only tokenizers are loaded.
 """
@@ -99,7 +99,8 @@ def check_training_data(cfg) -> CheckReport:
     from ..backends import backend_class
 
     grid = Grid.parse(cfg.grid)
-    records = scan_folder(cfg.data_dir, cfg.image_size, grid, backend_class(cfg.backend).pixel_quantum)
+    records = scan_folder(cfg.data_dir, cfg.image_size, grid, backend_class(cfg.backend).pixel_quantum,
+                          bucket_by=cfg.bucket_by)
     buckets: dict[tuple[int, int], list[float]] = defaultdict(list)
     for record in records:
         buckets[record.size].append(crop_fraction(record))
@@ -116,11 +117,13 @@ def check_training_data(cfg) -> CheckReport:
 
 
 def print_report(report: CheckReport, cfg) -> None:
-    print(f"dry run: {cfg.data_dir}, grid {cfg.grid}, image_size {cfg.image_size} (no model loaded, nothing written)")
+    print(f"dry run: {cfg.data_dir}, grid {cfg.grid}, image_size {cfg.image_size}, bucket_by {cfg.bucket_by} "
+          "(no model loaded, nothing written)")
     print(f"images: {report.num_images}")
     print("buckets (height x width):")
     for (h, w), stats in report.buckets.items():
-        print(f"  {h}x{w}: {stats['count']} composite(s), crop mean {stats['mean_crop']:.1%} max {stats['max_crop']:.1%}")
+        print(f"  {h}x{w}: {stats['count']} composite(s), {h * w / cfg.image_size**2:.0%} of image_size² pixels, "
+              f"crop mean {stats['mean_crop']:.1%} max {stats['max_crop']:.1%}")
     print("caption tokens per text encoder:")
     for enc in report.encoders:
         lengths = list(enc.lengths.values())

@@ -103,16 +103,20 @@ class _Store:
 
 
 class TextCache:
-    """Caption -> encode_prompt's tensors (each without the batch axis), on the CPU."""
+    """Caption -> encode_prompt's tensors (each without the batch axis), on the CPU; with
+    `unconditional`, None -> the backend's `unconditional_prompt` (a dropped caption)."""
 
-    def __init__(self, folder: Path, cfg, backend, captions: set[str]):
+    def __init__(self, folder: Path, cfg, backend, captions: set[str], unconditional: bool = False):
         store, settings = _Store(folder / "text"), model_settings(cfg, backend, text=True)
         self.embeds = {c: store.get(digest("text", settings, c), lambda c=c: {k: v[0] for k, v in
                                                                              backend.encode_prompt([c]).items()})
                        for c in sorted(captions)}
+        if unconditional:
+            self.embeds[None] = store.get(digest("unconditional", settings), lambda: {
+                k: v[0] for k, v in backend.unconditional_prompt().items()})
         self.hits, self.misses = store.hits, store.misses
 
-    def batch(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+    def batch(self, captions: list[str | None], device) -> dict[str, torch.Tensor]:
         keys = self.embeds[captions[0]].keys()
         return {k: torch.stack([self.embeds[c][k] for c in captions]).to(device) for k in keys}
 
@@ -166,14 +170,17 @@ def cache_folder(cfg) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
 
 
-def build_caches(cfg, backend, records: list[Record], dataset: CompositeDataset, grid: Grid, device):
+def build_caches(cfg, backend, records: list[Record], dataset: CompositeDataset, grid: Grid, device,
+                 dropped_caption: str = "unconditional"):
     """(TextCache or None, LatentCache or None) as the flags ask; releases the encoders they
-    make unnecessary from the training device."""
+    make unnecessary from the training device. `dropped_caption`: what caption dropout feeds,
+    'unconditional' (None's entry) or 'empty' (the caption "")."""
     folder = cache_folder(cfg)
     text = latents = None
     if cfg.cache_text_embeddings:
-        captions = {r.caption for r in records} | ({""} if cfg.caption_dropout > 0 else set())
-        text = TextCache(folder, cfg, backend, captions)
+        dropout = cfg.caption_dropout > 0
+        captions = {r.caption for r in records} | ({""} if dropout and dropped_caption == "empty" else set())
+        text = TextCache(folder, cfg, backend, captions, unconditional=dropout and dropped_caption == "unconditional")
         backend.release_text_encoders()
         logger.info("text cache %s: %d read, %d encoded", folder, text.hits, text.misses)
     if cfg.cache_latents:

@@ -62,7 +62,7 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
     weight_decay: float = 1e-2
-    """AdamW weight decay."""
+    """AdamW weight decay of the LoRA (the fully trained conv_in of SDXL concat has none: it would pull the pretrained channels toward zero)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     use_8bit_adam: bool = False
@@ -74,7 +74,9 @@ class TrainConfig:
     lora_dropout: float = 0.1
     """Dropout on the LoRA branch."""
     image_size: int = 1024
-    """Longer side of the composite in pixels; the other side keeps the aspect ratio."""
+    """Training size in pixels: the composite's longer side (--bucket_by longest) or the side of a square of its area (area); the aspect ratio is kept."""
+    bucket_by: Literal["longest", "area"] = "longest"
+    """How --image_size sizes each composite: 'longest' side = image_size, or 'area' ≈ image_size² pixels (a 1x3 strip then trains at the pixels of a 2x2 composite, not a third of them). Either way every panel boundary falls on a latent pixel; --dry_run prints the sizes."""
     grid: str = "2x2"
     """Panel layout ROWSxCOLS (2x2, 1x2, 1x3, 2x1, ...)."""
     allow_crop: bool = False
@@ -95,16 +97,16 @@ class TrainConfig:
     """With logit_normal sampling: the normal's mean; above 0 spends more steps at high noise."""
     logit_std: float = 1.0
     """With logit_normal sampling: the normal's standard deviation."""
-    timestep_shift: Optional[Literal["none", "resolution"]] = None
+    timestep_shift: Literal["auto", "none", "resolution"] = "auto"
     """FLUX: 'resolution' moves each drawn noise level as inference moves its schedule for the composite's token
     count (the scheduler's time shift, mu from the pipeline's calculate_shift: about 3.2x at 1024x1024), so training
-    spends its steps at the noise levels inference visits; 'none' uses the draw as it is. Default: none (SDXL: none only).
-    A resumed run keeps its checkpoint's choice (none for checkpoints that do not record one)."""
+    spends its steps at the noise levels inference visits; 'none' uses the draw as it is. 'auto': the backend's
+    default (none), or when resuming, the checkpoint's choice (none for checkpoints that do not record one)."""
     visible_loss_weight: Optional[float] = None
     """Loss weight of visible panels relative to masked ones (default: 0.5 with SDXL concat, where denoising the
     visible panels from the masked-image input teaches the widened conv_in to read it; 0 otherwise: masked panels only)."""
     caption_dropout: float = 0.0
-    """Chance of training a sample with an empty caption."""
+    """Chance of training a sample unconditioned, on what inference's unconditional branch is fed (SDXL: zero embeddings, as its pipeline gives classifier-free guidance for an empty prompt; FLUX: the encoding of "")."""
     max_token_length: Optional[int] = None
     """SDXL: CLIP tokens read from each caption, 75, 150 or 225 (chunks of 75 encoded separately and concatenated, as kohya's sd-scripts; default 150). Recorded with the LoRA for inference. FLUX's CLIP reads 75 (its T5 reads 512)."""
     cache_text_embeddings: bool = False
@@ -163,7 +165,7 @@ class TrainConfig:
 
     @property
     def shift_scheme(self) -> str:
-        return self.timestep_shift or TIMESTEP_SHIFT_DEFAULTS[self.backend]
+        return TIMESTEP_SHIFT_DEFAULTS[self.backend] if self.timestep_shift == "auto" else self.timestep_shift
 
     @property
     def validating(self) -> bool:

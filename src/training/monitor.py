@@ -126,7 +126,8 @@ class Monitor:
             if self.main:
                 with Image.open(path) as image:
                     image = image.convert("RGB")
-                size = composite_size(image.width, image.height, cfg.image_size, trainer.grid, trainer.backend.pixel_quantum)
+                size = composite_size(image.width, image.height, cfg.image_size, trainer.grid, trainer.backend.pixel_quantum,
+                                      cfg.bucket_by)
                 folder.mkdir(parents=True, exist_ok=True)
                 image.resize(size, Image.Resampling.LANCZOS).save(target)  # size = (width, height)
             inputs.append((str(target), prompt))

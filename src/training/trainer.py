@@ -21,6 +21,7 @@ replays an uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -65,22 +66,36 @@ RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
                "lora_dropout", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
                "visible_loss_weight", "caption_dropout",
-               "cache_latents", "max_token_length", "seed", "timestep_shift")
+               "cache_latents", "max_token_length", "seed", "timestep_shift", "bucket_by")
 # Run settings that checkpoints record only since they exist: a checkpoint without one was
-# trained with this value. A resumed run keeps the checkpoint's value, unless its flag is
-# given (then the two must agree), so a later change of default never changes a resumed run.
-UNRECORDED = {"timestep_shift": "none"}
+# trained with this value. A resumed run keeps the checkpoint's value unless its flag is set
+# (not 'auto'; then the two must agree), so a later change of default never changes a resumed run.
+UNRECORDED = {
+    "timestep_shift": "none",
+    "bucket_by": "longest",
+    # Internal choices without a flag, changed since; how the newer runs do it is in `setup`.
+    "decay_fully_trained": True,  # AdamW's weight decay on conv_in too (see parameter_groups)
+    "dropped_caption": "empty",  # a dropped caption trained as the encoding of "" (see prompt_embeds)
+}
 
 
-def parameter_groups(backend, cfg: TrainConfig) -> list:
-    """What the optimizer updates: one group, or with --conv_in_learning_rate the fully
-    trained conv_in as a second group at its own rate (the schedule scales both)."""
+def parameter_groups(backend, cfg: TrainConfig, decay_fully_trained: bool = False) -> list:
+    """What the optimizer updates: the LoRA, at --weight_decay, and in a group of their own
+    the fully trained parameters (SDXL concat's conv_in) without weight decay: decay would pull
+    its pretrained channels toward zero, not toward the base, and a LoRA's decay only pulls
+    toward the base because its product starts at zero. --conv_in_learning_rate sets that
+    group's rate (the schedule scales both). `decay_fully_trained`: one group, decayed
+    throughout (how checkpoints that do not record it were trained)."""
     params = backend.trainable_parameters()
-    if cfg.conv_in_learning_rate is None:
-        return params
     full = {id(p) for p in backend.fully_trained_parameters()}
-    return [{"params": [p for p in params if id(p) not in full]},
-            {"params": [p for p in params if id(p) in full], "lr": cfg.conv_in_learning_rate}]
+    if not full or (decay_fully_trained and cfg.conv_in_learning_rate is None):
+        return params
+    group = {"params": [p for p in params if id(p) in full]}
+    if cfg.conv_in_learning_rate is not None:
+        group["lr"] = cfg.conv_in_learning_rate
+    if not decay_fully_trained:
+        group["weight_decay"] = 0.0
+    return [{"params": [p for p in params if id(p) not in full]}, group]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -154,12 +169,14 @@ class Trainer:
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of self.epoch already trained
         self.first_step_seconds: float | None = None  # with --compile: this process's first step
+        self.unconditional: dict[str, torch.Tensor] | None = None  # what a dropped caption is fed
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg = without_cuda(self.cfg)
         backend_cls = backend_class(cfg.backend)
-        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum, cfg.allow_crop)
+        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum, cfg.allow_crop,
+                              cfg.bucket_by)
         self.monitor = Monitor(self, records)
         mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
         # accelerate keeps process-wide state that refuses a second in-process run with other
@@ -179,6 +196,7 @@ class Trainer:
         self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
         self.run_signature["visible_loss_weight"] = cfg.visible_weight
         self.run_signature["timestep_shift"] = cfg.shift_scheme
+        self.run_signature.update(decay_fully_trained=False, dropped_caption="unconditional")
         self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                   num_processes=self.accelerator.num_processes)
         self._check_outputs()
@@ -212,11 +230,11 @@ class Trainer:
         self.records = records
         dataset = CompositeDataset(records)
         self.prompt_cache, self.latent_cache = build_caches(
-            cfg, self.backend, records, dataset, self.grid, self.accelerator.device)
+            cfg, self.backend, records, dataset, self.grid, self.accelerator.device, self.run_signature["dropped_caption"])
         if self.latent_cache is not None:  # the pixels are never used: do not decode them each step
             dataset = CompositeDataset(records, pixels=False)
 
-        params = parameter_groups(self.backend, cfg)
+        params = parameter_groups(self.backend, cfg, self.run_signature["decay_fully_trained"])
         if cfg.use_8bit_adam:
             import bitsandbytes as bnb
 
@@ -271,7 +289,7 @@ class Trainer:
     def _check_resumable(self, state: dict) -> None:
         saved = {**UNRECORDED, **state.get("run", {})}
         for key in UNRECORDED:
-            if getattr(self.cfg, key, None) is None:  # not given: what the checkpoint was trained with
+            if getattr(self.cfg, key, None) in (None, "auto"):  # no flag, or not given: what the checkpoint used
                 self.run_signature[key] = saved[key]
         changed = [f"{k} {saved[k]} -> {v}" for k, v in self.run_signature.items() if k in saved and saved[k] != v]
         if changed:
@@ -379,13 +397,13 @@ class Trainer:
             # unmasked sample would let the model copy its answer from the conditioning.
             subsets.append(tuple(masked or range(self.grid.num_panels)))
             dropped = torch.rand((), generator=generator).item() < cfg.caption_dropout
-            captions.append("" if dropped else caption)
+            captions.append(None if dropped else caption)
         # Panel boundaries fall on latent pixels, so the masks are built at latent size directly:
         # exactly the pixel masks' area averages (latent_mask), at 1/64 of the pixels.
         f = backend.vae_scale_factor
         mask = panel_masks(subsets, self.grid, height // f, width // f).to(device, self.weight_dtype)  # (B, 1, h, w)
 
-        embeds = self.prompt_cache.batch(captions, device) if self.prompt_cache else backend.encode_prompt(captions)
+        embeds = self.prompt_embeds(captions, device)
         if self.latent_cache is not None:
             latents = self.latent_cache.latents(backend, indices, device).to(self.weight_dtype)  # (B, C, h, w)
             masked_latents = self.latent_cache.masked_latents(indices, subsets, device)
@@ -395,6 +413,25 @@ class Trainer:
             pixel_mask = panel_masks(subsets, self.grid, height, width).to(device)  # (B, 1, H, W)
             masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_weight)
+
+    def prompt_embeds(self, captions: list[str | None], device) -> dict[str, torch.Tensor]:
+        """The batch's text embeddings. A dropped caption (None) is fed what inference's
+        unconditional branch is fed (`unconditional_prompt`: SDXL's zeros), so dropout trains
+        the prediction classifier-free guidance subtracts; runs from checkpoints that do not
+        record it feed the encoding of "" as they did."""
+        if self.run_signature["dropped_caption"] == "empty":
+            captions = ["" if c is None else c for c in captions]
+        if self.prompt_cache:
+            return self.prompt_cache.batch(captions, device)
+        kept = [c for c in captions if c is not None]
+        if len(kept) == len(captions):
+            return self.backend.encode_prompt(captions)
+        if self.unconditional is None:  # encoded once
+            self.unconditional = self.backend.unconditional_prompt()
+        encoded = self.backend.encode_prompt(kept) if kept else {}
+        rows = list(itertools.accumulate((c is not None for c in captions), initial=0))  # row in `encoded`
+        return {k: torch.stack([u[0] if c is None else encoded[k][rows[i]] for i, c in enumerate(captions)])
+                for k, u in self.unconditional.items()}
 
     # ---- saving -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -420,6 +457,7 @@ class Trainer:
             "conditioning": backend.conditioning,
             "context_timestep": backend.context_timestep,
             "image_size": self.cfg.image_size,
+            "bucket_by": self.cfg.bucket_by,
             "max_token_length": backend.max_token_length,
             "global_step": self.global_step,
             "training_args": {**dataclasses.asdict(self.cfg), "visible_loss_weight": self.cfg.visible_weight,
