@@ -196,7 +196,7 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     """The trainer's set-up (Trainer.setup order) and step (Trainer.train around diffusion_loss)."""
     from diffusers.optimization import get_scheduler
 
-    from iclora.training.trainer import diffusion_loss, optimizer_step, step_generator
+    from iclora.training.trainer import diffusion_loss, optimizer_step, parameter_groups, step_generator
 
     family, device = FAMILIES[setting.model], torch.device(opts.device)
     accelerator = fresh_accelerator(setting.precision, device)
@@ -210,7 +210,9 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     backend.release_text_encoders()  # as with --cache_text_embeddings
     if opts.channels_last:
         backend.denoiser.to(memory_format=torch.channels_last)
-    optimizer, optimizer_name = make_optimizer(backend.trainable_parameters(), setting.adam8bit)
+    # The trainer's groups: SDXL concat's conv_in without weight decay.
+    params = parameter_groups(backend, types.SimpleNamespace(conv_in_learning_rate=None))
+    optimizer, optimizer_name = make_optimizer(params, setting.adam8bit)
     lr_scheduler = get_scheduler("constant", optimizer)
     backend.denoiser, optimizer, lr_scheduler = accelerator.prepare(backend.denoiser, optimizer, lr_scheduler)
     eager = maybe_compile(backend.denoiser, lambda: backend.compile_blocks(**COMPILE_OPTIONS), opts.compile)
