@@ -179,6 +179,22 @@ def test_text_to_set_takes_the_trained_grids_aspect(lora, tmp_path):
     assert check_inputs(width_only).size == (96, 32)  # the height from the grid
 
 
+def test_an_area_bucketed_lora_works_at_its_area(lora, tmp_path):
+    """A LoRA trained with --bucket_by area (its record says so) denoises a 1x3 strip, and
+    generates one from text, at about image_size² pixels, as training sized its strips."""
+    strip = tmp_path / "area_lora"
+    shutil.copytree(lora, strip)
+    meta = json.loads((strip / "iclora_config.json").read_text())
+    (strip / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3", "bucket_by": "area"}))
+    image = upscaled(tmp_path / "strip.png", INPUT, (192, 64))
+    plan = check_inputs(InferConfig(lora_path=str(strip), prompt="p", input_image=str(image), panels_to_inpaint=["2"],
+                                    output_dir=str(tmp_path / "out")))
+    assert plan.working.size == composite_size(192, 64, 64, Grid(1, 3), 8, "area") == (120, 40)  # longest: 72x24
+    assert "bucket_by area" in plan.working.source
+    generated = check_inputs(InferConfig(lora_path=str(strip), prompt="p", panels_to_inpaint=["all"]))
+    assert generated.size == (120, 40)
+
+
 def test_the_bare_base_works_at_its_native_size_and_says_so(tmp_path):
     plan = check_inputs(InferConfig(lora_path="none", prompt="p", input_image=str(INPUT), base_model="tiny-sdxl",
                                     output_dir=str(tmp_path)))

@@ -1,8 +1,9 @@
 """The size inference denoises at: the size training gives such a composite.
 
 A LoRA learns its panels at the size training resized its composites to: the longer side
-`--image_size`, the other keeping the aspect ratio, both rounded so every panel boundary
-falls on a latent pixel (`panels.composite_size`, the training bucket). Denoising a 2048 px
+`--image_size` (or with `--bucket_by area`, about `image_size²` pixels), the other keeping
+the aspect ratio, both rounded so every panel boundary falls on a latent pixel
+(`panels.composite_size`, the training bucket; the rule is the LoRA's recorded `bucket_by`). Denoising a 2048 px
 composite with a LoRA trained at 1024 would show it four times the area it learned (and
 take four times the memory), so inference resizes the input to its bucket (the working
 size), denoises there, and resizes the result back to the input's size; the visible panels
@@ -44,7 +45,12 @@ def working_side(cfg, meta: dict, native: int) -> tuple[int, str]:
     return native, f"the base model's native size ({native}; no image_size recorded with the LoRA)"
 
 
-def generated_size(cfg, grid: Grid, side: int, quantum: int) -> tuple[int, int]:
+def bucket_rule(meta: dict) -> str:
+    """How the LoRA's training sized composites ('longest' for LoRAs that do not record it)."""
+    return meta.get("bucket_by") or "longest"
+
+
+def generated_size(cfg, grid: Grid, side: int, quantum: int, bucket_by: str = "longest") -> tuple[int, int]:
     """The output size of a set generated from text (no input): --width and --height when
     both are given; one of them with the other from the grid's aspect (square panels);
     neither: the training bucket of the grid's aspect (SDXL, 1x3, side 1024: 1032x344)."""
@@ -54,7 +60,7 @@ def generated_size(cfg, grid: Grid, side: int, quantum: int) -> tuple[int, int]:
         return cfg.width, max(1, round(cfg.width * grid.rows / grid.cols))
     if cfg.height:
         return max(1, round(cfg.height * grid.cols / grid.rows)), cfg.height
-    return composite_size(grid.cols, grid.rows, side, grid, quantum)
+    return composite_size(grid.cols, grid.rows, side, grid, quantum, bucket_by)
 
 
 def working_size(cfg, meta: dict, size: tuple[int, int], grid: Grid, quantum: int, native: int) -> WorkingSize:
@@ -63,7 +69,9 @@ def working_size(cfg, meta: dict, size: tuple[int, int], grid: Grid, quantum: in
         own = fit_to_grid(*size, grid, quantum)
         return WorkingSize(own, "--native_size: the input's own size, rounded to the grid")
     side, source = working_side(cfg, meta, native)
-    return WorkingSize(composite_size(*size, side, grid, quantum), f"{source}, the longer side")
+    rule = bucket_rule(meta)
+    what = "the longer side" if rule == "longest" else "the side of a square of the same area (bucket_by area)"
+    return WorkingSize(composite_size(*size, side, grid, quantum, rule), f"{source}, {what}")
 
 
 def working_mask(mask: torch.Tensor, size: tuple[int, int], grid: Grid, panels: list[int] | None) -> torch.Tensor:
