@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_training, toy_dataset
+from conftest import toy_dataset
 
 pytest.importorskip("gradio", reason="the web app's extra: pip install 'iclora[ui]'")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -48,8 +48,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("app_workspace")
-    toy_dataset(root / "data")
-    run_training(root / "data", root / "runs" / "r1", "--max_train_steps", "1")
+    toy_dataset(root / "data")  # no LoRA yet: inpainting runs the tiny base (LoRAs: test_app_inpaint.py)
     return root
 
 
@@ -91,16 +90,21 @@ def wait(driver, seconds: float = 60):
     return WebDriverWait(driver, seconds, poll_frequency=0.25)
 
 
-def fill(driver, elem_id: str, text: str, tag: str = "input") -> None:
-    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} {tag}")
+def field(driver, elem_id: str):
+    """The text field of a Gradio widget (single-line ones are inputs or textareas)."""
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input, #{elem_id} textarea")
+
+
+def fill(driver, elem_id: str, text: str) -> None:
+    box = field(driver, elem_id)
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.DELETE)
     box.send_keys(text)
     box.send_keys(Keys.TAB)  # blur: Gradio takes the value on change
 
 
-def value(driver, elem_id: str, tag: str = "input") -> str:
-    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} {tag}").get_attribute("value")
+def value(driver, elem_id: str) -> str:
+    return field(driver, elem_id).get_attribute("value")
 
 
 def open_tab(driver, name: str) -> None:
@@ -117,7 +121,8 @@ def screenshot(driver, name: str) -> None:
 def test_inpaint_in_the_browser(app, browser, workspace):
     browser.get(app)
     wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#composite input[type=file]")))
-    assert value(browser, "lora") == "runs/r1/final_model"  # the newest LoRA of the workspace
+    assert value(browser, "lora") == "none"  # the workspace holds no LoRA yet
+    fill(browser, "base_model", "tiny-sdxl")
     browser.find_element(By.CSS_SELECTOR, "#composite input[type=file]").send_keys(str(workspace / "data" / "00001.png"))
     preview = wait(browser).until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#panels_preview img")))
     wait(browser).until(lambda d: preview.size["width"] > 50)
@@ -131,17 +136,58 @@ def test_inpaint_in_the_browser(app, browser, workspace):
     for dx, dy in [(-width / 4, height / 4), (width / 4, height / 4)]:
         ActionChains(browser).move_to_element_with_offset(preview, int(dx), int(dy)).click().perform()
         time.sleep(0.5)
-    wait(browser, 20).until(lambda d: value(d, "panels_text", "textarea") == "2 3")
-    fill(browser, "prompt", PROMPT, "textarea")
+    wait(browser, 20).until(lambda d: value(d, "panels_text") == "2 3")
+    fill(browser, "prompt", PROMPT)
     fill(browser, "steps", "2")
     fill(browser, "guidance", "1")
     browser.find_element(By.ID, "inpaint_run").click()
     wait(browser, 90).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#comparison img"))
-    status = value(browser, "inpaint_status", "textarea")
+    status = value(browser, "inpaint_status")
     assert status.startswith("wrote"), status
     assert browser.find_elements(By.CSS_SELECTOR, "#outputs img")
-    written = workspace / "inpaint_output" / "final_model"
+    written = workspace / "inpaint_output" / "base"
     assert (written / "00001_0.png").is_file() and (written / "00001_comparison.png").is_file()
     downloads = browser.find_element(By.ID, "downloads").text  # name and suffix in two elements
     assert "00001_0\n.png" in downloads and "00001_comparison" in downloads
     screenshot(browser, "inpaint")
+
+
+def test_train_from_the_page(app, browser, workspace):
+    browser.get(app)
+    wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "button[role='tab']")))
+    open_tab(browser, "Train")
+    fill(browser, "train_model", "tiny-sdxl")
+    fill(browser, "train_data", "data")
+    fill(browser, "train_output", "runs/web")
+    for elem_id, text in [("train_steps", "2"), ("train_batch", "2"), ("train_rank", "4"), ("train_size", "64"),
+                          ("train_validation", "2")]:
+        fill(browser, elem_id, text)
+    fill(browser, "train_extra", "--lora_alpha 4 --validation_inference_steps 2")
+    browser.find_element(By.ID, "train_start").click()
+    wait(browser, 20).until(lambda d: value(d, "train_status").startswith(("started", "running", "error")))
+    assert not value(browser, "train_status").startswith("error"), value(browser, "train_status")
+    # Closing the page does not stop the run: open it again and find the run from its folder.
+    browser.get(app)
+    wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "button[role='tab']")))
+    open_tab(browser, "Train")
+    fill(browser, "train_output", "runs/web")
+    wait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#samples img"))
+    assert list((workspace / "runs" / "web" / "samples").glob("step_*/*_comparison.png"))
+    wait(browser, 60).until(lambda d: value(d, "train_status").startswith("finished"))
+    screenshot(browser, "train")
+
+
+def test_data_tab_shows_a_composite_its_caption_and_checks(app, browser, workspace):
+    browser.get(app)
+    wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "button[role='tab']")))
+    open_tab(browser, "Data")
+    fill(browser, "data_dir", "data")
+    fill(browser, "data_model", "tiny-sdxl")
+    fill(browser, "data_size", "64")
+    browser.find_element(By.ID, "data_load").click()
+    wait(browser, 60).until(lambda d: value(d, "data_caption").strip())
+    assert value(browser, "data_caption") == (workspace / "data" / "00000.txt").read_text().strip()
+    assert "markers match the 2x2 grid" in value(browser, "data_checks")
+    assert value(browser, "data_report").startswith("dry run: data, grid 2x2")
+    assert browser.find_elements(By.CSS_SELECTOR, "#data_picture img")
+    screenshot(browser, "data")

@@ -1,11 +1,13 @@
-"""The page: its tabs wired to the handler modules (inpaint.py, ...), which
+"""The page: its tabs wired to the handler modules (inpaint.py, train.py, data.py), which
 hold all the work. What is here only moves values between widgets and those functions, and
 turns their errors into the command line's one `error:` line in the page."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import threading
 
 import gradio as gr
 from PIL import Image
@@ -39,11 +41,21 @@ def shows_errors(outputs: int):
 
 
 def build_app(ws: Workspace) -> gr.Blocks:
+    from .ui_data import data_tab
+    from .ui_train import train_tab
+
+    # diffusers takes ~10 s to import: done while the page loads, not at the first click.
+    threading.Thread(target=importlib.import_module, args=("iclora.inference.inpaint",), daemon=True).start()
+
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"## iclora\nWorkspace: `{ws.root}`; every path below is relative to it.")
         with gr.Tabs():
             with gr.Tab("Inpaint", id="inpaint"):
                 inpaint_tab(ws)
+            with gr.Tab("Train", id="train"):
+                train_tab(ws)
+            with gr.Tab("Data", id="data"):
+                data_tab(ws)
     return demo
 
 
@@ -78,8 +90,9 @@ def inpaint_tab(ws: Workspace) -> None:
     with gr.Row():
         strength = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="Strength")
         feather = gr.Slider(0, 128, 0, step=1, label="Feathering (px, 0 = hard edges)")
-        steps = gr.Number(None, precision=0, label="Steps (blank: backend default)", elem_id="steps")
-        guidance = gr.Number(None, label="Guidance (blank: backend default)", elem_id="guidance")
+        defaults = inpaint.script_defaults("sdxl")
+        steps = gr.Number(defaults["num_inference_steps"], precision=0, minimum=1, label="Steps", elem_id="steps")
+        guidance = gr.Number(defaults["guidance_scale"], minimum=0, label="Guidance", elem_id="guidance")
         seed = gr.Number(42, precision=0, label="Seed", elem_id="seed")
         count = gr.Slider(1, 8, 1, step=1, label="Images")
     out_dir = gr.Textbox("inpaint_output", label="Output folder", elem_id="inpaint_out")
@@ -99,6 +112,8 @@ def inpaint_tab(ws: Workspace) -> None:
         return "", recorded or grid_value
 
     lora.change(pick_lora, [lora, grid], [status, grid])
+    backend.change(lambda b: (inpaint.script_defaults(b)["num_inference_steps"], inpaint.script_defaults(b)["guidance_scale"]),
+                   backend, [steps, guidance])
     refresh.click(lambda: (gr.update(choices=inpaint.list_loras(ws)), gr.update(choices=["", *inpaint.list_loras(ws)])),
                   None, [lora, other])
 

@@ -44,6 +44,16 @@ class Workspace:
             raise FileNotFoundError(f"{what} {text}: no such file or folder in {self.root}")
         return path
 
+    def inside(self, value: str | os.PathLike, what: str) -> Path:
+        """A path from a config file or typed flags: relative ones as path() takes them,
+        absolute ones (the app's own flags are absolute) only when inside the workspace."""
+        if not Path(value).is_absolute():
+            return self.path(str(value), what)
+        path = Path(value).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ValueError(f"{what} {value}: outside the workspace {self.root}")
+        return path
+
     def relative(self, path: str | os.PathLike) -> str:
         """How the page shows a path of the workspace."""
         return Path(path).resolve().relative_to(self.root).as_posix() or "."
