@@ -254,6 +254,10 @@ def run_reference(setting: Setting, opts: RunOptions) -> dict[str, Any]:
 
     ref = types.SimpleNamespace(model=family.build(family.reference_config(config), device, dtype, setting.nf4))
     ref.model.requires_grad_(False)
+    if setting.nf4:  # as diffusers' FLUX LoRA scripts after a quantized load
+        from iclora.backends.flux import prepare_quantized
+
+        prepare_quantized(ref.model)
     if setting.checkpointing:
         ref.model.enable_gradient_checkpointing()
     ref.model.add_adapter(LoraConfig(r=setting.rank, lora_alpha=setting.rank, lora_dropout=opts.lora_dropout,

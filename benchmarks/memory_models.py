@@ -260,10 +260,10 @@ class Flux:
 
         if not nf4:
             return build_on_device(FluxTransformer2DModel, config, device, dtype)
-        from iclora.backends.flux import QUANTIZE_CONFIGS, prepare_quantized
+        from iclora.backends.flux import QUANTIZE_CONFIGS
 
-        model = build_on_device(FluxTransformer2DModel, config, device, torch.bfloat16, QUANTIZE_CONFIGS["nf4"]())
-        return prepare_quantized(model)  # as FluxBackend's loader does after a quantized load
+        # As FluxBackend's loader leaves it; its add_lora prepares it for training.
+        return build_on_device(FluxTransformer2DModel, config, device, torch.bfloat16, QUANTIZE_CONFIGS["nf4"]())
 
     @staticmethod
     def lora_targets():

@@ -158,8 +158,19 @@ class Backend(Protocol):
         `add_lora` / `load_lora` and `enable_gradient_checkpointing`. Parameter names stay as
         they are. Returns and keeps (`compiled`) the blocks compiled, counted by class."""
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Place the frozen weights (dtype) and the trainable ones (float32) on `device`."""
+    def to(self, device: torch.device, dtype: torch.dtype, parts: tuple[str, ...] = ...) -> None:
+        """Make `device` the training device, cast the frozen weights to `dtype` (the VAE and
+        fp16 T5 layers as the model needs) and the trainable ones to float32 where they lie,
+        then move `parts` ('denoiser', 'text_encoders', 'vae'; default all) onto `device`."""
+
+    def place(self, part: str, on_device: bool) -> None:
+        """Move one part onto the training device or to the host (placement.py)."""
+
+    def is_placed(self, part: str) -> bool:
+        """Whether `part` is on the training device."""
+
+    def placement(self) -> dict[str, dict]:
+        """Where each model is and in which dtype, as recorded by `to` / `place`."""
 
     def release_text_encoders(self) -> None:
         """Move the text encoders off the accelerator (after prompts are cached)."""
@@ -233,6 +244,10 @@ class Backend(Protocol):
     def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
         """The prompt arguments for `inpaint_pipeline()`, encoded as training encodes them
         (text, or precomputed embeddings where the pipeline's own encoding would differ)."""
+
+    def encoded_pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """`pipeline_prompt`'s arguments with every text encoded already (tensors only): sample
+        sheets pass them so that no text encoder returns to the device during training."""
 
     def inpaint_pipeline(self) -> Any:
         """A diffusers pipeline for panel inpainting built from the loaded components."""

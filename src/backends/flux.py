@@ -57,6 +57,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from ..panels import latent_mask
 from .base import TimestepSampling, visible_reset_callback
+from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask, shift_mu
 from .lora_files import (
@@ -130,7 +131,7 @@ def fill_mask_channels(pixel_mask: torch.Tensor, vae_scale_factor: int) -> torch
     return mask.permute(0, 2, 4, 1, 3).reshape(b, f * f, height // f, width // f)  # (B, f*f, h, w)
 
 
-class FluxBackend:
+class FluxBackend(Placement):
     name = "flux"
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
@@ -139,6 +140,7 @@ class FluxBackend:
     max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
     timestep_sampling = TimestepSampling("logit_normal")  # SD3's, as diffusers' FLUX scripts train
     compiled: CompiledBlocks | None = None  # until compile_blocks
+    part_modules = {"denoiser": ("transformer",), "text_encoders": ("text_encoder", "text_encoder_2"), "vae": ("vae",)}
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None
@@ -207,8 +209,8 @@ class FluxBackend:
         dtype: torch.dtype | None = None,
     ) -> "FluxBackend":
         """Load from a hub id, a local diffusers folder, or a built-in tiny model id. `dtype`:
-        load the transformer and text encoders in it (FLUX.1-dev and its T5 in float32 would
-        take ~67 GB of host memory first)."""
+        load the transformer (unless quantized: bf16 around the 4/8-bit weights) and the text
+        encoders in it (FLUX.1-dev and its T5 in float32 would take ~67 GB of host memory first)."""
         if max_token_length not in (None, cls.max_token_length):
             raise ValueError(f"--max_token_length {max_token_length} is for SDXL: FLUX's CLIP reads 75 tokens")
         if quantize is not None:
@@ -229,10 +231,15 @@ class FluxBackend:
         else:
             _check_is_flux(model_id)
             kw = {"variant": variant} if variant else {}
+            # The text encoders load in the run's dtype whether or not the transformer is
+            # quantized (T5-XXL in float32 alone would take ~19 GB of host memory); the VAE in
+            # bf16 only (see to()).
             weights = {**kw, "torch_dtype": dtype} if dtype else kw
+            vae_dtype = {"torch_dtype": dtype} if dtype == torch.bfloat16 else {}
             components = {
                 "transformer": _load_transformer(model_id, "transformer", variant, quantize, dtype),
-                "vae": AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw),
+                "vae": (AutoencoderKL.from_pretrained(vae, **vae_dtype) if vae
+                        else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw, **vae_dtype)),
                 "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **weights),
                 "text_encoder_2": T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", **weights),
                 "tokenizer": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
@@ -254,6 +261,8 @@ class FluxBackend:
             r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
             target_modules=LORA_TARGET_MODULES,
         )
+        if self.quantized:  # training only: inference keeps the unquantized leftovers in bf16
+            prepare_quantized(self.transformer)
         self.transformer.add_adapter(config)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -278,7 +287,10 @@ class FluxBackend:
         self.compiled = CompiledBlocks(blocks, self.denoiser)
         return self.compiled
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+    def to(self, device: torch.device, dtype: torch.dtype, parts=PARTS) -> None:
+        """The training device and the run's dtype: every frozen weight is cast where it lies
+        (the trainable ones to float32), then `parts` move onto the device; the others stay
+        where they are (`place` moves them later)."""
         if dtype == torch.float16:
             logger.warning("FLUX.1 is made for bf16; fp16 activations can overflow: prefer --mixed_precision bf16")
         if torch.device(device).type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
@@ -287,10 +299,12 @@ class FluxBackend:
             # too): training attends through flash / memory-efficient SDPA instead.
             torch.backends.cuda.enable_cudnn_sdp(False)
             logger.info("FLUX training: cuDNN scaled-dot-product attention disabled for this process")
+        self._on_device()  # the load's own placement, before the device is set
+        self.device = torch.device(device)
         # The FLUX VAE is fine in bf16; fp16 gains little over float32 and risks overflow.
-        self.vae.to(device, dtype if dtype == torch.bfloat16 else torch.float32)
-        self.text_encoder.to(device, dtype)
-        self.text_encoder_2.to(device, dtype)
+        self.vae.to(dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+        self.text_encoder.to(dtype=dtype)
+        self.text_encoder_2.to(dtype=dtype)
         if dtype == torch.float16:
             # T5 v1.1 overflows in fp16 unless these layers (`wo`) stay float32, which is what
             # transformers does when it loads T5 in fp16; a plain .to() would undo that.
@@ -298,18 +312,13 @@ class FluxBackend:
             for name, module in self.text_encoder_2.named_modules():
                 if name.rsplit(".", 1)[-1] in keep:
                     module.to(torch.float32)
-        # bitsandbytes weights stay where and as they were loaded (on the GPU; casting is refused).
+        # bitsandbytes weights keep their dtype (casting is refused); they move as they are.
         if not self.quantized:
-            self.transformer.to(device, dtype)
+            self.transformer.to(dtype=dtype)
+        for part in parts:
+            self.place(part, True)
         for p in self.trainable_parameters():
             p.data = p.data.float()
-
-    def release_text_encoders(self) -> None:
-        self.text_encoder.to("cpu")
-        self.text_encoder_2.to("cpu")
-
-    def release_vae(self) -> None:
-        self.vae.to("cpu")
 
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
@@ -482,6 +491,16 @@ class FluxBackend:
         """The prompt as the inpaint pipeline takes it (FLUX's own encoding reads 512 T5 tokens)."""
         return {"prompt": prompt, **({"negative_prompt": negative_prompt} if negative_prompt is not None else {})}
 
+    def encoded_pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
+        """The prompt as embeddings, encoded here as the pipeline would (no text encoder runs
+        in the pipeline call)."""
+        kwargs = self.encode_prompt([prompt])
+        if negative_prompt is not None:
+            negative = self.encode_prompt([negative_prompt])
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
+            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        return kwargs
+
     def inpaint_pipeline(self) -> FluxInpaintPipeline | FluxFillPipeline:
         return self._pipe
 
@@ -501,10 +520,11 @@ def _load_transformer(source: str, subfolder: str | None, variant: str | None, q
         kw["variant"] = variant
     if not quantize:
         return FluxTransformer2DModel.from_pretrained(source, **kw, **({"torch_dtype": dtype} if dtype else {}))
-    transformer = FluxTransformer2DModel.from_pretrained(
+    # Computes in bf16; `add_lora` prepares it for training (float32 leftovers), inference
+    # leaves it as loaded.
+    return FluxTransformer2DModel.from_pretrained(
         source, quantization_config=QUANTIZE_CONFIGS[quantize](), torch_dtype=torch.bfloat16, **kw
     )
-    return prepare_quantized(transformer)
 
 
 def _check_is_flux(model_id: str) -> None:

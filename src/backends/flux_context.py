@@ -202,12 +202,14 @@ class FluxContextPipeline(FluxInpaintPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> FluxPipelineOutput:
         device = self._execution_device
         dtype = self.transformer.dtype
         prompt_embeds, pooled, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=512,
+            max_sequence_length=512, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
         )
         batch = prompt_embeds.shape[0]  # prompts x num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:

@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ..panels import latent_mask
 from .base import TimestepSampling, visible_reset_callback
+from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
@@ -71,7 +72,7 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> None:
     unet.register_to_config(in_channels=in_channels)
 
 
-class SDXLBackend:
+class SDXLBackend(Placement):
     name = "sdxl"
     vae_scale_factor = 8
     pixel_quantum = 8
@@ -81,6 +82,7 @@ class SDXLBackend:
     compiled: CompiledBlocks | None = None  # until compile_blocks
     max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
     timestep_sampling = TimestepSampling("uniform")  # DDPM's own: every t alike
+    part_modules = {"denoiser": ("unet",), "text_encoders": ("text_encoder", "text_encoder_2"), "vae": ("vae",)}
 
     def __init__(
         self, components: dict[str, Any], base_model: str, conditioning: str | None, context_timestep: str | None = None,
@@ -201,21 +203,19 @@ class SDXLBackend:
         self.compiled = CompiledBlocks(compiled_block_counts(self.unet), self.denoiser)
         return self.compiled
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+    def to(self, device: torch.device, dtype: torch.dtype, parts=PARTS) -> None:
+        """As FluxBackend.to: cast where they lie, then `parts` onto the device."""
+        self._on_device()
+        self.device = torch.device(device)
         # The VAE stays float32: SDXL's VAE overflows in float16.
-        self.vae.to(device, torch.float32)
-        self.text_encoder.to(device, dtype)
-        self.text_encoder_2.to(device, dtype)
-        self.unet.to(device, dtype)
+        self.vae.to(dtype=torch.float32)
+        self.text_encoder.to(dtype=dtype)
+        self.text_encoder_2.to(dtype=dtype)
+        self.unet.to(dtype=dtype)
+        for part in parts:
+            self.place(part, True)
         for p in self.trainable_parameters():
             p.data = p.data.float()
-
-    def release_text_encoders(self) -> None:
-        self.text_encoder.to("cpu")
-        self.text_encoder_2.to("cpu")
-
-    def release_vae(self) -> None:
-        self.vae.to("cpu")
 
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
@@ -430,6 +430,8 @@ class SDXLBackend:
             kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
         return kwargs
+
+    encoded_pipeline_prompt = pipeline_prompt  # embeddings already
 
     def inpaint_pipeline(self) -> StableDiffusionXLInpaintPipeline:
         return self._prompt_pipe

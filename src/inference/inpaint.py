@@ -71,6 +71,7 @@ class Plan:
     max_token_length: int = 75  # CLIP tokens read from the prompt, as in training
     working: WorkingSize | None = None  # where the pipeline runs (sizing.py); set by check_inputs
     pretrained_vae: str | None = None  # a VAE loaded instead of the base model's
+    prompt_arguments: dict | None = None  # encoded already (training's sample sheets): no text encoder runs
 
 
 def _open_image(path: str, flag: str, mode: str) -> Image.Image:
@@ -173,8 +174,9 @@ def load_pipeline(plan: Plan):
     options = {"variant": cfg.variant, "vae": plan.pretrained_vae}
     if cfg.quantize:
         options["quantize"] = cfg.quantize
-    elif dtype != torch.float32:
-        options["dtype"] = dtype  # loaded in it: no float32 copy of the weights on the host
+    if dtype != torch.float32:
+        # Loaded in it, quantized or not: no float32 copy of the text encoders on the host.
+        options["dtype"] = dtype
     if plan.context_timestep:
         options["context_timestep"] = plan.context_timestep
     backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, max_token_length=plan.max_token_length,
@@ -298,7 +300,9 @@ def pipeline_input(plan: Plan, backend) -> PipelineInput:
     image = plan.image.resize(size, Image.Resampling.LANCZOS) if plan.image else blank
     hard_panels = None if cfg.mask_image or cfg.use_gradient_mask else plan.panels
     mask = working_mask(plan.mask, size, plan.grid, hard_panels)
-    prompt = backend.pipeline_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance_scale)
+    prompt = plan.prompt_arguments
+    if prompt is None:
+        prompt = backend.pipeline_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance_scale)
     return PipelineInput(plan, image, mask, prompt)
 
 

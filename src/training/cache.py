@@ -14,8 +14,9 @@ renamed, so an interrupted run leaves no half-written entry.
 The latent cache stores the posterior (mean, log-variance), not one sample: each step draws
 its latents from it with the step's seeded RNG, exactly as encoding the image would, so a run
 from cache trains what a run without it trains. Masked-image latents are the posterior mode
-(as the inpaint pipelines use them), so they are cached as they are; with both caches the VAE
-and the text encoders leave the training device.
+(as the inpaint pipelines use them), so they are cached as they are. The encoders reach the
+training device only while entries are missing, the denoiser off it meanwhile (`OnDemand`),
+and leave it when their cache is complete.
 """
 
 from __future__ import annotations
@@ -104,16 +105,32 @@ class _Store:
 
 class TextCache:
     """Caption -> encode_prompt's tensors (each without the batch axis), on the CPU; with
-    `unconditional`, None -> the backend's `unconditional_prompt` (a dropped caption)."""
+    `unconditional`, None -> the backend's `unconditional_prompt` (a dropped caption); and per
+    sample-sheet prompt, the pipeline's prompt arguments (`pipeline_arguments`).
+    `before_encoding()` is called before anything is encoded (not when all is on disk)."""
 
-    def __init__(self, folder: Path, cfg, backend, captions: set[str], unconditional: bool = False):
+    def __init__(self, folder: Path, cfg, backend, captions: set[str], unconditional: bool = False,
+                 sample_prompts=(), before_encoding=None):
         store, settings = _Store(folder / "text"), model_settings(cfg, backend, text=True)
-        self.embeds = {c: store.get(digest("text", settings, c), lambda c=c: {k: v[0] for k, v in
-                                                                             backend.encode_prompt([c]).items()})
+        ready = before_encoding or (lambda: None)
+
+        def encoded(make):
+            ready()
+            return {k: v[0] for k, v in make().items()}
+
+        def arguments(prompt, guidance):
+            ready()
+            return backend.encoded_pipeline_prompt(prompt, None, guidance)
+
+        self.embeds = {c: store.get(digest("text", settings, c), lambda c=c: encoded(lambda: backend.encode_prompt([c])))
                        for c in sorted(captions)}
         if unconditional:
-            self.embeds[None] = store.get(digest("unconditional", settings), lambda: {
-                k: v[0] for k, v in backend.unconditional_prompt().items()})
+            self.embeds[None] = store.get(digest("unconditional", settings),
+                                          lambda: encoded(backend.unconditional_prompt))
+        self.pipeline_arguments = {
+            (p, g): store.get(digest("pipeline", settings, p, g), lambda p=p, g=g: arguments(p, g))
+            for p, g in sample_prompts
+        }
         self.hits, self.misses = store.hits, store.misses
 
     def batch(self, captions: list[str | None], device) -> dict[str, torch.Tensor]:
@@ -127,7 +144,7 @@ class LatentCache:
     ~3 MB, too much to hold for a large dataset."""
 
     def __init__(self, folder: Path, cfg, backend, records: list[Record], dataset: CompositeDataset, grid: Grid,
-                 device):
+                 device, before_encoding=None):
         store, settings = _Store(folder / "latents"), model_settings(cfg, backend, text=False)
         # blend has no masked-image input: its entries (and keys) hold the posterior only.
         self.concat = backend.conditioning == "concat"
@@ -137,6 +154,8 @@ class LatentCache:
             key = digest("latents", settings, file_digest(record.image), record.size, str(grid), subsets)
 
             def make(index=index):
+                if before_encoding is not None:
+                    before_encoding()
                 pixels = dataset[index]["pixels"][None].to(device)  # (1, 3, H, W)
                 tensors = {POSTERIOR: backend.latent_distribution(pixels)[0]}
                 for subset in subsets:
@@ -170,21 +189,48 @@ def cache_folder(cfg) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
 
 
+class OnDemand:
+    """Puts the backend's `part` (text_encoders, vae) on the training device the first time
+    an entry must be encoded, the denoiser off it first: the encoders and the denoiser never
+    share the device, and nothing moves when every entry is on disk already."""
+
+    def __init__(self, backend, part: str):
+        self.backend, self.part = backend, part
+        self.used = False
+
+    def __call__(self) -> None:
+        if not self.used:
+            self.used = True
+            if self.backend.is_placed("denoiser"):  # a quantized one: loaded onto the GPU
+                self.backend.place("denoiser", False)
+            self.backend.place(self.part, True)
+
+
 def build_caches(cfg, backend, records: list[Record], dataset: CompositeDataset, grid: Grid, device,
-                 dropped_caption: str = "unconditional"):
-    """(TextCache or None, LatentCache or None) as the flags ask; releases the encoders they
-    make unnecessary from the training device. `dropped_caption`: what caption dropout feeds,
-    'unconditional' (None's entry) or 'empty' (the caption "")."""
+                 dropped_caption: str = "unconditional", sample_prompts: list[tuple[str, float]] = (), record=None):
+    """(TextCache or None, LatentCache or None) as the flags ask. The encoders they cache
+    for are on the training device only while entries are missing, and off it afterwards;
+    `record(phase)` is called at the end of each encoding, before they leave. With the text
+    cache, `sample_prompts` ((prompt, guidance) of the sample sheets) are encoded too, as the
+    pipeline takes them (TextCache.pipeline_arguments). `dropped_caption`: what caption
+    dropout feeds, 'unconditional' (None's entry) or 'empty' (the caption "")."""
     folder = cache_folder(cfg)
     text = latents = None
     if cfg.cache_text_embeddings:
         dropout = cfg.caption_dropout > 0
         captions = {r.caption for r in records} | ({""} if dropout and dropped_caption == "empty" else set())
-        text = TextCache(folder, cfg, backend, captions, unconditional=dropout and dropped_caption == "unconditional")
-        backend.release_text_encoders()
+        encoding = OnDemand(backend, "text_encoders")
+        text = TextCache(folder, cfg, backend, captions, unconditional=dropout and dropped_caption == "unconditional",
+                         sample_prompts=sample_prompts, before_encoding=encoding)
+        if record is not None:
+            record("caching text embeddings")
+        backend.place("text_encoders", False)
         logger.info("text cache %s: %d read, %d encoded", folder, text.hits, text.misses)
     if cfg.cache_latents:
-        latents = LatentCache(folder, cfg, backend, records, dataset, grid, device)
-        backend.release_vae()
+        encoding = OnDemand(backend, "vae")
+        latents = LatentCache(folder, cfg, backend, records, dataset, grid, device, encoding)
+        if record is not None:
+            record("caching latents")
+        backend.place("vae", False)
         logger.info("latent cache %s: %d read, %d encoded", folder, latents.hits, latents.misses)
     return text, latents

@@ -52,6 +52,17 @@ class Monitor:
         self.validation: list[tuple[str, str]] = []  # (input at the training size, prompt)
         self.history: list[dict] = []
         self.last_sampled = -1
+        # (prompt, guidance) -> the pipeline's prompt arguments, encoded while the text
+        # encoders were on the device for the text cache; None: encoded at each sheet.
+        self.prompt_arguments: dict | None = None
+
+    def prompts(self) -> list[tuple[str, float]]:
+        """(prompt, guidance scale) of every sample sheet, known before any model loads."""
+        return [(prompt, self._guidance()) for _, prompt in self.sources]
+
+    def _guidance(self) -> float:
+        guidance = self.cfg.validation_guidance_scale
+        return _inference_defaults(self.cfg.backend)["guidance_scale"] if guidance is None else guidance
 
     # ---- hooks --------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,19 +151,21 @@ class Monitor:
 
         cfg = self.cfg
         panels = self._panels()
-        guidance = cfg.validation_guidance_scale
-        if guidance is None:
-            guidance = _inference_defaults(cfg.backend)["guidance_scale"]
-        return [
-            check_inputs(InferConfig(
+        guidance = self._guidance()
+        plans = []
+        for image, prompt in self.validation:
+            plan = check_inputs(InferConfig(
                 lora_path="none", prompt=prompt, input_image=image, panels_to_inpaint=panels,
                 output_dir=str(folder), backend=cfg.backend, base_model=cfg.model_id, grid=cfg.grid,
                 conditioning=cfg.conditioning, num_inference_steps=cfg.validation_inference_steps,
                 guidance_scale=guidance, seed=cfg.seed, save_comparison=True,
                 native_size=True,  # the inputs are at the training size already
             ))
-            for image, prompt in self.validation
-        ]
+            if self.prompt_arguments is not None:
+                device = self.trainer.backend.device
+                plan.prompt_arguments = {k: v.to(device) for k, v in self.prompt_arguments[prompt, guidance].items()}
+            plans.append(plan)
+        return plans
 
     def _panels(self) -> list[int]:
         grid = self.trainer.grid
@@ -183,17 +196,19 @@ class Monitor:
         pipe.set_progress_bar_config(disable=True)
         modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
         modes = [(m, m.training) for c in modules for m in c.modules()]
-        # Cached text embeddings / latents moved the text encoders / VAE off the GPU: they
-        # come back for the samples only. (The quantized denoiser is on the GPU already.)
-        devices = [(c, _device(c)) for c in modules]
+        # What a sheet needs on the device: the denoiser (there already) and the VAE (off it
+        # with cached latents); the text encoders only when the prompts were not encoded
+        # while they were loaded (no text cache: then they never left).
+        needed = ["denoiser", "vae"] + ([] if self.prompt_arguments is not None else ["text_encoders"])
+        moved = [part for part in needed if not backend.is_placed(part)]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         sheets = []
         try:
             with torch.random.fork_rng(devices=cuda), torch.no_grad(), accelerator.autocast():
-                for component, device in devices:
+                for part in moved:
+                    backend.place(part, True)
+                for component in modules:
                     component.eval()
-                    if device is not None and device.type != accelerator.device.type:
-                        component.to(accelerator.device)
                 for plan in self._plans(folder):
                     outputs, seeds = generate(plan, backend, pipe)
                     resolved = {"backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
@@ -201,10 +216,10 @@ class Monitor:
                                 "size": list(plan.size), "global_step": trainer.global_step}
                     write_outputs(plan, outputs, seeds, resolved)
                     sheets.append(comparison_image(plan, outputs, seeds))
+                trainer.record_memory("sample sheet")
         finally:
-            for component, device in devices:
-                if device is not None and _device(component) != device:
-                    component.to(device)
+            for part in moved:
+                backend.place(part, False)
             for module, training in modes:
                 module.training = training
         return sheets
@@ -339,11 +354,6 @@ def _step_label(step: int) -> str:
 def _open(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
-
-
-def _device(module: torch.nn.Module) -> torch.device | None:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else None
 
 
 def _log_sheets(tracker, sheets: list[Image.Image], step: int) -> None:

@@ -52,6 +52,7 @@ from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoint
 from .cache import build_caches
 from .config import TrainConfig, without_cuda
 from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
+from .memory_log import MemoryLog
 from .monitor import Monitor
 
 logger = logging.getLogger(__name__)
@@ -210,8 +211,10 @@ class Trainer:
             options["context_timestep"] = cfg.context_timestep
         if cfg.max_token_length:
             options["max_token_length"] = cfg.max_token_length
-        if self.weight_dtype != torch.float32 and not cfg.quantize:
-            options["dtype"] = self.weight_dtype  # frozen weights load in it: no float32 copy on the host
+        if self.weight_dtype != torch.float32:
+            # Frozen weights load in it, the text encoders too when the denoiser is quantized:
+            # no float32 copy on the host.
+            options["dtype"] = self.weight_dtype
         self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std,
@@ -221,7 +224,13 @@ class Trainer:
                                          cfg.use_8bit_adam, "counted")
         if cfg.gradient_checkpointing:
             self.backend.enable_gradient_checkpointing()
-        self.backend.to(self.accelerator.device, self.weight_dtype)
+        # The memory plan: every weight in its run dtype where it was loaded (the host; a
+        # quantized denoiser on the GPU), then the caches encode with only their encoder on
+        # the device, and only then does the denoiser join what training still needs.
+        self.backend.to(self.accelerator.device, self.weight_dtype, parts=())
+        self.memory = MemoryLog(self.output_dir, self.accelerator.device, self.accelerator.is_main_process)
+        self._recorded_step = 0
+        self.record_memory("load")
         if cfg.compile:  # after the LoRA and checkpointing: the compiled blocks run both
             compiled = self.backend.compile_blocks(**COMPILE_OPTIONS)
             logger.info("--compile: %s compiled; the first step compiles them",
@@ -230,7 +239,13 @@ class Trainer:
         self.records = records
         dataset = CompositeDataset(records)
         self.prompt_cache, self.latent_cache = build_caches(
-            cfg, self.backend, records, dataset, self.grid, self.accelerator.device, self.run_signature["dropped_caption"])
+            cfg, self.backend, records, dataset, self.grid, self.accelerator.device, self.run_signature["dropped_caption"],
+            self.monitor.prompts(), self.record_memory)
+        if self.prompt_cache is not None:
+            self.monitor.prompt_arguments = self.prompt_cache.pipeline_arguments
+        self.backend.place("denoiser", True)
+        self.backend.place("text_encoders", self.prompt_cache is None)  # else never again during training
+        self.backend.place("vae", self.latent_cache is None)
         if self.latent_cache is not None:  # the pixels are never used: do not decode them each step
             dataset = CompositeDataset(records, pixels=False)
 
@@ -268,6 +283,14 @@ class Trainer:
             if self.batches_in_epoch >= len(self.dataloader):  # saved at the end of an epoch
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
             logger.info("resumed from %s at step %d", self.resume_dir.name, self.global_step)
+
+    def record_memory(self, phase: str) -> None:
+        """One record of the memory log (memory_log.py); before a sheet, a checkpoint or the
+        final save, the training steps since the last record get their own."""
+        if phase in ("sample sheet", "checkpoint", "final save") and self.global_step > self._recorded_step:
+            self.memory.record("train", self.backend, self.global_step)
+        self.memory.record(phase, self.backend, self.global_step)
+        self._recorded_step = self.global_step
 
     def _check_outputs(self) -> None:
         """Before any model loads: the output folder takes files and has room, no other run's
@@ -357,6 +380,8 @@ class Trainer:
                 if not accelerator.sync_gradients:
                     continue
                 self.global_step += 1
+                if not any(r["phase"] == "first step" for r in self.memory.records):
+                    self.record_memory("first step")
                 step_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
                 running = []
                 losses.append(step_loss)
@@ -445,6 +470,7 @@ class Trainer:
                                          extra_files=self.save_inference_files)
         except OSError as error:
             raise RunStopped(f"step {self.global_step}: {error}; training stopped") from None
+        self.record_memory("checkpoint")
         return folder
 
     def metadata(self) -> dict:
@@ -483,6 +509,7 @@ class Trainer:
                 hint = f"; {RESUME_HINT} after freeing space" if newest else ""
                 raise RunStopped(f"could not write {final} ({checkpoints.describe(error)}){hint}") from None
         self.accelerator.wait_for_everyone()
+        self.record_memory("final save")
         return final
 
 
