@@ -39,7 +39,7 @@ def host_rss() -> tuple[float, float]:
             now = int(f.read().split()[1]) * resource.getpagesize()
     except OSError:  # no /proc (macOS): the peak is what there is
         now = peak
-    return now / GIB, peak / GIB
+    return now / GIB, max(now, peak) / GIB
 
 
 class MemoryLog:

@@ -200,6 +200,7 @@ class Monitor:
         # with cached latents); the text encoders only when the prompts were not encoded
         # while they were loaded (no text cache: then they never left).
         needed = ["denoiser", "vae"] + ([] if self.prompt_arguments is not None else ["text_encoders"])
+        trainer.end_train_segment()
         moved = [part for part in needed if not backend.is_placed(part)]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         sheets = []

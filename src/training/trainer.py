@@ -285,12 +285,15 @@ class Trainer:
             logger.info("resumed from %s at step %d", self.resume_dir.name, self.global_step)
 
     def record_memory(self, phase: str) -> None:
-        """One record of the memory log (memory_log.py); before a sheet, a checkpoint or the
-        final save, the training steps since the last record get their own."""
-        if phase in ("sample sheet", "checkpoint", "final save") and self.global_step > self._recorded_step:
-            self.memory.record("train", self.backend, self.global_step)
+        """One record of the memory log (memory_log.py)."""
         self.memory.record(phase, self.backend, self.global_step)
         self._recorded_step = self.global_step
+
+    def end_train_segment(self) -> None:
+        """Before a sheet, a checkpoint or the final save: the training steps since the last
+        record get their own ("train")."""
+        if self.global_step > self._recorded_step:
+            self.record_memory("train")
 
     def _check_outputs(self) -> None:
         """Before any model loads: the output folder takes files and has room, no other run's
@@ -461,6 +464,7 @@ class Trainer:
     # ---- saving -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         folder = self.output_dir / "checkpoints" / f"checkpoint-{self.global_step}"
+        self.end_train_segment()
         check_finite_weights(self.backend.trainable_parameters(), self.global_step, folder)
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                  "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
@@ -498,6 +502,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         final = self.output_dir / FINAL_NAME
+        self.end_train_segment()
         check_finite_weights(self.backend.trainable_parameters(), self.global_step, final)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
