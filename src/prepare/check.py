@@ -5,7 +5,8 @@
 Prints the composites found and their aspect buckets (their size against image_size², and
 how much of each composite the resize crops away), every caption's length in tokens for each text encoder (and the
 captions that will be cut), the panel markers of each caption against the grid, and the
-steps and epochs the settings give. Only tokenizers are loaded.
+steps and epochs the settings give, and the memory estimate (prepare/memory.py; the models
+built from their configs on the meta device). Only tokenizers are loaded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class CheckReport:
     steps_per_epoch: int
     max_train_steps: int
     epochs: float
+    memory: object = None  # prepare.memory.Estimate, when the model's configs could be read
 
 
 def crop_fraction(record: Record) -> float:
@@ -144,6 +146,9 @@ def print_report(report: CheckReport, cfg) -> None:
 
 
 def dry_run(cfg) -> CheckReport:
+    from .memory import report as memory_report
+
     report = check_training_data(cfg)
     print_report(report, cfg)
+    report.memory = memory_report(cfg, report.buckets)  # last: its line ends the output
     return report

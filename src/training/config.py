@@ -116,7 +116,9 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     """Folder of the caches (default: output_dir/cache); entries are keyed by file content and settings, so runs can share it."""
     dry_run: bool = False
-    """Check the data and settings and print what training would see (buckets, crops, caption tokens, markers, steps), then exit without loading the denoiser."""
+    """Check the data and settings and print what training would see (buckets, crops, caption tokens, markers, steps) and the memory it needs per phase (estimated from the model's configs), then exit without loading the denoiser."""
+    gpu_memory_gib: Optional[float] = None
+    """GPU memory the --dry_run estimate must fit in (default: the current GPU's, or 16 without one)."""
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     """Mixed precision (default on CUDA: fp16 for SDXL, bf16 for FLUX; no on CPU)."""
     gradient_checkpointing: bool = False
@@ -215,6 +217,8 @@ class TrainConfig:
                 raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
         if self.compile and (problem := compile_unsupported(self.quantize, self.gradient_checkpointing)):
             raise ValueError(problem)
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"--gpu_memory_gib must be positive, got {self.gpu_memory_gib}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         self._check_monitoring()

@@ -1,0 +1,317 @@
+"""How much GPU and host memory a training run needs, estimated before anything loads.
+
+    memory: peak 13.9 GiB on the GPU (first step), 21 GiB host RAM
+
+The model's size comes from its own configs, built on the meta device (no weights read):
+parameter counts per model, the denoiser's linear layers (what bitsandbytes quantizes) and
+the LoRA the settings add (the backends' target modules at --lora_rank). The phases follow
+the run's memory plan (backends/placement.py, training/memory_log.py):
+
+    load          a quantized denoiser (bitsandbytes loads it onto the GPU); nothing else
+    caching       one encoder on the GPU, the denoiser off it
+    first step    the denoiser, the encoders not cached, LoRA weights, gradients and the
+                  optimizer's state (float32 AdamW: 8 bytes a parameter; 8-bit: 2), and the
+                  step's activations
+    sample sheet  the same weights plus the VAE, and the sampler's activations
+
+Activations per latent pixel (SDXL) or token (FLUX, text tokens included) and a fixed
+allocator overhead are fitted to the peak reserved memory measured on an H100
+(benchmarks/RESULTS.md, "GPU memory and speed"): SDXL fp16 1024² batch 1 and 4 with
+checkpointing, SDXL bf16 without; FLUX.1-dev NF4 at 1024² and 1024x1536 and bf16, with
+checkpointing. What no measured row covers is extrapolated and named so in ESTIMATED:
+FLUX without checkpointing, per-token modulation (context 'zero'), the VAE's and the
+sampler's activations, and host memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+GIB = 2**30
+ALLOCATOR_OVERHEAD = 0.22  # GiB reserved beyond what the terms count (both families' fits agree)
+# GiB of activations per latent pixel (SDXL) / per token (FLUX) per sample, 16-bit.
+ACTIVATIONS = {
+    ("sdxl", True): 0.97 / 16384,  # 1024² batch 1 -> 4: 7.53 -> 10.44 GiB reserved
+    ("sdxl", False): 9.74 / 16384,  # 1024² bf16, no checkpointing: 15.36 GiB
+    ("flux", True): 7.2e-4,  # FLUX.1-dev bf16 1024² (4608 tokens): 26.69 GiB
+    ("flux-quantized", True): 1.074e-3,  # NF4: 1024² -> 1024x1536 (+2048 tokens): 11.51 -> 13.71 GiB
+}
+SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0's UNet, whose rows the fit is of
+NO_CHECKPOINTING_FACTOR = 10.0  # SDXL's measured ratio, applied to FLUX (no row measured)
+SAMPLING_SHARE = 0.25  # the sampler's activations against a checkpointed training step's (estimate)
+VAE_BYTES_PER_PIXEL = 2560  # float32 VAE encode/decode peak per image pixel (estimate; half in 16-bit)
+HOST_BASELINE = 2.5  # GiB: Python, torch and the CUDA libraries (estimate)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / 64 / 256  # 4-bit weights, double-quantized absmax per 64, per 256
+INT8_BYTES = 1.0 + 4 / 4096  # row-wise scales
+ESTIMATED = ("FLUX without --gradient_checkpointing", "--context_timestep zero's per-token modulation",
+             "VAE encode/decode and sampler activations", "host RAM")
+
+
+@dataclass
+class ModelSizes:
+    backend: str
+    denoiser: int  # parameters
+    denoiser_linear: int  # of them in nn.Linear weights (what bitsandbytes quantizes)
+    lora: int  # LoRA parameters at `rank` (plus SDXL concat's fully trained conv_in)
+    rank: int
+    text_encoders: list[int]
+    vae: int
+    blocks: dict[str, int]  # FLUX: double / single blocks and the hidden width
+    scale: float = 1.0  # activations against the full-size model's the fit was made on
+
+
+def _lora_params(model, targets, rank: int) -> int:
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        hit = (re.fullmatch(targets, name) if isinstance(targets, str)
+               else any(name == t or name.endswith("." + t) for t in targets))
+        if hit:
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> ModelSizes:
+    """Parameter counts from the configs of `model_id` (a local diffusers folder, a hub id whose
+    configs are in the local cache, or a tiny id), the models built on the meta device.
+    Raises OSError when a config cannot be read."""
+    import torch
+
+    from ..backends.tiny import TINY_MODELS, is_tiny
+
+    if backend == "flux":
+        from diffusers import FluxTransformer2DModel as Denoiser
+        from transformers import T5EncoderModel as Second
+
+        from ..backends.flux import LORA_TARGET_MODULES as targets
+        key = "transformer"
+    else:
+        from diffusers import UNet2DConditionModel as Denoiser
+        from transformers import CLIPTextModelWithProjection as Second
+
+        from ..backends.sdxl import CONCAT_CHANNELS
+        from ..backends.sdxl import LORA_TARGET_MODULES as targets
+        key = "unet"
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, CLIPTextModel
+
+    if is_tiny(model_id):
+        models = TINY_MODELS[model_id]()  # a few MB, built in code
+        denoiser, vae = models[key], models["vae"]
+        encoders = [models["text_encoder"], models["text_encoder_2"]]
+    else:
+        with torch.device("meta"):
+            denoiser = Denoiser.from_config(Denoiser.load_config(model_id, subfolder=key))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_id, subfolder="vae"))
+            encoders = [cls._from_config(AutoConfig.from_pretrained(model_id, subfolder=sub))
+                        for cls, sub in ((CLIPTextModel, "text_encoder"), (Second, "text_encoder_2"))]
+    lora = _lora_params(denoiser, targets, rank)
+    if backend == "sdxl" and conditioning == "concat":
+        conv = denoiser.conv_in
+        lora += conv.out_channels * (CONCAT_CHANNELS * conv.kernel_size[0] * conv.kernel_size[1] + 1)
+    blocks = {}
+    params = _count(denoiser)
+    if backend == "flux":
+        cfg = denoiser.config
+        blocks = {"double": cfg.num_layers, "single": cfg.num_single_layers,
+                  "width": cfg.num_attention_heads * cfg.attention_head_dim}
+        # A transformer's activations per token grow with its width times its depth.
+        scale = blocks["width"] * (blocks["double"] + blocks["single"]) / (3072 * 57)
+    else:  # a UNet's with its channel widths: about the square root of its parameters
+        scale = (params / SDXL_UNET_PARAMS) ** 0.5
+    linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
+    return ModelSizes(backend, params, linear, lora, rank, [_count(e) for e in encoders], _count(vae), blocks, scale)
+
+
+@dataclass
+class Settings:
+    """What the estimate reads from a TrainConfig (replaced one by one for the suggestions)."""
+
+    height: int
+    width: int
+    batch_size: int
+    accumulation: int
+    rank: int
+    precision: str  # "fp16", "bf16", "no"
+    quantize: str | None
+    checkpointing: bool
+    adam8bit: bool
+    cache_text: bool
+    cache_latents: bool
+    conditioning: str
+    context_timestep: str | None
+    sampling: bool
+
+
+@dataclass
+class Estimate:
+    gpu: dict[str, float]  # phase -> peak reserved GiB
+    host: float  # GiB
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.gpu, key=self.gpu.get)
+
+    @property
+    def peak(self) -> float:
+        return self.gpu[self.peak_phase]
+
+    def line(self) -> str:
+        return f"memory: peak {self.peak:.1f} GiB on the GPU ({self.peak_phase}), {self.host:.0f} GiB host RAM"
+
+
+def _weights(sizes: ModelSizes, s: Settings) -> dict[str, float]:
+    """GiB of each part's weights as the run holds them."""
+    half = 4 if s.precision == "no" else 2
+    if s.quantize:
+        packed = NF4_BYTES if s.quantize == "nf4" else INT8_BYTES
+        # Quantized linears; the rest float32 after QLoRA preparation (training).
+        denoiser = sizes.denoiser_linear * packed + (sizes.denoiser - sizes.denoiser_linear) * 4
+    else:
+        denoiser = sizes.denoiser * half
+    vae_bytes = 4 if sizes.backend == "sdxl" or s.precision != "bf16" else 2  # SDXL's VAE stays float32
+    return {"denoiser": denoiser / GIB, "text_encoders": sum(sizes.text_encoders) * half / GIB,
+            "vae": sizes.vae * vae_bytes / GIB, "vae_bytes": vae_bytes}
+
+
+def _activations(sizes: ModelSizes, s: Settings) -> float:
+    """GiB of one training step's activations."""
+    latent_pixels = (s.height // 8) * (s.width // 8)
+    if sizes.backend == "sdxl":
+        units, key = latent_pixels, ("sdxl", s.checkpointing)
+    else:
+        units = latent_pixels // 4 + 512  # image tokens (2x2 patches) + T5's 512
+        per = ACTIVATIONS[("flux-quantized" if s.quantize else "flux", True)]
+        if not s.checkpointing:
+            per *= NO_CHECKPOINTING_FACTOR
+        extra = 0.0
+        if s.conditioning == "context" and s.context_timestep in (None, "zero"):
+            # Per-token modulation: (B, N, width) tensors, 6 per double block and 3 per single
+            # block; with checkpointing one block's, held ~3x through its backward.
+            b = sizes.blocks
+            tensor = s.batch_size * (latent_pixels // 4) * b["width"] * 2 / GIB
+            extra = tensor * (6 * 3 if s.checkpointing else 6 * b["double"] + 3 * b["single"])
+        factor = 2 if s.precision == "no" else 1
+        return (per * sizes.scale * units * s.batch_size + extra) * factor
+    factor = 2 if s.precision == "no" else 1
+    return ACTIVATIONS[key] * sizes.scale * units * s.batch_size * factor
+
+
+def estimate(sizes: ModelSizes, s: Settings) -> Estimate:
+    w = _weights(sizes, s)
+    lora = sizes.lora * (4 + 4 + (2 if s.adam8bit else 8)) / GIB  # float32 weights, gradients, Adam
+    pixels = s.height * s.width
+    vae_act = pixels * VAE_BYTES_PER_PIXEL * (w["vae_bytes"] / 4) / GIB
+    step_act = _activations(sizes, s)
+    resident = w["denoiser"] + lora + (0 if s.cache_text else w["text_encoders"]) + (0 if s.cache_latents else w["vae"])
+    gpu = {"load": (w["denoiser"] if s.quantize else 0.0) + ALLOCATOR_OVERHEAD}
+    if s.cache_text:
+        gpu["caching"] = w["text_encoders"] + 0.1 + ALLOCATOR_OVERHEAD
+    if s.cache_latents:
+        gpu["caching"] = max(gpu.get("caching", 0.0), w["vae"] + vae_act + ALLOCATOR_OVERHEAD)
+    train = resident + step_act + (0 if s.cache_latents else vae_act / 2) + ALLOCATOR_OVERHEAD
+    gpu["first step"] = train
+    if s.sampling:
+        sample_act = max(step_act * SAMPLING_SHARE / (1 if s.checkpointing else NO_CHECKPOINTING_FACTOR), vae_act)
+        # The VAE comes back if latents are cached; the text encoders never (prompts encoded once).
+        gpu["sample sheet"] = resident + (w["vae"] if s.cache_latents else 0.0) + sample_act + ALLOCATOR_OVERHEAD
+    host = HOST_BASELINE + sum(v for k, v in w.items() if k in ("text_encoders", "vae"))
+    if not s.quantize:
+        host += w["denoiser"]
+    elif s.cache_text or s.cache_latents:
+        host += w["denoiser"]  # a quantized denoiser waits on the host while encoders run
+    return Estimate({k: round(v, 2) for k, v in gpu.items()}, host)
+
+
+def settings_of(cfg, height: int, width: int, cuda: bool) -> Settings:
+    """The Settings of a TrainConfig at the largest bucket (height x width)."""
+    from ..backends import backend_class
+
+    precision = cfg.mixed_precision or (backend_class(cfg.backend).preferred_mixed_precision if cuda else "no")
+    return Settings(height, width, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.lora_rank, precision,
+                    cfg.quantize, cfg.gradient_checkpointing, cfg.use_8bit_adam, cfg.cache_text_embeddings,
+                    cfg.cache_latents, cfg.conditioning, cfg.context_timestep, cfg.validating)
+
+
+# Changes that lower the estimate, tried in this order (each kept once tried): (flag, applies, change)
+CHANGES = [
+    ("--gradient_checkpointing", lambda s, b: not s.checkpointing, lambda s: replace(s, checkpointing=True)),
+    ("--use_8bit_adam", lambda s, b: not s.adam8bit, lambda s: replace(s, adam8bit=True)),
+    ("--cache_text_embeddings", lambda s, b: not s.cache_text, lambda s: replace(s, cache_text=True)),
+    ("--cache_latents", lambda s, b: not s.cache_latents, lambda s: replace(s, cache_latents=True)),
+    ("--quantize nf4", lambda s, b: b == "flux" and not s.quantize, lambda s: replace(s, quantize="nf4")),
+]
+
+
+def fit(sizes: ModelSizes, s: Settings, budget: float) -> tuple[list[str], Estimate]:
+    """The flags that bring the estimate under `budget` GiB, tried in order (CHANGES, then
+    batch 1 with accumulation, a lower rank, a smaller image), and the estimate with them."""
+    flags, current = [], estimate(sizes, s)
+    steps = [(f, c) for f, ok, c in CHANGES if ok(s, sizes.backend)]
+    if s.batch_size > 1:
+        acc = s.batch_size * s.accumulation
+        steps.append((f"--batch_size 1 --gradient_accumulation_steps {acc}",
+                      lambda s: replace(s, batch_size=1, accumulation=acc)))
+    if s.rank > 16:
+        steps.append(("--lora_rank 16 --lora_alpha 16", lambda s: replace(s, rank=16)))
+    for flag, change in steps:
+        if current.peak <= budget:
+            break
+        s = change(s)
+        if flag.startswith("--lora_rank"):
+            sizes = replace(sizes, lora=sizes.lora * 16 // sizes.rank, rank=16)
+        flags.append(flag)
+        current = estimate(sizes, s)
+    side = max(s.height, s.width)
+    while current.peak > budget and side > 512:
+        side -= 256
+        scale = side / max(s.height, s.width)
+        s = replace(s, height=int(s.height * scale) // 16 * 16, width=int(s.width * scale) // 16 * 16)
+        current = estimate(sizes, s)
+        flags = [f for f in flags if not f.startswith("--image_size")] + [f"--image_size {side}"]
+    return flags, current
+
+
+def default_budget() -> float:
+    """The current GPU's memory in GiB, or 16 without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    return 16.0
+
+
+def report(cfg, buckets) -> Estimate | None:
+    """Print the estimate line for the dry run's largest bucket, and when it does not fit
+    --gpu_memory_gib the flags that would; None when the model's configs cannot be read."""
+    import torch
+
+    height, width = max(buckets, key=lambda hw: hw[0] * hw[1])
+    budget = cfg.gpu_memory_gib if cfg.gpu_memory_gib is not None else default_budget()
+    try:
+        sizes = model_sizes(cfg.backend, cfg.model_id, cfg.lora_rank, cfg.conditioning)
+    except (OSError, ValueError) as error:
+        print(f"memory: no estimate: the configs of --model_id {cfg.model_id} cannot be read ({error})")
+        return None
+    s = settings_of(cfg, height, width, torch.cuda.is_available())
+    current = estimate(sizes, s)
+    print(f"memory per phase (GiB on the GPU, {height}x{width}, estimated): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in current.gpu.items()))
+    if current.peak > budget:
+        flags, fitted = fit(sizes, s, budget)
+        if fitted.peak <= budget:
+            print(f"does not fit --gpu_memory_gib {budget:.0f}: add {' '.join(flags)} "
+                  f"(estimate {fitted.peak:.1f} GiB, {fitted.peak_phase})")
+        else:
+            print(f"does not fit --gpu_memory_gib {budget:.0f}, nor with {' '.join(flags)} "
+                  f"({fitted.peak:.1f} GiB): use a larger GPU")
+    print(current.line())
+    return current
