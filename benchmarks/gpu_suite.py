@@ -182,6 +182,8 @@ def run_one(spec: dict, folders: dict, work: Path, tiny: bool) -> dict:
     result["phases"] = json.loads(phases.read_text()) if phases.is_file() else []
     for record in result["phases"]:
         record["estimate_gib"] = estimate.gpu.get(ESTIMATED_AS[record["phase"]])
+        if record["step"] > 0 and record["phase"] == "sample sheet":  # the allocator keeps what training reserved
+            record["estimate_gib"] = max(record["estimate_gib"], estimate.gpu["first step"])
         del record["models"]  # where each model was: tests/test_memory_plan.py checks it; the file keeps it
     result["inference"] = []
     for batch in spec.get("infer", []) if "error" not in process else []:

@@ -59,6 +59,10 @@ class Placement:
         for name in self.part_modules[part]:
             getattr(self, name).to(target)
         placed[part] = on_device
+        if not on_device and self.device.type == "cuda":
+            # Hand the freed blocks back: the allocator would otherwise keep them reserved
+            # beside what the next part allocates (a 6 GB NF4 transformer under T5's 9.5 GB).
+            torch.cuda.empty_cache()
 
     def placement(self) -> dict[str, dict]:
         """{model: {"part", "on_device", "dtype"}} for every model of the backend."""
