@@ -158,3 +158,37 @@ def test_sdxl_trains_on_cuda_with_8bit_adam_and_infers(data, tmp_path, precision
     out = tmp_path / "out" / "00002_0.png"
     for kept, given in zip(_panels(out, [0, 1, 2]), _panels(source, [0, 1, 2])):
         assert np.array_equal(kept, given)
+
+
+def test_quantized_run_keeps_t5_and_the_transformer_apart(data, tmp_path):
+    """The memory plan with a real NF4 transformer (loaded onto the GPU by bitsandbytes): it
+    leaves the GPU while T5 encodes the captions, T5 leaves before training, and every
+    phase has its GPU peak recorded."""
+    out = tmp_path / "plan"
+    _flux_train(data, out, "--max_train_steps", "2", "--quantize", "nf4", "--validation_every", "2",
+                "--validation_inference_steps", "2")
+    records = json.loads((out / "memory_phases.json").read_text())
+    load = records[0]["models"]
+    assert load["transformer"]["on_device"] and load["transformer"]["dtype"].startswith("nf4")
+    assert load["text_encoder_2"]["dtype"] == "bfloat16" and not load["text_encoder_2"]["on_device"]
+    assert records[1]["phase"] == "caching text embeddings"
+    assert records[1]["models"]["text_encoder_2"]["on_device"] and not records[1]["models"]["transformer"]["on_device"]
+    for r in records:
+        assert not (r["models"]["text_encoder_2"]["on_device"] and r["models"]["transformer"]["on_device"]), r["phase"]
+        assert r["gpu_peak_reserved_gib"] > 0
+    assert {"first step", "sample sheet", "checkpoint", "final save"} <= {r["phase"] for r in records}
+
+
+def test_quantized_inference_computes_in_bfloat16(data, tmp_path):
+    """No float32 upcast of the unquantized weights at inference (that is training's QLoRA prep)."""
+    trained = _flux_train(data, tmp_path / "lora", "--max_train_steps", "2", "--quantize", "nf4")
+    from iclora.inference.config import InferConfig
+    from iclora.inference.inpaint import check_inputs, load_pipeline
+
+    plan = check_inputs(InferConfig(lora_path=str(trained.final_dir), prompt="a set", backend="flux", quantize="nf4",
+                                    input_image=str(data / "00001.png")))
+    backend, pipe = load_pipeline(plan)
+    floats = {p.dtype for p in pipe.transformer.parameters() if p.is_floating_point()}
+    assert floats == {torch.bfloat16}
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
