@@ -154,3 +154,35 @@ def test_lora_list_finds_final_models_and_checkpoints(ws):
     assert found[0] == "runs/r1/final_model" and found[-1] == "none"  # the newest first
     assert {"runs/r1/final_model", "runs/r1/checkpoints/checkpoint-1", "runs/r1/checkpoints/checkpoint-2"} <= set(found)
     assert inpaint.recorded_grid(ws, "runs/r1/final_model") == "2x2"
+
+
+def test_separate_panels_are_composed_on_the_fly(ws, tmp_path):
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    uploads = []
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"p{i}.png")
+        uploads.append(tmp_path / f"p{i}.png")
+    composite = inpaint.compose_panels(uploads, "2x2", ws.root / "pieces")
+    assert composite == ws.root / "pieces" / "inputs" / "p0_composite.png"
+    pixels = np.asarray(Image.open(composite))
+    assert pixels.shape == (64, 64, 3)
+    assert [tuple(pixels[y, x]) for x, y in [(5, 5), (40, 5), (5, 40), (40, 40)]] == [*colours, (255, 255, 255)]
+    result = run_inpaint(ws, settings(num_images=1, panels="3", output_dir="pieces"), composite)
+    assert result.extra["panels"] == [3] and result.outputs[0].is_file()
+    with pytest.raises(ValueError, match="4 panel images, the 1x3 grid has 3 panels"):
+        inpaint.compose_panels(uploads + uploads[:1], "1x3", ws.root / "pieces")
+    (tmp_path / "bad.png").write_text("no image")
+    with pytest.raises(ValueError, match="unreadable"):
+        inpaint.compose_panels([tmp_path / "bad.png"], "2x2", ws.root / "pieces")
+
+
+def test_nothing_pickled_is_loaded(ws):
+    """Weights come from safetensors only: a pickle where a LoRA should be is refused unread."""
+    folder = ws.root / "pickled"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    upload = ws.root / "data" / "00001.png"
+    with pytest.raises(ValueError, match="only .safetensors files are loaded"):
+        run_inpaint(ws, settings(lora="pickled/pytorch_lora_weights.bin"), upload)
+    with pytest.raises(FileNotFoundError, match="folder has no pytorch_lora_weights.safetensors"):
+        run_inpaint(ws, settings(lora="pickled"), upload)

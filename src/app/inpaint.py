@@ -86,6 +86,31 @@ def store_upload(upload: str | Path, folder: Path, name: str | None = None) -> P
     return target
 
 
+def compose_panels(uploads: list, grid: str, out: Path) -> Path:
+    """Separate panel images, in the order given, as one composite, placed row-major the way
+    the compose command places them (each letterboxed on white into a panel the size of the
+    first); panels not given stay white, for the model to fill. Written to <out>/inputs/."""
+    from ..prepare.compose import ComposeConfig, atomic_write, compose_group
+
+    g = Grid.parse(grid or "2x2")
+    if not uploads:
+        raise ValueError("no panel images given")
+    if len(uploads) > g.num_panels:
+        raise ValueError(f"{len(uploads)} panel images, the {g} grid has {g.num_panels} panels")
+    folder = out / "inputs" / "panels"
+    stored = [store_upload(u, folder, f"{i}_{Path(u).name}") for i, u in enumerate(uploads)]
+    try:
+        with Image.open(stored[0]) as first:
+            width, height = first.size
+    except OSError as error:
+        raise ValueError(f"panel image {Path(uploads[0]).name}: unreadable ({error.__class__.__name__})") from None
+    cfg = ComposeConfig(input_dir=str(folder), output_dir=str(out), grid=str(g), panel_width=width, panel_height=height)
+    composite = compose_group(stored, cfg, g)  # an unreadable panel: ValueError naming it
+    target = out / "inputs" / f"{stored[0].stem.split('_', 1)[-1]}_composite.png"
+    atomic_write(target, lambda tmp: composite.save(tmp, format="PNG"))
+    return target
+
+
 def lora_label(ws: Workspace, lora: str) -> str:
     """The output sub-folder of one LoRA: 'final_model', 'checkpoint-20', 'base' for none."""
     path = Path(lora.strip())

@@ -80,6 +80,8 @@ def inpaint_tab(ws: Workspace) -> None:
                              label="Composite (drop it here)", height=360)
         preview = gr.Image(interactive=False, format="png", elem_id="panels_preview",
                            label="Click the panels to regenerate (red)", height=360)
+    pieces = gr.File(file_count="multiple", file_types=["image"], elem_id="panel_files", height=120,
+                     label="...or drop separate panels (composed in the order given, row-major; missing ones white)")
     panels = gr.Textbox("", label="Panels to regenerate (row-major from 0, or 'all')", elem_id="panels_text")
     with gr.Accordion("Paint a free-form mask instead", open=False):
         use_mask = gr.Checkbox(False, label="Use the painted mask (white strokes = regenerate)", elem_id="use_mask")
@@ -127,6 +129,15 @@ def inpaint_tab(ws: Workspace) -> None:
 
     for trigger in (composite.change, panels.change, grid.change):
         trigger(show_panels, [composite, panels, grid], [status, preview, painter])
+
+    @shows_errors(2)
+    def compose_pieces(files_v, grid_v, out_v):
+        if not files_v:
+            return "", gr.skip()
+        target = inpaint.compose_panels(list(files_v), grid_v, ws.path(out_v, "output folder"))
+        return f"composed {len(files_v)} panels into {ws.relative(target)}", str(target)
+
+    pieces.upload(compose_pieces, [pieces, grid, out_dir], [status, composite])
 
     @shows_errors(2)
     def click_panel(image_path, panels_value, grid_value, evt: gr.SelectData):
