@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import toy_dataset
 
@@ -56,7 +58,8 @@ def workspace(tmp_path_factory) -> Path:
 def app(workspace):
     """The app as a user starts it; yields its URL."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "iclora.app", "--workspace", str(workspace), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "iclora.app", "--workspace", str(workspace), "--port", str(port),
+                                "--max_upload_mb", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -191,3 +194,20 @@ def test_data_tab_shows_a_composite_its_caption_and_checks(app, browser, workspa
     assert value(browser, "data_report").startswith("dry run: data, grid 2x2")
     assert browser.find_elements(By.CSS_SELECTOR, "#data_picture img")
     screenshot(browser, "data")
+
+
+def test_bad_input_and_big_uploads_are_refused_in_the_page(app, browser, workspace, tmp_path):
+    browser.get(app)
+    wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#composite input[type=file]")))
+    fill(browser, "inpaint_out", "../elsewhere")
+    fill(browser, "panels_text", "3")
+    browser.find_element(By.ID, "inpaint_run").click()
+    wait(browser, 30).until(lambda d: value(d, "inpaint_status").startswith("error:"))
+    assert value(browser, "inpaint_status") == (
+        f"error: output folder ../elsewhere: '..' is refused; give a path inside the workspace {workspace}")
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.png")  # ~1.9 MB, over the app's --max_upload_mb 1
+    browser.find_element(By.CSS_SELECTOR, "#composite input[type=file]").send_keys(str(tmp_path / "big.png"))
+    wait(browser, 20).until(lambda d: "exceed the maximum allowed size of 1.0 Mb" in d.find_element(By.TAG_NAME, "body").text)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#composite img")
+    assert not (workspace / "elsewhere").exists() and not list(workspace.rglob("big.png"))
