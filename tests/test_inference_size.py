@@ -168,7 +168,8 @@ def test_text_to_set_takes_the_trained_grids_aspect(lora, tmp_path):
     strip = tmp_path / "strip_lora"
     shutil.copytree(lora, strip)
     meta = json.loads((strip / "iclora_config.json").read_text())
-    (strip / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3"}))
+    # A record without training sizes (as earlier versions wrote): the grid's aspect, square panels.
+    (strip / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3", "buckets": None}))
     out = tmp_path / "out"
     infer_main([*FAST, "--lora_path", str(strip), "--panels_to_inpaint", "all", "--seed", "0",
                 "--output_dir", str(out)])
@@ -179,13 +180,33 @@ def test_text_to_set_takes_the_trained_grids_aspect(lora, tmp_path):
     assert check_inputs(width_only).size == (96, 32)  # the height from the grid
 
 
+def test_text_to_set_takes_the_aspect_training_saw_most(lora, tmp_path):
+    """Training records its sizes; a set from text takes the most common one's aspect (a
+    1x3 of portrait panels stays portrait), scaled to the working size."""
+    assert json.loads((lora / "iclora_config.json").read_text())["buckets"] == [[64, 64, 16]]  # data/sample at 64
+    portrait = tmp_path / "portrait_lora"
+    shutil.copytree(lora, portrait)
+    meta = json.loads((portrait / "iclora_config.json").read_text())
+    buckets = [[120, 56, 5], [72, 24, 3]]  # 1x3 of 40x56 panels, most common first
+    (portrait / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3", "buckets": buckets}))
+    out = tmp_path / "out"
+    infer_main([*FAST, "--lora_path", str(portrait), "--panels_to_inpaint", "all", "--seed", "0",
+                "--output_dir", str(out)])
+    assert pixels(out / "generated_0.png").shape == (32, 72, 3)  # 120x56 at 64: 64x30 on the grid's steps
+    width_only = InferConfig(lora_path=str(portrait), prompt="p", panels_to_inpaint=["all"], width=240)
+    assert check_inputs(width_only).size == (240, 112)
+    other_grid = InferConfig(lora_path=str(portrait), prompt="p", panels_to_inpaint=["all"], grid="1x2")
+    assert check_inputs(other_grid).size == composite_size(2, 1, 64, Grid(1, 2), 8)  # not the record's grid
+
+
 def test_an_area_bucketed_lora_works_at_its_area(lora, tmp_path):
     """A LoRA trained with --bucket_by area (its record says so) denoises a 1x3 strip, and
     generates one from text, at about image_size² pixels, as training sized its strips."""
     strip = tmp_path / "area_lora"
     shutil.copytree(lora, strip)
     meta = json.loads((strip / "iclora_config.json").read_text())
-    (strip / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3", "bucket_by": "area"}))
+    (strip / "iclora_config.json").write_text(json.dumps({**meta, "grid": "1x3", "bucket_by": "area",
+                                                           "buckets": None}))
     image = upscaled(tmp_path / "strip.png", INPUT, (192, 64))
     plan = check_inputs(InferConfig(lora_path=str(strip), prompt="p", input_image=str(image), panels_to_inpaint=["2"],
                                     output_dir=str(tmp_path / "out")))

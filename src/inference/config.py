@@ -67,11 +67,11 @@ class InferConfig:
     native_size: bool = False
     """Denoise at the input's own size (rounded to the grid) instead of the trained size."""
     width: Optional[int] = None
-    """Width of a generated image set when there is no input image (default: the working size, the grid's
-    aspect)."""
+    """Width of a generated image set when there is no input image (default: the working size, the aspect
+    training saw most)."""
     height: Optional[int] = None
-    """Height of a generated image set when there is no input image (default: the working size, the grid's
-    aspect)."""
+    """Height of a generated image set when there is no input image (default: the working size, the aspect
+    training saw most)."""
     blend_visible: bool = True
     """With concat conditioning: reset the visible panels to the input noised to the current step after every
     step, as training shows them (ComfyUI's noise_mask); --no_blend_visible leaves them to the model."""

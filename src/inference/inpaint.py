@@ -42,7 +42,8 @@ from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..images import open_rgb8
 from ..panels import Grid, feather, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
-from .sizing import WorkingSize, bucket_rule, generated_size, working_mask, working_side, working_size
+from .sizing import (WorkingSize, bucket_rule, generated_size, trained_aspect, working_mask, working_side,
+                     working_size)
 from .vae import apply_memory_settings, memory_record, memory_settings, resolve_vae
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def check_inputs(cfg: InferConfig) -> Plan:
         if words != ["all"]:
             raise ValueError("--input_image is required unless --panels_to_inpaint all (text -> whole image set)")
         side, _ = working_side(cfg, meta, backend_cls.native_image_size)
-        size = generated_size(cfg, grid, side, backend_cls.pixel_quantum, bucket_rule(meta))
+        size = generated_size(cfg, grid, side, backend_cls.pixel_quantum, bucket_rule(meta), trained_aspect(meta, grid))
         stem = "generated"
     else:
         if words != ["all"] and len(panels) == grid.num_panels and not cfg.mask_image:

@@ -50,17 +50,29 @@ def bucket_rule(meta: dict) -> str:
     return meta.get("bucket_by") or "longest"
 
 
-def generated_size(cfg, grid: Grid, side: int, quantum: int, bucket_by: str = "longest") -> tuple[int, int]:
+def trained_aspect(meta: dict, grid: Grid) -> tuple[int, int]:
+    """A (width, height) with the aspect a set from text takes: the LoRA's most common
+    training bucket (a try-on 1x3 of 512x768 photos: 1536x768), else, for LoRAs that do not
+    record their buckets or run on another grid, the grid's with square panels."""
+    buckets = meta.get("buckets")
+    if buckets and meta.get("grid") == str(grid):
+        return int(buckets[0][0]), int(buckets[0][1])
+    return grid.cols, grid.rows
+
+
+def generated_size(cfg, grid: Grid, side: int, quantum: int, bucket_by: str = "longest",
+                   aspect: tuple[int, int] | None = None) -> tuple[int, int]:
     """The output size of a set generated from text (no input): --width and --height when
-    both are given; one of them with the other from the grid's aspect (square panels);
-    neither: the training bucket of the grid's aspect (SDXL, 1x3, side 1024: 1032x344)."""
+    both are given; one of them with the other from `aspect` (default: the grid's, square
+    panels); neither: the training bucket of `aspect` (SDXL, 1x3, side 1024: 1032x344)."""
+    aspect_w, aspect_h = aspect or (grid.cols, grid.rows)
     if cfg.width and cfg.height:
         return cfg.width, cfg.height
     if cfg.width:
-        return cfg.width, max(1, round(cfg.width * grid.rows / grid.cols))
+        return cfg.width, max(1, round(cfg.width * aspect_h / aspect_w))
     if cfg.height:
-        return max(1, round(cfg.height * grid.cols / grid.rows)), cfg.height
-    return composite_size(grid.cols, grid.rows, side, grid, quantum, bucket_by)
+        return max(1, round(cfg.height * aspect_w / aspect_h)), cfg.height
+    return composite_size(aspect_w, aspect_h, side, grid, quantum, bucket_by)
 
 
 def working_size(cfg, meta: dict, size: tuple[int, int], grid: Grid, quantum: int, native: int) -> WorkingSize:

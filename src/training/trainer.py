@@ -27,6 +27,7 @@ import logging
 import math
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -488,6 +489,9 @@ class Trainer:
             "context_timestep": backend.context_timestep,
             "image_size": self.cfg.image_size,
             "bucket_by": self.cfg.bucket_by,
+            # (width, height, composites) of each training size, most common first: a set
+            # generated from text at inference takes the first one's aspect.
+            "buckets": [[w, h, n] for (h, w), n in Counter(r.size for r in self.records).most_common()],
             "max_token_length": backend.max_token_length,
             "global_step": self.global_step,
             "training_args": {**dataclasses.asdict(self.cfg), "visible_loss_weight": self.cfg.visible_weight,
