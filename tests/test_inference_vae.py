@@ -20,6 +20,7 @@ from iclora.backends.tiny import save_tiny_model
 from iclora.cli import run_cli
 from iclora.inference import inpaint
 from iclora.inference import vae as vae_module
+from iclora.inference.flux_ic_lora_inference import main as flux_main
 from iclora.inference.sdxl_ic_lora_inference import main as infer_main
 from iclora.inference.vae import memory_settings
 from iclora.training.train_sdxl_ic_lora import main as train_main
@@ -85,13 +86,17 @@ def test_auto_rule_by_pixels_and_batch():
     assert memory_settings("off", 4096, 4096, 8) == {"tiling": False, "slicing": False}
 
 
-def test_tiled_images_differ_from_untiled_ones_only_by_the_tiling(tmp_path, vae_spy):
-    """Text -> set: no input is encoded, so the denoised latents are the same with and without
-    tiling, and the tiled image is diffusers' tiled decode of them."""
-    common = [*BARE, "--panels_to_inpaint", "all", "--width", "128", "--height", "128"]
-    infer_main([*common, "--vae_tiling", "off", "--output_dir", str(tmp_path / "off")])
+@pytest.mark.parametrize("backend", ["sdxl", "flux"])
+def test_tiled_images_differ_from_untiled_ones_only_by_the_tiling(backend, tmp_path, vae_spy):
+    """Text -> set: the input's latents are blended in nowhere (every panel masked), so the
+    denoised latents are the same with and without tiling, and the tiled image is diffusers'
+    tiled decode of them."""
+    main = flux_main if backend == "flux" else infer_main
+    common = [*BARE, "--panels_to_inpaint", "all", "--width", "128", "--height", "128",
+              "--base_model", f"tiny-{backend}"]
+    main([*common, "--vae_tiling", "off", "--output_dir", str(tmp_path / "off")])
     assert vae_spy["tiled_decode"] == 0
-    infer_main([*common, "--vae_tiling", "on", "--output_dir", str(tmp_path / "on")])
+    main([*common, "--vae_tiling", "on", "--output_dir", str(tmp_path / "on")])
     assert vae_spy["tiled_decode"] == 1
     (vae, z_off, off), (_, z_on, on) = vae_spy["decode"]
     assert torch.equal(z_on, z_off)
