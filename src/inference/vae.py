@@ -14,6 +14,9 @@ on a GPU and a CPU:
     slicing  a call of several images whose pixels together exceed AUTO_SLICE_PIXELS
              (1024x1024): SDXL's VAE upcasts to float32, and a batch of four 1024x1024
              images decoded at once needs four times one image's activations
+
+Measured on a CPU (the SDXL VAE's architecture in float32, host memory above the model's):
+a 1024x1024 decode peaks 3.8 GiB higher, a 512x512 one 1.0 GiB (memory grows with pixels).
 """
 
 from __future__ import annotations
