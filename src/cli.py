@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 import sys
@@ -34,14 +35,29 @@ class _Parser(ArgumentParser):
         text = re.sub(r"<class '(\w+)'>", r"\1", text)
         text = re.sub(r"arguments are required: (.*)", lambda m: "arguments are required: " + ", ".join(
             a if a.startswith("-") else f"--{a}" for a in m.group(1).split(", ")), text)
+        flags = [o for o in self._option_string_actions if o.startswith("--")]
+        if match := re.search(r"unrecognized arguments: (.*)", text, flags=re.IGNORECASE):
+            text += did_you_mean(match.group(1).split(), flags)
+        elif match := re.search(r"Option '(\w+)' is not accepted", text):  # a key of a --config file
+            text += did_you_mean([match.group(1)], [f[2:] for f in flags])
         self.exit(2, f"error: {text}\n")
+
+
+def did_you_mean(given: Sequence[str], known: Sequence[str]) -> str:
+    """' (did you mean --x?)' for the first of `given` that is close to one of `known`, else ''."""
+    for word in given:
+        close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def build_parser(config_cls: type, prog: str, description: str, defaults: dict[str, Any] | None = None) -> ArgumentParser:
     defaults = defaults or {}
     docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(config_cls).params}
     hints = typing.get_type_hints(config_cls)
-    parser = _Parser(prog=prog, description=description, exit_on_error=True)
+    # No prefix matching: --max_train_step must not quietly mean --max_train_steps.
+    parser = _Parser(prog=prog, description=description, exit_on_error=True, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file setting any of the flags below.")
     for field in dataclasses.fields(config_cls):
         kind = hints[field.name]

@@ -118,7 +118,7 @@ class InferConfig:
         if self.native_size and self.image_size is not None:
             raise ValueError("--native_size denoises at the input's own size: give it without --image_size")
         if self.grid is not None:
-            Grid.parse(self.grid)
+            self.grid = str(Grid.parse(self.grid))  # '2×2' or ' 2X2' is read as 2x2
         if self.max_token_length is not None and self.max_token_length not in (75, 150, 225):
             raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if self.max_token_length not in (None, 75) and self.backend == "flux":

@@ -69,6 +69,7 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         grid = Grid.parse(self.grid)
+        self.grid = str(grid)  # '2×2' or ' 2X2' is read as 2x2
         panel_markers(grid, self.marker_style)
         if self.prompt_file is not None:
             path = Path(self.prompt_file)

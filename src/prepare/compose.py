@@ -62,6 +62,7 @@ class ComposeConfig:
 
     def __post_init__(self) -> None:
         grid = Grid.parse(self.grid)
+        self.grid = str(grid)  # '2×2' or ' 2X2' is read as 2x2
         if self.panel_height is None:
             self.panel_height = self.panel_width
         for name in ("panel_width", "panel_height"):

@@ -174,7 +174,7 @@ class TrainConfig:
         return bool(self.validation_every or self.validation_image)
 
     def __post_init__(self) -> None:
-        Grid.parse(self.grid)
+        self.grid = str(Grid.parse(self.grid))  # '2×2' or ' 2X2' is recorded as 2x2
         positive = ["num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
                     "image_size", "save_every", "max_masked_panels"]
         for name in positive:
