@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# The package itself (editable: `iclora` maps to src/) and its `iclora` command.
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .

@@ -18,10 +18,10 @@ if __package__ in (None, ""):  # run by path
 from iclora.cli import parse_config, run_cli
 
 
-def main(argv=None):
+def main(argv=None, prog="convert.py"):
     from iclora.lora_export import ConvertConfig
 
-    cfg = parse_config(ConvertConfig, argv, prog="convert.py", description=__doc__)
+    cfg = parse_config(ConvertConfig, argv, prog=prog, description=__doc__)
     from iclora.lora_export import convert
 
     files = convert(cfg)

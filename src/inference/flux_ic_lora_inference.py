@@ -21,8 +21,8 @@ from iclora.cli import infer_entry, run_cli
 DEFAULTS = {"backend": "flux", "num_inference_steps": 20, "guidance_scale": 3.5}
 
 
-def main(argv=None):
-    return infer_entry(argv, "flux_ic_lora_inference.py", __doc__, DEFAULTS)
+def main(argv=None, prog="flux_ic_lora_inference.py"):
+    return infer_entry(argv, prog, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from iclora.cli import infer_entry, run_cli
 DEFAULTS = {"backend": "sdxl", "num_inference_steps": 50, "guidance_scale": 7.5}
 
 
-def main(argv=None):
-    return infer_entry(argv, "sdxl_ic_lora_inference.py", __doc__, DEFAULTS)
+def main(argv=None, prog="sdxl_ic_lora_inference.py"):
+    return infer_entry(argv, prog, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ DEFAULTS = {
 }
 
 
-def main(argv=None):
-    return train_entry(argv, "train_flux_ic_lora.py", __doc__, DEFAULTS)
+def main(argv=None, prog="train_flux_ic_lora.py"):
+    return train_entry(argv, prog, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from iclora.cli import train_entry, run_cli
 DEFAULTS = {"backend": "sdxl", "model_id": "stabilityai/stable-diffusion-xl-base-1.0", "lora_rank": 64, "lora_alpha": 64}
 
 
-def main(argv=None):
-    return train_entry(argv, "train_sdxl_ic_lora.py", __doc__, DEFAULTS)
+def main(argv=None, prog="train_sdxl_ic_lora.py"):
+    return train_entry(argv, prog, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":
