@@ -24,9 +24,12 @@ from .backends.lora_files import (
     CONV_IN_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     METADATA_NAME,
+    SAVE_DTYPES,
     atomic_directory,
     atomic_save_file,
     atomic_write_text,
+    cast_lora,
+    match_umask,
     read_metadata,
     resolve_lora_file,
 )
@@ -59,6 +62,9 @@ class ConvertConfig:
     """SDXL concat: also write unet/, the base UNet with the LoRA merged in and the trained 9-channel conv_in (StableDiffusionXLInpaintPipeline, ComfyUI's Load Diffusion Model)."""
     unet_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Weights dtype of the exported unet/."""
+    save_precision: Optional[Literal["fp16", "bf16", "fp32"]] = None
+    """Dtype of the LoRA files written (default: that of the LoRA read; from a checkpoint's trainable weights, fp16, or bf16
+    when it trained in bf16)."""
 
 
 def convert(cfg: ConvertConfig) -> list[Path]:
@@ -68,7 +74,7 @@ def convert(cfg: ConvertConfig) -> list[Path]:
         if cfg.export_unet:
             _check_exportable(json.loads((source / STATE_NAME).read_text())["run"])
         folder = Path(cfg.output_dir) if cfg.output_dir else source
-        written = checkpoint_lora(source, folder, cfg.base_model)
+        written = checkpoint_lora(source, folder, cfg.base_model, cfg.save_precision)
         if cfg.export_unet:
             written.append(export_unet(str(folder), read_metadata(folder)["base_model"], folder, DTYPES[cfg.unet_dtype]))
         return written
@@ -101,30 +107,35 @@ def convert(cfg: ConvertConfig) -> list[Path]:
     folder = Path(cfg.output_dir) if cfg.output_dir else lora_file.parent
     folder.mkdir(parents=True, exist_ok=True)
     name = COMFYUI_WEIGHT_NAME if Path(cfg.lora_path).is_dir() else f"{lora_file.stem}_comfyui.safetensors"
-    atomic_save_file(out, folder / name)
+    dtype = SAVE_DTYPES[cfg.save_precision] if cfg.save_precision else next(iter(modules.values()))[0].dtype
+    atomic_save_file(cast_lora(out, dtype), folder / name)
     written = [folder / name]
     if cfg.export_unet:
         written.append(export_unet(cfg.lora_path, base, folder, DTYPES[cfg.unet_dtype]))
     return written
 
 
-def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None) -> list[Path]:
+def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None, precision: str | None = None) -> list[Path]:
     """The inference files of a checkpoint written before checkpoints held them, rebuilt
     from its trainable weights and the run settings it records."""
     from .backends import load_backend
 
     state = json.loads((checkpoint / STATE_NAME).read_text())
     run = state["run"]
+    dtype = SAVE_DTYPES[precision or ("bf16" if run.get("mixed_precision") == "bf16" else "fp16")]
     backend = load_backend(run["backend"], base_model or run["model_id"], run["conditioning"])
     backend.add_lora(run["lora_rank"], run["lora_alpha"], 0.0)
     backend.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_NAME))
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.iterdir())
-    backend.save_lora(folder)
+    backend.save_lora(folder, dtype=dtype)
     meta = {"backend": backend.name, "base_model": backend.base_model, "grid": run["grid"],
             "conditioning": backend.conditioning, "image_size": run["image_size"], "global_step": state["global_step"]}
     atomic_write_text(json.dumps(meta, indent=2), folder / METADATA_NAME)
-    return [folder / LORA_WEIGHT_NAME] + sorted(set(folder.iterdir()) - before - {folder / LORA_WEIGHT_NAME})
+    written = [folder / LORA_WEIGHT_NAME] + sorted(set(folder.iterdir()) - before - {folder / LORA_WEIGHT_NAME})
+    for path in written:
+        match_umask(path)  # diffusers' safetensors file is 0600
+    return written
 
 
 def _sdxl_state(modules, scale: float, base: str | None, concat: bool, lora_file: Path) -> dict[str, torch.Tensor]:

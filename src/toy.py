@@ -228,6 +228,7 @@ def make_base_model(folder: str | os.PathLike, vae_dir: Path = TOY_VAE, unet_dir
     import torch
     from diffusers import UNet2DConditionModel
 
+    from .backends.lora_files import match_umask
     from .backends.tiny import save_tiny_model
 
     folder = Path(folder)
@@ -247,6 +248,7 @@ def make_base_model(folder: str | os.PathLike, vae_dir: Path = TOY_VAE, unet_dir
     config = json.loads(config_file.read_text())
     config["prediction_type"] = TOY_PREDICTION_TYPE
     config_file.write_text(json.dumps(config, indent=2))
+    match_umask(folder)  # save_pretrained's safetensors files are 0600
     return folder
 
 

@@ -177,6 +177,29 @@ def test_comfyui_applies_every_flux_lora_layer_full_size(fill):
     assert {p[3] / p[2].shape[0] for p in patches.values()} == {0.5}
 
 
+@pytest.mark.parametrize("backend_name, rank", [("sdxl", 64), ("flux", 16)])
+def test_params_per_rank_counts_the_full_size_lora(backend_name, rank):
+    """The count behind the free-space check and the LoRA file sizes the README gives
+    (2 bytes a weight at the default fp16, 4 at fp32)."""
+    from iclora.training.checkpoints import PARAMS_PER_RANK
+
+    models = _memory_models()
+    with torch.device("meta"):
+        if backend_name == "sdxl":
+            model = UNet2DConditionModel.from_config(models.SDXL_UNET_CONFIG)
+        else:
+            model = FluxTransformer2DModel.from_config(models.FLUX_DEV_TRANSFORMER_CONFIG)
+    if backend_name == "sdxl":
+        backend = SDXLBackend({**build_tiny_sdxl_components(), "unet": model}, "meta", "blend")
+    else:
+        components = build_tiny_flux_components()
+        components["vae"] = AutoencoderKL.from_config({**components["vae"].config, "latent_channels": 16})
+        backend = FluxBackend({**components, "transformer": model}, "meta", "context")
+    backend.add_lora(rank, rank, 0.0)
+    count = sum(v.numel() for v in get_peft_model_state_dict(model).values())
+    assert count == PARAMS_PER_RANK[backend_name] * rank == {"sdxl": 167_444_480, "flux": 65_372_160}[backend_name]
+
+
 # ---- the tiny models, patched the way ComfyUI patches them -----------------------------------
 
 

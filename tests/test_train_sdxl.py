@@ -94,7 +94,7 @@ NON_DEFAULTS = {
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "max_token_length": 75, "cache_text_embeddings": True, "cache_latents": True,
     "cache_dir": "some/cache", "dry_run": True,
-    "mixed_precision": "bf16", "gradient_checkpointing": True, "compile": False, "quantize": "nf4", "output_kohya_format": False, "save_every": 9,
+    "mixed_precision": "bf16", "gradient_checkpointing": True, "compile": False, "quantize": "nf4", "output_kohya_format": False, "save_precision": "bf16", "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
     "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
     "validation_image": ["v1.png", "v2.png"], "validation_prompt": "a prompt", "validation_panels": [0, 2],
@@ -304,7 +304,7 @@ def test_output_files(data_2x2, train, tmp_path):
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in lora)
     for target in LORA_TARGET_MODULES:  # every targeted layer kind is in the file
         assert any(f".{target}.lora_A.weight" in k for k in lora), target
-    assert all(v.dtype == torch.float32 for v in lora.values())
+    assert all(v.dtype == torch.float16 for v in lora.values())  # the default --save_precision
     with safe_open(str(result.final_dir / LORA_WEIGHT_NAME), "pt") as f:
         adapter = json.loads(f.metadata()["lora_adapter_metadata"])
     assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 4)
@@ -477,7 +477,7 @@ def test_mixed_precision(data_2x2, train, make_trainer, reference_run):
     bf16 = trainer.train()
     assert bf16.losses != default.losses  # bf16 really ran
     assert bf16.losses == pytest.approx(default.losses, abs=0.05)
-    assert all(v.dtype == torch.float32 for v in _lora(bf16).values())
+    assert all(v.dtype == torch.bfloat16 for v in _lora(bf16).values())  # --save_precision follows a bf16 run
 
 
 def test_mixed_precision_loads_the_frozen_weights_in_it(data_2x2, tiny_sdxl_dir, make_trainer, monkeypatch):
@@ -715,6 +715,10 @@ def test_stock_diffusers_pipeline_loads_the_lora(conditioning, data_2x2, tiny_sd
                            "--learning_rate", "1e-2", "--max_train_steps", "3", "--output_kohya_format")
     result = trainer.train()
     ours = trainer.backend.unet.eval()
+    with torch.no_grad():  # the LoRA weights as the fp16 file holds them (the default --save_precision)
+        for name, param in ours.named_parameters():
+            if ".lora_" in name:
+                param.copy_(param.half().float())
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     channels = 9 if conditioning == "concat" else 4

@@ -219,10 +219,10 @@ class Backend(Protocol):
         """The denoiser's prediction (B, C, h, w), comparable to the loss target. `batch`
         carries per-sample extras (SDXL micro-conditioning: original size, crop)."""
 
-    def save_lora(self, directory: Path, compat: bool = True) -> None:
-        """Write the trained weights into `directory`: pytorch_lora_weights.safetensors
-        (diffusers format, alpha in its metadata), whatever the conditioning needs beside it
-        (SDXL concat: conv_in.safetensors) and, with `compat`,
+    def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
+        """Write the trained weights into `directory`, in `dtype` (lora_files.cast_lora):
+        pytorch_lora_weights.safetensors (diffusers format, alpha in its metadata), whatever
+        the conditioning needs beside it (SDXL concat: conv_in.safetensors) and, with `compat`,
         pytorch_lora_weights_comfyui.safetensors (`comfyui_state`)."""
 
     def comfyui_state(self) -> dict[str, torch.Tensor]:

@@ -64,6 +64,7 @@ from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     atomic_save_file,
+    cast_lora,
     check_applied,
     check_conditioning,
     lora_layers,
@@ -424,20 +425,20 @@ class FluxBackend(Placement):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.transformer, state)
 
-    def save_lora(self, directory: Path, compat: bool = True) -> None:
-        lora = get_peft_model_state_dict(self.transformer)
+    def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
+        lora = cast_lora(get_peft_model_state_dict(self.transformer), dtype)
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
         # must not: load_lora_weights leaves the new dropout layers in train mode, so a
         # nonzero value would make inference random.
         adapter_metadata = {**self.transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
         FluxPipeline.save_lora_weights(
             Path(directory),
-            transformer_lora_layers={k: v.contiguous() for k, v in lora.items()},
+            transformer_lora_layers=lora,
             transformer_lora_adapter_metadata=adapter_metadata,
             weight_name=LORA_WEIGHT_NAME,
         )
         if compat:
-            atomic_save_file(self.comfyui_state(), Path(directory) / COMFYUI_WEIGHT_NAME)
+            atomic_save_file(cast_lora(self.comfyui_state(), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
 
     def comfyui_state(self) -> dict[str, torch.Tensor]:
         """The trained LoRA with `.alpha` keys: ComfyUI reads a FLUX LoRA's scale only from

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,6 +55,46 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid JSON ({error})") from None
 
 
+# --save_precision NAME -> the dtype LoRA files are written in
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+LORA_FACTOR = re.compile(r"\.lora_(A|B|down|up)\.")  # the low-rank factors, in diffusers / PEFT and kohya keys
+
+
+def cast_lora(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A LoRA state dict to save, its low-rank factors in `dtype` (nearly all of its bytes).
+    The rest stays float32: `.alpha` scalars (16 bits would round an alpha that is not a whole
+    number) and the full-layer difference SDXL concat puts beside them for ComfyUI, which must
+    add up to the float32 conv_in.safetensors exactly."""
+    return {k: (v.detach().to(dtype) if LORA_FACTOR.search(k) else v.detach()).contiguous() for k, v in state.items()}
+
+
+def umask_modes() -> tuple[int, int]:
+    """(file mode, folder mode) that the user's umask gives anything new: 0o644 / 0o755 under
+    the usual umask 022."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask, 0o777 & ~umask
+
+
+def match_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes of a new file or
+    folder. safetensors writes its files 0600 and mkdtemp its folders 0700, which would hide
+    a LoRA from a ComfyUI or web server running as another user."""
+    path = Path(path)
+    file_mode, folder_mode = umask_modes()
+    if path.is_file():
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, folder_mode)
+    for parent, folders, files in os.walk(path):
+        for name in folders:
+            os.chmod(os.path.join(parent, name), folder_mode)
+        for name in files:
+            os.chmod(os.path.join(parent, name), file_mode)
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -70,6 +111,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        match_umask(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -83,11 +125,9 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the result from everyone else
     try:
         yield tmp
+        match_umask(tmp)  # what was written inside (safetensors: 0600) and the folder (mkdtemp: 0700)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ from .lora_files import (
     CONV_IN_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     atomic_save_file,
+    cast_lora,
     check_applied,
     check_conditioning,
     lora_layers,
@@ -302,9 +303,9 @@ class SDXLBackend(Placement):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.unet, state)
 
-    def save_lora(self, directory: Path, compat: bool = True) -> None:
+    def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
         directory = Path(directory)
-        lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+        lora = cast_lora(get_peft_model_state_dict(self.unet), dtype)
         # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
         # must not: load_lora_weights leaves the new dropout layers in train mode, so a
         # nonzero value would make inference random.
@@ -316,7 +317,7 @@ class SDXLBackend(Placement):
             weight_name=LORA_WEIGHT_NAME,
         )
         if compat:
-            atomic_save_file(self.comfyui_state(), directory / COMFYUI_WEIGHT_NAME)
+            atomic_save_file(cast_lora(self.comfyui_state(), dtype), directory / COMFYUI_WEIGHT_NAME)
         if self.conditioning == "concat":
             conv = self.unet.conv_in
             atomic_save_file(

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from ..backends.lora_files import match_umask
 from ..data import CompositeDataset, Record
 from ..panels import Grid, panel_mask
 
@@ -97,6 +98,7 @@ class _Store:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             save_file(tensors, str(tmp))
+            match_umask(tmp)  # safetensors writes 0600: runs of other users may share --cache_dir
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..backends.lora_files import atomic_write_text
+from ..backends.lora_files import atomic_write_text, match_umask
 
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME = "trainable.safetensors"
@@ -40,9 +40,10 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 # base and FLUX.1-dev architectures. The built-in tiny models have ~18 k.
 PARAMS_PER_RANK = {"sdxl": 2_616_320, "flux": 4_085_760}
 TINY_PARAMS_PER_RANK = 20_000
-# Bytes on disk per trainable fp32 parameter: the checkpoint holds the weights and AdamW's two
-# moments (4 + 8; 8-bit Adam: 4 + 2), the final model the weights again (4).
-BYTES_PER_PARAM = {False: 4 + 8 + 4, True: 4 + 2 + 4}
+# Bytes on disk per trainable parameter: a checkpoint holds the float32 weights and AdamW's two
+# moments (4 + 8; 8-bit Adam: 4 + 2) and two LoRA files (diffusers and ComfyUI, 2 + 2 at the
+# default fp16 --save_precision), the final model the two LoRA files again (2 + 2).
+BYTES_PER_PARAM = {False: 4 + 8 + 4 + 4, True: 4 + 2 + 4 + 4}
 DISK_MARGIN = 1.1
 
 
@@ -206,6 +207,7 @@ def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None, 
             if extra_files is not None:
                 extra_files(tmp)
             atomic_write_text(json.dumps(state), tmp / STATE_NAME)
+            match_umask(tmp)  # the LoRA files diffusers wrote are 0600 (safetensors' temporary file)
             if folder.exists():
                 remove_folder(folder)
             os.replace(tmp, folder)

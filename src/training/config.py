@@ -127,6 +127,10 @@ class TrainConfig:
     """torch.compile the denoiser's repeated blocks (regional compilation: SDXL's transformer blocks, FLUX's double and single blocks), with the LoRA and checkpointing in place; the first step compiles them (its seconds are logged and in train_log.jsonl)."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
+    save_precision: Optional[Literal["fp16", "bf16", "fp32"]] = None
+    """Dtype of the LoRA weights in every LoRA file written (the final model's and each checkpoint's, the ComfyUI file too;
+    default fp16, bf16 when training in bf16). SDXL concat's conv_in (100 KB) and the checkpoints' trainable state stay
+    float32: a resume is exact."""
     output_kohya_format: bool = True
     """Also write pytorch_lora_weights_comfyui.safetensors, the file ComfyUI, A1111/Forge and kohya load in full (SDXL: kohya keys; FLUX: with .alpha keys)."""
     save_every: int = 1000

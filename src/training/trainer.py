@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..backends import backend_class, load_backend
 from ..backends.base import TimestepSampling, with_clean_context
-from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
+from ..backends.lora_files import METADATA_NAME, SAVE_DTYPES, atomic_directory, atomic_save_file, atomic_write_text
 from ..errors import RunStopped
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
@@ -194,6 +194,7 @@ class Trainer:
         )
         set_seed(cfg.seed)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        self.save_dtype = SAVE_DTYPES[cfg.save_precision or ("bf16" if mixed == "bf16" else "fp16")]
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
         self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
         self.run_signature["visible_loss_weight"] = cfg.visible_weight
@@ -501,7 +502,7 @@ class Trainer:
 
     def save_inference_files(self, folder: Path) -> None:
         """The LoRA file(s), conv_in for concat and iclora_config.json (main process only)."""
-        self.backend.save_lora(folder, compat=self.cfg.output_kohya_format)
+        self.backend.save_lora(folder, compat=self.cfg.output_kohya_format, dtype=self.save_dtype)
         atomic_write_text(json.dumps(self.metadata(), indent=2), folder / METADATA_NAME)
 
     def save_final(self) -> Path:
