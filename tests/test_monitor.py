@@ -144,8 +144,25 @@ def test_train_log_and_loss_plot(data_2x2, train, tmp_path):
     assert [r["epoch"] for r in log] == [0, 0, 1]  # 2 batches an epoch
     assert all(r["lr"] == 1e-4 and r["seconds"] > 0 and r["images_per_s"] > 0 for r in log)
     assert "peak_gpu_memory_gib" not in log[0]  # CUDA only
+    assert all(r["masked_loss"] > 0 for r in log)
     plot = Image.open(out / "loss.png")
     assert plot.size == (640, 360) and len(set(plot.getdata())) > 3  # axes, raw and smoothed lines
+
+
+def test_the_log_splits_the_loss_into_masked_and_visible_panels(data_2x2, train, tmp_path):
+    # Whole composites: every latent pixel is masked, so the loss is the masked MSE and there
+    # is no visible part to log.
+    out = tmp_path / "whole"
+    train(data_2x2, "--max_train_steps", "1", "--mask_probability", "0", out=out)
+    (record,) = _log(out)
+    assert "visible_loss" not in record and record["loss"] == pytest.approx(record["masked_loss"], rel=1e-4)
+    # One masked panel of four, visible panels at full weight: the loss is the pixel-weighted
+    # mean of the two parts (3 visible latent pixels to each masked one).
+    out = tmp_path / "one"
+    train(data_2x2, "--max_train_steps", "1", "--mask_probability", "1", "--max_masked_panels", "1",
+          "--batch_size", "1", "--visible_loss_weight", "1", out=out)
+    (record,) = _log(out)
+    assert record["loss"] == pytest.approx((record["masked_loss"] + 3 * record["visible_loss"]) / 4, rel=1e-3)
 
 
 def test_a_fresh_run_replaces_an_old_log(data_2x2, train, tmp_path):

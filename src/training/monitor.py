@@ -11,8 +11,9 @@ Sample sheets come from the model being trained, through the shared inference co
 reload), in eval mode with fixed seeds. The RNG state is saved and restored around them, so
 a run with samples trains exactly as one without (and resumes exactly).
 
-    output_dir/train_log.jsonl                 step, epoch, loss, lr, seconds, images/s (+ GPU peak;
-                                               with --compile the first step's seconds)
+    output_dir/train_log.jsonl                 step, epoch, loss, lr, seconds, images/s, the
+                                               masked and visible panels' unweighted MSE (+ GPU
+                                               peak; with --compile the first step's seconds)
     output_dir/loss.png                        the loss per step and a smoothed line
     output_dir/samples/step_000100/            <stem>_0.png, <stem>_comparison.png, ... per image
     output_dir/samples/progress.png            per validation image: input | mask | step 0 | ... | last

@@ -115,9 +115,12 @@ def diffusion_loss(
     batch: dict,
     generator: torch.Generator,
     visible_loss_weight: float = 0.0,
+    parts: dict | None = None,
 ) -> torch.Tensor:
     """The model math of one training step, from encoded inputs to the weighted loss.
-    latents (B, C, h, w); mask (B, 1, h, w), 1 = masked panel."""
+    latents (B, C, h, w); mask (B, 1, h, w), 1 = masked panel. With `parts` (a dict), also
+    puts there the unweighted MSE over the masked and over the visible latent pixels
+    ("masked_loss", "visible_loss"; a kind the batch has none of is left out), for the log."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     noisy, timesteps, target = backend.noise_latents(latents, noise, generator)
     if backend.conditioning == "context":  # the visible panels enter clean, never noised
@@ -126,6 +129,12 @@ def diffusion_loss(
     # Without a visible-panel weight (the default) the weights are the mask itself: three
     # elementwise ops fewer a step.
     weight = mask + visible_loss_weight * (1 - mask) if visible_loss_weight else mask
+    if parts is not None:
+        with torch.no_grad():
+            squared = ((pred.float() - target.float()) ** 2).mean(1, keepdim=True)
+            for name, where in (("masked_loss", mask.float()), ("visible_loss", 1 - mask.float())):
+                if where.sum() > 0:
+                    parts[name] = (squared * where).sum() / where.sum()
     return masked_mse(pred, target, weight.float())
 
 
@@ -366,12 +375,15 @@ class Trainer:
             batches = self.dataloader
             if self.batches_in_epoch:
                 batches = accelerator.skip_first_batches(self.dataloader, self.batches_in_epoch)
-            running = []
+            running, parts = [], {"masked_loss": [], "visible_loss": []}
             for batch in batches:
                 if not running:  # an optimizer step begins
                     step_started = time.perf_counter()
                 with accelerator.accumulate(self.backend.denoiser):
+                    self.loss_parts = {}
                     loss = self._loss_step(batch, self.micro_step)
+                    for name, value in self.loss_parts.items():
+                        parts[name].append(value)
                     finite, stop = agree(accelerator, loss, signals)
                     if not finite:
                         raise non_finite(self.global_step + 1, loss.item(), self.output_dir)
@@ -389,10 +401,13 @@ class Trainer:
                     self.record_memory("first step")
                 step_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
                 running = []
+                # This process's masked / visible MSE (unweighted), how completion and the
+                # visible panels' denoising progress apart.
+                extra = {name: round(torch.stack(values).mean().item(), 6) for name, values in parts.items() if values}
+                parts = {"masked_loss": [], "visible_loss": []}
                 losses.append(step_loss)
                 progress.update(1)
                 progress.set_postfix(epoch=self.epoch, loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                extra = {}
                 if cfg.compile and self.first_step_seconds is None:
                     self.first_step_seconds = time.perf_counter() - step_started
                     logger.info("--compile: step %d took %.1f s, compiling the blocks' forward and backward included",
@@ -442,7 +457,8 @@ class Trainer:
             latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
             pixel_mask = panel_masks(subsets, self.grid, height, width).to(device)  # (B, 1, H, W)
             masked_latents = backend.masked_image_latents(pixels, pixel_mask)
-        return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_weight)
+        return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_weight,
+                              parts=getattr(self, "loss_parts", None))
 
     def prompt_embeds(self, captions: list[str | None], device) -> dict[str, torch.Tensor]:
         """The batch's text embeddings. A dropped caption (None) is fed what inference's
