@@ -3,6 +3,10 @@
     python benchmarks/fit_hard_toy.py --backend sdxl     # ~10 min on 2 CPU cores
     python benchmarks/fit_hard_toy.py --backend flux     # ~15 min
     python benchmarks/fit_hard_toy.py --backend sdxl --steps 20 --out /tmp/x   # smoke run
+    python benchmarks/fit_hard_toy.py --backend sdxl --layers_per_block 2 --seed 1 \
+        --background per_composite --object_scale 0.2,0.5 --out /tmp/y    # another base
+
+known_answer_dist.py fits a whole distribution of such bases through `main`.
 
 As fit_toy_base.py / fit_toy_flux.py (same architectures, the same toy VAE, every weight
 trained), but on composites of *independent* hard-toy panels (any RGB colour, shape, size
@@ -20,7 +24,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fit_toy_base import TOY_VAE, draw_batch, fit_all_weights, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
-from hard_toy import caption, independent_pool  # noqa: E402
+from hard_toy import caption, independent_pool, toy_arguments, toy_from_args  # noqa: E402
 
 from iclora.panels import Grid  # noqa: E402
 
@@ -66,6 +72,21 @@ def fit(backend, pools: list[tuple[torch.Tensor, Grid]], steps: int, batch_size:
     return fit_all_weights(backend.denoiser, steps, lr, step_loss)
 
 
+def make_sdxl_variant(folder: Path, layers_per_block: int, init_seed: int) -> None:
+    """Replace the random UNet of a base folder by one with `layers_per_block` ResNet blocks
+    per stage (the tiny SDXL has 1), initialised from `init_seed`. The defaults (1, 0) keep
+    the tiny SDXL's own UNet, so the shipped hard base refits as it was."""
+    if (layers_per_block, init_seed) == (1, 0):
+        return
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"), layers_per_block=layers_per_block)
+    torch.manual_seed(init_seed)
+    unet = UNet2DConditionModel.from_config(config)
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sdxl", "flux"], required=True)
@@ -77,7 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--layers_per_block", type=int, default=1, help="SDXL: ResNet blocks per UNet stage")
+    parser.add_argument("--flux_blocks", default="2,4", help="FLUX: DOUBLE,SINGLE transformer block counts")
+    toy_arguments(parser)
     args = parser.parse_args(argv)
+    toy = toy_from_args(parser, args)
+    try:
+        blocks = tuple(int(x) for x in args.flux_blocks.split(","))
+        assert len(blocks) == 2 and min(blocks) >= 0 and sum(blocks) > 0
+    except (ValueError, AssertionError):
+        parser.error(f"--flux_blocks must be DOUBLE,SINGLE block counts, got {args.flux_blocks!r}")
+    if args.layers_per_block < 1:
+        parser.error(f"--layers_per_block must be at least 1, got {args.layers_per_block}")
     steps = args.steps or DEFAULT_STEPS[args.backend]
     batch_size = args.batch_size or DEFAULT_BATCH[args.backend]
     out = Path(args.out) if args.out else HARD_BASES[args.backend]
@@ -88,23 +120,32 @@ def main(argv: list[str] | None = None) -> dict:
     from iclora.backends import load_backend
 
     diffusers_logging.set_verbosity_error()
-    work = Path(f"/tmp/fit_hard_toy_{args.backend}")
-    shutil.rmtree(work, ignore_errors=True)
-    if args.backend == "flux":
-        folder = make_flux_base_model(work / "base", "blend", Path(args.vae))
-    else:
-        folder = make_base_model(work / "base", Path(args.vae), unet_dir=None)
-    backend = load_backend(args.backend, str(folder), "blend")
+    work = Path(tempfile.mkdtemp(prefix="fit_hard_toy_"))
+    try:
+        if args.backend == "flux":
+            folder = make_flux_base_model(work / "base", "blend", Path(args.vae), blocks=blocks, init_seed=args.seed)
+        else:
+            folder = make_base_model(work / "base", Path(args.vae), unet_dir=None)
+            make_sdxl_variant(folder, args.layers_per_block, args.seed)
+        backend = load_backend(args.backend, str(folder), "blend")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # every component is in memory now
     start = time.monotonic()
     rng = np.random.default_rng(args.seed)
-    pools = [(independent_pool(args.pool, rng, grid), grid) for grid in GRIDS]
+    pools = [(independent_pool(args.pool, rng, grid, toy), grid) for grid in GRIDS]
     losses = fit(backend, pools, steps, batch_size, args.lr, args.seed)
     seconds = time.monotonic() - start
-    backend.denoiser.to(torch.float16).save_pretrained(out)
     report = {"seconds": round(seconds, 1), "final_loss": float(np.mean(losses[-100:])), "steps": steps,
               "batch_size": batch_size, "pool": args.pool, "lr": args.lr, "seed": args.seed,
-              "grids": [str(g) for g in GRIDS]}
-    (out / "fit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+              "grids": [str(g) for g in GRIDS], "toy": asdict(toy),
+              **({"flux_blocks": list(blocks)} if args.backend == "flux" else {"layers_per_block": args.layers_per_block})}
+    # Written under a temporary name, then renamed: a fit cut short leaves no half base behind.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    backend.denoiser.to(torch.float16).save_pretrained(partial)
+    (partial / "fit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     print(f"saved {out}: {json.dumps(report)}")
     return report
 

@@ -61,21 +61,25 @@ def vae_factors(vae, n: int = 256, seed: int = 0) -> dict[str, float]:
     return {"shift_factor": float(latents.mean()), "scaling_factor": float(1.0 / latents.std())}
 
 
-def toy_transformer(in_channels: int, latent_channels: int, text_dim: int, pooled_dim: int):
+def toy_transformer(in_channels: int, latent_channels: int, text_dim: int, pooled_dim: int,
+                    blocks: tuple[int, int] = (2, 4)):
+    """`blocks`: (double-stream, single-stream) block counts."""
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=in_channels, out_channels=4 * latent_channels, num_layers=2,
-        num_single_layers=4, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=text_dim,
+        patch_size=1, in_channels=in_channels, out_channels=4 * latent_channels, num_layers=blocks[0],
+        num_single_layers=blocks[1], attention_head_dim=16, num_attention_heads=4, joint_attention_dim=text_dim,
         pooled_projection_dim=pooled_dim, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
     )
 
 
 def make_flux_base_model(folder: Path, conditioning: str = "blend", vae_dir: Path = TOY_VAE,
-                         transformer_dir: Path | None = None) -> Path:
+                         transformer_dir: Path | None = None, blocks: tuple[int, int] = (2, 4),
+                         init_seed: int = 0) -> Path:
     """A diffusers FLUX.1 (blend) or FLUX.1-Fill (concat) folder: the tiny FLUX text encoders,
     tokenizers and scheduler, the toy VAE with FLUX shift/scale, and the toy transformer
-    (fitted, from transformer_dir; or freshly initialised with transformer_dir=None)."""
+    (fitted, from transformer_dir; or freshly initialised from `init_seed` with `blocks`
+    (double, single) when transformer_dir is None)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from iclora.backends.tiny import save_tiny_model
@@ -95,8 +99,8 @@ def make_flux_base_model(folder: Path, conditioning: str = "blend", vae_dir: Pat
         pooled = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
         c = vae.config.latent_channels
         in_channels = 4 * c + 4 * c + 4 * 8**2 if conditioning == "concat" else 4 * c
-        torch.manual_seed(0)
-        transformer = toy_transformer(in_channels, c, text, pooled)
+        torch.manual_seed(init_seed)
+        transformer = toy_transformer(in_channels, c, text, pooled, tuple(blocks))
     shutil.rmtree(folder / "transformer")
     transformer.save_pretrained(folder / "transformer")
     return folder

@@ -29,10 +29,12 @@ panels that show an object at all.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +48,7 @@ sys.path.insert(0, str(HERE))
 from fit_hard_toy import HARD_BASES  # noqa: E402
 from fit_toy_base import TOY_VAE, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
-from hard_toy import MEAN_COLOUR, PANEL_SIZE, caption, colour_error, composite, set_spread  # noqa: E402
+from hard_toy import BACKGROUND, Toy, caption, colour_error, composite, set_spread, toy_arguments, toy_from_args  # noqa: E402
 from known_answer import complete, picture, publish, train, vae_round_trip  # noqa: E402
 
 from iclora.panels import Grid, panel_box  # noqa: E402
@@ -54,17 +56,19 @@ from iclora.panels import Grid, panel_box  # noqa: E402
 CLOSE = 25.0  # a hidden panel "has the colour" within this mean absolute RGB error
 
 
-def write_set(folder: Path, n: int, grid: Grid, seed: int) -> tuple[list[Path], list[tuple[int, int, int]]]:
+def write_set(folder: Path, n: int, grid: Grid, seed: int, toy: Toy = Toy()):
+    """n composites + captions in the trainer's layout. Returns (paths, (object colour,
+    background colour) per composite)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths, colours = [], []
     for i in range(n):
-        image, rgb, _ = composite(rng, grid)
+        image, rgb, _ = composite(rng, grid, toy)
         path = folder / f"{i:05d}.png"
         image.save(path)
         path.with_suffix(".txt").write_text(caption(grid))
         paths.append(path)
-        colours.append(rgb)
+        colours.append((rgb, image.getpixel((0, 0))))  # the corner is background: objects stay inside
     return paths, colours
 
 
@@ -72,13 +76,14 @@ def hidden_panels(grid: Grid) -> list[int]:
     return [2, 3] if (grid.rows, grid.cols) == (2, 2) else [grid.num_panels - 1]
 
 
-def summarise(rows: dict[str, list], colours, grid: Grid) -> dict[str, dict]:
+def summarise(rows: dict[str, list], colours, grid: Grid, toy: Toy = Toy()) -> dict[str, dict]:
+    """`colours`: (object colour, background colour) per composite, as write_set returns them."""
     hidden = hidden_panels(grid)
     table = {}
     for name, images in rows.items():
-        errors = np.array([colour_error(im, grid, hidden, c) for im, c in zip(images, colours)]).ravel()
+        errors = np.array([colour_error(im, grid, hidden, c, bg) for im, (c, bg) in zip(images, colours)]).ravel()
         table[name] = {"colour_error": float(errors.mean()), "close": float((errors < CLOSE).mean())}
-    blind = np.array([[np.abs(np.array(c) - np.array(MEAN_COLOUR)).mean()] * len(hidden) for c in colours]).ravel()
+    blind = np.array([[np.abs(np.array(c) - np.array(toy.mean_colour)).mean()] * len(hidden) for c, _ in colours]).ravel()
     table["blind guess (mean colour)"] = {"colour_error": float(blind.mean()), "close": float((blind < CLOSE).mean())}
     return table
 
@@ -92,17 +97,18 @@ def text_to_set(model_dir: Path, lora: str, args, grid: Grid, n: int) -> list[np
         lora_path=lora, prompt=caption(grid), panels_to_inpaint=["all"], grid=str(grid), backend=args.backend,
         base_model=str(model_dir), conditioning=args.conditioning, context_timestep=args.context_timestep,
         num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale, seed=args.seed, num_images=n,
-        width=PANEL_SIZE * grid.cols, height=PANEL_SIZE * grid.rows,
+        width=args.toy.panel_size * grid.cols, height=args.toy.panel_size * grid.rows,
         native_size=True,  # at the training size, the untrained base ("none", no record) too
     ))
     backend, pipe = load_pipeline(plan)
     return [np.asarray(image) for image in generate(plan, backend, pipe)[0]]
 
 
-def summarise_sets(sets: dict[str, list[np.ndarray]], grid: Grid) -> dict[str, dict]:
+def summarise_sets(sets: dict[str, list[np.ndarray]], grid: Grid, toy: Toy = Toy()) -> dict[str, dict]:
     table = {}
+    background = None if toy.background == "per_composite" else BACKGROUND  # None: read off each image
     for name, images in sets.items():
-        spread, present = np.array([set_spread(image, grid) for image in images]).T
+        spread, present = np.array([set_spread(image, grid, background) for image in images]).T
         table[name] = {"spread": float(spread.mean()), "objects": float(present.mean())}
     return table
 
@@ -127,6 +133,23 @@ def mask_tile(shape, grid: Grid) -> np.ndarray:
     return mask
 
 
+def read_train_log(run_dir: Path, windows: int = 10) -> list[dict]:
+    """The run's train_log.jsonl as `windows` equal step windows: the mean loss and the
+    masked and visible panels' MSE in each (how completion learns beside denoising)."""
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    size = max(1, -(-len(records) // windows))
+    out = []
+    for i in range(0, len(records), size):
+        chunk = records[i:i + size]
+        row = {"steps": f"{chunk[0]['step']}-{chunk[-1]['step']}"}
+        for key in ("loss", "masked_loss", "visible_loss"):
+            values = [r[key] for r in chunk if key in r]
+            if values:
+                row[key] = round(float(np.mean(values)), 4)
+        out.append(row)
+    return out
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sdxl", "flux"], default="sdxl")
@@ -135,7 +158,8 @@ def parse_args(argv):
     parser.add_argument("--grid", default="2x2", help="2x2 or 1x3 (the layouts the bases were fitted on)")
     parser.add_argument("--n_train", type=int, default=512, help="training composites")
     parser.add_argument("--n_eval", type=int, default=24, help="evaluation composites (new colours)")
-    parser.add_argument("--n_sets", type=int, default=16, help="sets generated from the caption alone per model")
+    parser.add_argument("--n_sets", type=int, default=16, help="sets generated from the caption alone per model "
+                        "(0: no text -> set table)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -149,6 +173,8 @@ def parse_args(argv):
     parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
                         "'--timestep_sampling logit_normal --logit_mean 1'")
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
+    parser.add_argument("--skip_free", action="store_true",
+                        help="concat: no row for (b) with the visible latents left to the model")
     parser.add_argument("--max_masked_panels", type=int, default=2,
                         help="for (b) (default 2, the SDXL script's; the FLUX script's own default is 3)")
     parser.add_argument("--mask_probability", type=float, default=0.7, help="for (b) (default: the trainer's)")
@@ -157,7 +183,9 @@ def parse_args(argv):
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--picture", default=None)
     parser.add_argument("--json", default=None)
+    toy_arguments(parser)
     args = parser.parse_args(argv)
+    args.toy = toy_from_args(parser, args)
     args.base = args.base or str(HARD_BASES[args.backend])
     if args.backend == "flux" and args.conditioning == "concat":
         parser.error("--conditioning concat on FLUX needs a Fill-layout hard-toy base, which is not fitted")
@@ -174,7 +202,8 @@ def main(argv=None) -> dict:
     transformers_logging.set_verbosity_error()
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     start, timings = time.monotonic(), {}
-    image_size = PANEL_SIZE * max(grid.rows, grid.cols)
+    toy = args.toy
+    image_size = toy.panel_size * max(grid.rows, grid.cols)
     prompt, hidden = caption(grid), hidden_panels(grid)
     with tempfile.TemporaryDirectory(prefix="known_answer_hard_") as tmp:
         work = Path(args.work_dir or tmp)
@@ -182,8 +211,8 @@ def main(argv=None) -> dict:
             model_dir = make_flux_base_model(work / "base", "blend", Path(args.vae), Path(args.base))
         else:
             model_dir = make_base_model(work / "base", Path(args.vae), Path(args.base))
-        write_set(work / "train", args.n_train, grid, args.seed)
-        eval_paths, colours = write_set(work / "eval", args.n_eval, grid, args.seed + 1000)
+        write_set(work / "train", args.n_train, grid, args.seed, toy)
+        eval_paths, colours = write_set(work / "eval", args.n_eval, grid, args.seed + 1000, toy)
         truths = [np.asarray(Image.open(p).convert("RGB")) for p in eval_paths]
 
         def run(mask_probability, name):
@@ -206,7 +235,7 @@ def main(argv=None) -> dict:
             rows["(c) LoRA, --mask_probability 0"] = done(str(lora_c))
         if args.conditioning == "context":
             rows["(b) through blend inference"] = done(str(lora_b), "blend")
-        if args.conditioning == "concat":  # what diffusers' 9-channel pipeline does alone
+        if args.conditioning == "concat" and not args.skip_free:  # what diffusers' 9-channel pipeline does alone
             rows["(b), visible latents left to the model (--no_blend_visible)"] = complete(
                 model_dir, str(lora_b), eval_paths, args, prompt=prompt, hidden=hidden, grid=grid, blend_visible=False)
         timings["inference"] = time.monotonic() - t
@@ -214,23 +243,28 @@ def main(argv=None) -> dict:
 
         vae = AutoencoderKL.from_pretrained(args.vae).eval()
         rows["VAE round trip of the truth (floor)"] = [vae_round_trip(vae, x) for x in truths]
-        table = summarise(rows, colours, grid)
-        t = time.monotonic()
-        sets = {"(a) untrained base": text_to_set(model_dir, "none", args, grid, args.n_sets),
-                b_name: text_to_set(model_dir, str(lora_b), args, grid, args.n_sets)}
-        if lora_c:
-            sets["(c) LoRA, --mask_probability 0"] = text_to_set(model_dir, str(lora_c), args, grid, args.n_sets)
-        sets["VAE round trip of toy sets (floor)"] = [vae_round_trip(vae, np.asarray(Image.open(p).convert("RGB")))
-                                                      for p in sorted((work / "train").glob("*.png"))[:args.n_sets]]
-        set_table = summarise_sets(sets, grid)
-        timings["text -> set"] = time.monotonic() - t
+        table = summarise(rows, colours, grid, toy)
+        t, set_table = time.monotonic(), {}
+        if args.n_sets:
+            sets = {"(a) untrained base": text_to_set(model_dir, "none", args, grid, args.n_sets),
+                    b_name: text_to_set(model_dir, str(lora_b), args, grid, args.n_sets)}
+            if lora_c:
+                sets["(c) LoRA, --mask_probability 0"] = text_to_set(model_dir, str(lora_c), args, grid, args.n_sets)
+            sets["VAE round trip of toy sets (floor)"] = [
+                vae_round_trip(vae, np.asarray(Image.open(p).convert("RGB")))
+                for p in sorted((work / "train").glob("*.png"))[:args.n_sets]]
+            set_table = summarise_sets(sets, grid, toy)
+            timings["text -> set"] = time.monotonic() - t
+        train_logs = {name: read_train_log(work / f"lora_{name}") for name in ("b", "c") if (work / f"lora_{name}").is_dir()}
         if args.picture:
             shown = range(min(4, len(truths)))
             names = [n for n in rows if n.startswith(("(b) IC", "(c)"))]
             tiles = [(truths[i], mask_tile(truths[i].shape, grid), *[rows[n][i] for n in names]) for i in shown]
             picture(Path(args.picture), tiles, ["composite", "mask", *[n.split(",")[0] for n in names]])
     timings["total"] = time.monotonic() - start
-    return publish(table, format_table(table) + "\n\n" + format_sets(set_table), args, timings, text_to_set=set_table)
+    args.toy = asdict(toy)  # the report is JSON
+    text = format_table(table) + ("\n\n" + format_sets(set_table) if set_table else "")
+    return publish(table, text, args, timings, text_to_set=set_table, train_logs=train_logs)
 
 
 if __name__ == "__main__":

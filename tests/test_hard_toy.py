@@ -44,3 +44,41 @@ def test_a_blank_panel_scores_far_from_the_colour_and_the_pool_is_independent():
                for l, t, r, b in (panel_box(k, grid, 128, 128) for k in range(4))}
     assert len(colours) == 4  # panels drawn independently
     assert MEAN_COLOUR == ((COLOUR_LOW + COLOUR_HIGH) / 2,) * 3
+
+
+def test_the_generator_settings():
+    import pytest
+
+    from hard_toy import DARK_HIGH, Toy, background_of
+
+    grid = Grid(2, 2)
+    aside = Toy(panel_size=128, background="per_composite", scale=(0.2, 0.3))
+    rng = np.random.default_rng(0)
+    backgrounds = set()
+    for _ in range(4):
+        image, rgb, _ = composite(rng, grid, aside)
+        pixels = np.asarray(image)
+        assert pixels.shape == (256, 256, 3)
+        background = tuple(int(c) for c in pixels[0, 0])
+        assert max(background) <= DARK_HIGH and np.array_equal(background_of(pixels), background)
+        backgrounds.add(background)
+        assert colour_error(pixels, grid, [2, 3], rgb, background) == [0.0, 0.0]
+        for k in range(4):  # every object stays within the size range
+            left, top, right, bottom = panel_box(k, grid, 256, 256)
+            ys, xs = np.nonzero((pixels[top:bottom, left:right] != background).any(-1))
+            assert 0.2 * 128 - 1 <= max(np.ptp(ys), np.ptp(xs)) + 1 <= 0.3 * 128 + 1
+    assert len(backgrounds) == 4  # one background per composite
+    # The fixed setting draws the same data as before the settings existed.
+    default, _, _ = composite(np.random.default_rng(5), grid)
+    same, _, _ = composite(np.random.default_rng(5), grid, Toy())
+    assert np.array_equal(np.asarray(default), np.asarray(same)) and tuple(np.asarray(same)[0, 0]) == BACKGROUND
+    # Vivid colours stay far from grey; the blind guess is their per-channel median.
+    vivid = Toy(colours="vivid")
+    colours = np.array([vivid.colour(rng) for _ in range(200)])
+    assert (colours.max(1) - colours.min(1)).min() >= 0.5 * 0.6 * 255 - 1
+    assert all(100 < c < 150 for c in vivid.mean_colour) and Toy().mean_colour == MEAN_COLOUR
+    pool = independent_pool(2, rng, Grid(1, 3), aside)
+    assert pool.shape == (2, 3, 128, 384)
+    for bad in ({"panel_size": 60}, {"background": "white"}, {"scale": (0.5, 0.2)}, {"colours": "grey"}):
+        with pytest.raises(ValueError):
+            Toy(**bad)
