@@ -61,20 +61,30 @@ ASIDE = Toy(background="per_composite", scale=(0.2, 0.5))
 
 @dataclass(frozen=True)
 class Base:
+    """A member of the distribution: a fitted base (folder, fit settings, the toy it was fitted
+    on) and the toy data the benchmark runs on (`data`; default: the fit's toy)."""
+
     name: str
     backend: str
     folder: str  # under ASSETS
-    toy: Toy
+    toy: Toy  # the fit's
     seed: int
     steps: int
     batch_size: int
     layers_per_block: int = 1  # SDXL UNet
     flux_blocks: tuple[int, int] = (2, 4)  # FLUX (double, single) blocks
+    data: Toy | None = None
+
+    @property
+    def data_toy(self) -> Toy:
+        return self.data or self.toy
 
     def describe(self) -> str:
         size = f"layers_per_block {self.layers_per_block}" if self.backend == "sdxl" else \
             f"{self.flux_blocks[0]}+{self.flux_blocks[1]} blocks"
-        return f"{size}, seed {self.seed}, fit {self.steps} x {self.batch_size}"
+        fitted_on = "" if self.data_toy == self.toy else ", fitted on the standard toy" if self.toy == STANDARD else \
+            f", fitted on {self.toy.describe()}"
+        return f"{size}, seed {self.seed}, fit {self.steps} x {self.batch_size}{fitted_on}"
 
     def fit_argv(self) -> list[str]:
         t = self.toy
@@ -91,9 +101,11 @@ def toy_argv(toy: Toy) -> list[str]:
 BASES = [
     # The shipped hard-toy bases (fit_hard_toy.py's defaults): the first member of each.
     Base("sdxl-hard", "sdxl", "toy_sdxl_unet_hard", STANDARD, seed=0, steps=4000, batch_size=16),
+    Base("sdxl-hard-aside", "sdxl", "toy_sdxl_unet_hard", STANDARD, seed=0, steps=4000, batch_size=16, data=ASIDE),
     Base("sdxl-lpb2-s1", "sdxl", "toy_dist/sdxl_lpb2_s1", ASIDE, seed=1, steps=1500, batch_size=16, layers_per_block=2),
     Base("sdxl-lpb1-s2", "sdxl", "toy_dist/sdxl_lpb1_s2", ASIDE, seed=2, steps=1000, batch_size=16),
     Base("flux-hard", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
+    Base("flux-hard-aside", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=ASIDE),
     Base("flux-b13-s1", "flux", "toy_dist/flux_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8, flux_blocks=(1, 3)),
     Base("flux-b24-s2", "flux", "toy_dist/flux_b24_s2", ASIDE, seed=2, steps=1200, batch_size=8),
 ]
@@ -115,7 +127,11 @@ def weights(base: Base, assets: Path) -> Path:
 def fit(bases: list[Base], assets: Path, refit: bool, extra: list[str]) -> None:
     from fit_hard_toy import main as fit_main
 
+    fitted = set()
     for base in bases:
+        if base.folder in fitted:  # another member's data on the same base
+            continue
+        fitted.add(base.folder)
         if weights(base, assets).is_file() and not refit:
             print(f"{base.name}: cached ({assets / base.folder})", flush=True)
             continue
@@ -127,7 +143,7 @@ def report_one(base: Base, assets: Path, out_dir: Path, extra: list[str]) -> dic
     from known_answer_hard import main as hard_main
 
     result = hard_main([*DEFAULTS[base.backend], "--backend", base.backend, "--base", str(assets / base.folder),
-                        *toy_argv(base.toy), "--n_sets", "0", "--skip_free",
+                        *toy_argv(base.data_toy), "--n_sets", "0", "--skip_free",
                         "--json", str(out_dir / f"{base.name}.json"), *extra])
     table = result["table"]
     row = {"untrained": table[UNTRAINED]["colour_error"], "masked": table[MASKED[base.backend]]["colour_error"],
@@ -162,7 +178,7 @@ def format_report(rows: dict[str, dict]) -> str:
         whole = "n/a" if r["whole"] is None else f"{r['whole']:.1f}"
         to_whole = "n/a" if r["whole"] is None else f"{r['masked'] / r['whole']:.0%}"
         goal = {True: "met", False: "**not met**", None: "n/a"}[r["goal"]]
-        lines.append(f"| {name} ({base.describe()}) | {base.toy.describe()} | {r['untrained']:.1f} | {r['masked']:.1f} "
+        lines.append(f"| {name} ({base.describe()}) | {base.data_toy.describe()} | {r['untrained']:.1f} | {r['masked']:.1f} "
                      f"| {whole} | {r['blind']:.1f} | {r['masked'] / r['untrained']:.0%} | {to_whole} | {goal} |")
     column = lambda key: [r[key] for r in rows.values()]  # noqa: E731
     ratios = [r["masked"] / r["untrained"] for r in rows.values()]
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     bases = select(args.only, args.backend, parser)
     if args.command == "list":
         for b in bases:
-            print(f"{b.name}: {b.backend}, {b.describe()}; {b.toy.describe()} -> {Path(args.assets) / b.folder}")
+            print(f"{b.name}: {b.backend}, {b.describe()}; data: {b.data_toy.describe()} -> {Path(args.assets) / b.folder}")
         return {"bases": [asdict(b) for b in bases]}
     threads = ["--threads", str(args.threads)] if args.threads else []
     assets = Path(args.assets)

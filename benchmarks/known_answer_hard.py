@@ -173,6 +173,8 @@ def parse_args(argv):
     parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
                         "'--timestep_sampling logit_normal --logit_mean 1'")
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
+    parser.add_argument("--skip_b", action="store_true", help="do not train (b): with --skip_c in another "
+                        "process, (b) and (c) train in parallel")
     parser.add_argument("--skip_free", action="store_true",
                         help="concat: no row for (b) with the visible latents left to the model")
     parser.add_argument("--max_masked_panels", type=int, default=2,
@@ -220,7 +222,7 @@ def main(argv=None) -> dict:
                                                    args, grid=grid, image_size=image_size)
             return lora
 
-        lora_b = run(args.mask_probability, "b")
+        lora_b = None if args.skip_b else run(args.mask_probability, "b")
         lora_c = None if args.skip_c else run(0.0, "c")
         t = time.monotonic()
         done = lambda lora, conditioning=None: complete(  # noqa: E731
@@ -230,12 +232,12 @@ def main(argv=None) -> dict:
             b_name += f" --max_masked_panels {args.max_masked_panels}"
         if args.train_args:
             b_name += f" {args.train_args}"
-        rows = {"(a) untrained base": done("none"), b_name: done(str(lora_b))}
+        rows = {"(a) untrained base": done("none"), **({b_name: done(str(lora_b))} if lora_b else {})}
         if lora_c:
             rows["(c) LoRA, --mask_probability 0"] = done(str(lora_c))
-        if args.conditioning == "context":
+        if args.conditioning == "context" and lora_b:
             rows["(b) through blend inference"] = done(str(lora_b), "blend")
-        if args.conditioning == "concat" and not args.skip_free:  # what diffusers' 9-channel pipeline does alone
+        if args.conditioning == "concat" and lora_b and not args.skip_free:  # what diffusers' 9-channel pipeline does alone
             rows["(b), visible latents left to the model (--no_blend_visible)"] = complete(
                 model_dir, str(lora_b), eval_paths, args, prompt=prompt, hidden=hidden, grid=grid, blend_visible=False)
         timings["inference"] = time.monotonic() - t
@@ -246,8 +248,9 @@ def main(argv=None) -> dict:
         table = summarise(rows, colours, grid, toy)
         t, set_table = time.monotonic(), {}
         if args.n_sets:
-            sets = {"(a) untrained base": text_to_set(model_dir, "none", args, grid, args.n_sets),
-                    b_name: text_to_set(model_dir, str(lora_b), args, grid, args.n_sets)}
+            sets = {"(a) untrained base": text_to_set(model_dir, "none", args, grid, args.n_sets)}
+            if lora_b:
+                sets[b_name] = text_to_set(model_dir, str(lora_b), args, grid, args.n_sets)
             if lora_c:
                 sets["(c) LoRA, --mask_probability 0"] = text_to_set(model_dir, str(lora_c), args, grid, args.n_sets)
             sets["VAE round trip of toy sets (floor)"] = [

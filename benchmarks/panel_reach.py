@@ -31,10 +31,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fit_toy_base import TOY_VAE, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
-from hard_toy import Toy, caption, composite  # noqa: E402
+from hard_toy import Toy, caption, composite, toy_arguments, toy_from_args  # noqa: E402
 from known_answer_dist import ASSETS, BASES, weights  # noqa: E402
 
-from iclora.panels import Grid, panel_box  # noqa: E402
+from iclora.panels import Grid, panel_box, panel_mask  # noqa: E402
 
 GRID = Grid(2, 2)
 HIDDEN, VISIBLE = [2, 3], [0, 1]
@@ -53,9 +53,12 @@ def panel_masks(size: int) -> dict[str, torch.Tensor]:
     return masks
 
 
-def reach(backend, toy: Toy, size: int, timesteps: list[float], samples: int, seed: int) -> dict[float, float]:
-    """Per noise level t in [0, 1]: the visible panels' share of the input-gradient mass, on
-    toy composites (`toy` at panel `size`) noised to t."""
+def reach(backend, toy: Toy, size: int, timesteps: list[float], samples: int, seed: int) -> dict[float, dict]:
+    """Per noise level t in [0, 1], on toy composites (`toy` at panel `size`) noised to t:
+    "noisy": the visible panels' share of the input-gradient mass of the hidden output in
+    the noisy latents; with concat conditioning also "clean": the share of the whole
+    gradient mass (noisy + masked-image channels) that flows through the masked-image
+    channels, which show the visible panels clean."""
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     masks = panel_masks(size)
     prompt = backend.encode_prompt([caption(GRID)])
@@ -63,12 +66,16 @@ def reach(backend, toy: Toy, size: int, timesteps: list[float], samples: int, se
     toy = replace(toy, panel_size=size)
     images = [composite(rng, GRID, toy)[0] for _ in range(samples)]
     pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
+    concat = backend.conditioning == "concat"
     with torch.no_grad():
         latents = backend.encode_image(pixels)
+        if concat:
+            pixel_mask = panel_mask(HIDDEN, GRID, 2 * size, 2 * size)[None].expand(samples, 1, -1, -1)
+            masked_latents = backend.masked_image_latents(pixels, pixel_mask)
     out = {}
     for t in timesteps:
-        shares = []
-        for clean in latents[:, None]:
+        shares = {"noisy": [], "clean": []}
+        for i, clean in enumerate(latents[:, None]):
             noise = torch.randn(clean.shape, generator=generator)
             if backend.name == "flux":  # rectified flow, timesteps on the 0..1000 scale
                 steps, noisy = torch.full((1,), 1000.0 * t), (1 - t) * clean + t * noise
@@ -76,12 +83,19 @@ def reach(backend, toy: Toy, size: int, timesteps: list[float], samples: int, se
                 steps = torch.full((1,), int(round(999 * t)), dtype=torch.long)
                 noisy = backend.noise_scheduler.add_noise(clean, noise, steps)
             noisy = noisy.detach().requires_grad_(True)
-            pred = backend.predict(noisy, steps, prompt, None, None, micro)
+            inputs = [noisy]
+            mask = context = None
+            if concat:
+                mask, context = masks["hidden"], masked_latents[i:i + 1].detach().requires_grad_(True)
+                inputs.append(context)
+            pred = backend.predict(noisy, steps, prompt, mask, context, micro)
             direction = torch.randn(pred.shape, generator=generator) * masks["hidden"]
-            (grad,) = torch.autograd.grad((pred * direction).sum(), noisy)
-            mass = grad.abs().sum(1, keepdim=True)
-            shares.append(float((mass * masks["visible"]).sum() / mass.sum()))
-        out[t] = float(np.mean(shares))
+            grads = torch.autograd.grad((pred * direction).sum(), inputs)
+            mass = [g.abs().sum(1, keepdim=True) for g in grads]
+            shares["noisy"].append(float((mass[0] * masks["visible"]).sum() / mass[0].sum()))
+            if concat:
+                shares["clean"].append(float(mass[1].sum() / (mass[0].sum() + mass[1].sum())))
+        out[t] = {k: float(np.mean(v)) for k, v in shares.items() if v}
     return out
 
 
@@ -89,11 +103,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="comma list of known_answer_dist.py base names")
     parser.add_argument("--assets", default=str(ASSETS))
+    parser.add_argument("--model", default=None, help="instead of the bases: one diffusers base folder "
+                        "(e.g. known_answer_hard.py --work_dir's base/), with --backend, --conditioning, --lora")
+    parser.add_argument("--backend", choices=["sdxl", "flux"], default="sdxl")
+    parser.add_argument("--conditioning", choices=["blend", "concat"], default="blend")
+    parser.add_argument("--lora", default=None, help="a trained LoRA folder (with --model)")
     parser.add_argument("--panel_sizes", default="64,128")
     parser.add_argument("--timesteps", default="0.3,0.6,0.9", help="noise levels in (0, 1)")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    toy_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from diffusers.utils import logging as diffusers_logging
@@ -101,26 +121,36 @@ def main(argv: list[str] | None = None) -> dict:
     from iclora.backends import load_backend
 
     diffusers_logging.set_verbosity_error()
-    wanted = set(args.only.split(",")) if args.only else None
-    bases = [b for b in BASES if (wanted is None or b.name in wanted) and weights(b, Path(args.assets)).is_file()]
     sizes = [int(s) for s in args.panel_sizes.split(",")]
     timesteps = [float(t) for t in args.timesteps.split(",")]
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="panel_reach_") as work:
-        for base in bases:
-            folder = Path(args.assets) / base.folder
-            model = (make_flux_base_model(Path(work) / base.name, "blend", TOY_VAE, folder) if base.backend == "flux"
-                     else make_base_model(Path(work) / base.name, TOY_VAE, folder))
-            backend = load_backend(base.backend, str(model), "blend")
-            backend.denoiser.eval().requires_grad_(False)
-            for size in sizes:
-                rows[(base.name, size)] = reach(backend, base.toy, size, timesteps, args.samples, args.seed)
-                print(f"{base.name} {size} px: {rows[(base.name, size)]}", flush=True)
-    lines = ["| base | panel | " + " | ".join(f"t = {t:g}" for t in timesteps) + " |",
+
+    def measure(name: str, backend, toy: Toy) -> None:
+        backend.denoiser.eval().requires_grad_(False)
+        for size in sizes:
+            rows[(name, size)] = reach(backend, toy, size, timesteps, args.samples, args.seed)
+            print(f"{name} {size} px: {rows[(name, size)]}", flush=True)
+
+    if args.model:
+        backend = load_backend(args.backend, args.model, args.conditioning)
+        if args.lora:
+            backend.load_lora(Path(args.lora))
+        measure(Path(args.lora).parent.name if args.lora else Path(args.model).name, backend, toy_from_args(parser, args))
+    else:
+        wanted = set(args.only.split(",")) if args.only else None
+        bases = [b for b in BASES if (wanted is None or b.name in wanted) and weights(b, Path(args.assets)).is_file()]
+        with tempfile.TemporaryDirectory(prefix="panel_reach_") as work:
+            for base in bases:
+                folder = Path(args.assets) / base.folder
+                model = (make_flux_base_model(Path(work) / base.name, "blend", TOY_VAE, folder) if base.backend == "flux"
+                         else make_base_model(Path(work) / base.name, TOY_VAE, folder))
+                measure(base.name, load_backend(base.backend, str(model), "blend"), base.data_toy)
+    concat = any("clean" in v for shares in rows.values() for v in shares.values())
+    lines = ["| model | panel | " + " | ".join(f"t = {t:g}" for t in timesteps) + " |",
              "|---|---:|" + "---:|" * len(timesteps)]
     for (name, size), shares in rows.items():
-        lines.append(f"| {name} | {size} px ({size // 8}x{size // 8} latents) | "
-                     + " | ".join(f"{shares[t]:.1%}" for t in timesteps) + " |")
+        cells = [f"{shares[t]['noisy']:.1%}" + (f" / {shares[t]['clean']:.1%}" if concat else "") for t in timesteps]
+        lines.append(f"| {name} | {size} px ({size // 8}x{size // 8} latents) | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     return {"rows": {f"{n} {s}": v for (n, s), v in rows.items()}, "table": "\n".join(lines)}
 
