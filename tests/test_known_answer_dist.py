@@ -48,3 +48,27 @@ def test_the_distribution_command_fits_a_base_and_reports_it(tmp_path, capsys):
     assert base["settings"]["toy"]["scale"] == [0.2, 0.5] and base["settings"]["conditioning"] == "concat"
     assert all("masked_loss" in window for window in base["train_logs"]["b"])  # the masked loss per window
     assert "visible_loss" not in base["train_logs"]["c"][0]  # whole composites: nothing visible
+
+
+def _report(tmp_path, members: str) -> dict:
+    dist = load_benchmark("known_answer_dist")
+    dist.main(["fit", "--only", members, "--threads", "1"])  # cached: nothing to do
+    return dist.main(["report", "--only", members, "--threads", "1", "--out_dir", str(tmp_path)])["rows"]
+
+
+@pytest.mark.slow
+def test_sdxl_defaults_over_the_distribution(tmp_path):
+    """SDXL concat at the script's defaults on the shipped hard base, on its own toy and on the
+    aside toy's data (~2 x 90 min on a shared 2-core machine). Margins halved from
+    benchmarks/RESULTS.md, *The known-answer benchmark over a distribution of bases*."""
+    rows = _report(tmp_path, "sdxl-hard,sdxl-hard-aside")
+    hard, aside = rows["sdxl-hard"], rows["sdxl-hard-aside"]
+    # Measured 2026-12-01: (b) 24.7, (c) 41.2, (a) 67.6: the goal is met on the standard toy.
+    assert hard["masked"] < 0.6 * hard["untrained"] and hard["masked"] < hard["untrained"] - 21, hard
+    assert hard["masked"] < hard["whole"] - 8, hard
+    # Measured 2026-12-06 on the aside toy's data (same base, same recipe): (b) 37.7, (c) 40.7,
+    # (a) 57.7, blind guess 51.3. Masked training still reads the visible panels, but misses
+    # the goal: 65 % of (a) (goal < 60 %), 93 % of (c) (goal < 85 %).
+    assert aside["masked"] < aside["untrained"] - 10, aside
+    assert aside["masked"] < aside["blind"] - 6.8, aside
+    assert aside["masked"] < aside["whole"] - 1.5, aside
