@@ -50,6 +50,14 @@ def test_the_distribution_command_fits_a_base_and_reports_it(tmp_path, capsys):
     assert "visible_loss" not in base["train_logs"]["c"][0]  # whole composites: nothing visible
 
 
+def test_panel_reach_measures_how_much_the_hidden_panels_depend_on_the_visible_ones():
+    reach = load_benchmark("panel_reach").main(["--only", "sdxl-hard", "--samples", "1", "--panel_sizes", "64",
+                                                "--timesteps", "0.5", "--threads", "1"])
+    (shares,) = reach["rows"]["sdxl-hard 64"].values()
+    assert 0.0 < shares["noisy"] < 0.5 and "clean" not in shares  # blend: no masked-image channels
+    assert "| sdxl-hard | 64 px (8x8 latents) |" in reach["table"]
+
+
 def _report(tmp_path, members: str) -> dict:
     dist = load_benchmark("known_answer_dist")
     dist.main(["fit", "--only", members, "--threads", "1"])  # cached: nothing to do
