@@ -67,8 +67,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-@pytest.fixture(scope="session")
-def comfy():
+def load_comfyui(path: str | None = None) -> types.SimpleNamespace:
     """ComfyUI's modules, imported once, on the CPU; and this repository's node pack."""
     # diffusers and transformers decide at import whether torchvision is there: before the stubs.
     import diffusers.pipelines.flux.pipeline_flux  # noqa: F401
@@ -79,8 +78,10 @@ def comfy():
             __import__(name)
         except Exception:
             sys.modules.pop(name, None)
-            sys.meta_path.insert(0, _StubFinder())
-    sys.path.insert(0, COMFYUI_PATH)
+            if not any(isinstance(f, _StubFinder) for f in sys.meta_path):
+                sys.meta_path.insert(0, _StubFinder())
+    if str(path or COMFYUI_PATH) not in sys.path:
+        sys.path.insert(0, str(path or COMFYUI_PATH))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
@@ -95,6 +96,11 @@ def comfy():
     import comfyui_iclora
 
     return types.SimpleNamespace(comfy=comfy, nodes=nodes, pack=comfyui_iclora)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    return load_comfyui()
 
 
 def comfyui_version() -> str:
