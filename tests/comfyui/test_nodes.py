@@ -100,3 +100,19 @@ def test_example_workflow_matches_comfyui_nodes(comfy, name):
         spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
         for input_name in set(spec.get("required", {})) - set(_widgets(spec)):
             assert any(s["name"] == input_name and s["link"] for s in node["inputs"]), f"{name}: {node['type']}.{input_name}"
+
+
+def test_flux_zero_refuses_controlnet_and_reference_latents(comfy):
+    """Per-token context reorders the image tokens; a ControlNet's residuals (added by token
+    position) or Kontext reference tokens would not line up: refused, with what to do."""
+    from comfyui_iclora.sampling import KEY, _flux_wrapper
+
+    x = torch.zeros(1, 16, 4, 4)
+    stash = {"clean": x, "mask": torch.ones(1, 1, 4, 4)}
+    stash["mask"][..., :2, :] = 0
+    wrapper = _flux_wrapper("zero")
+    args = (x, torch.ones(1), torch.zeros(1, 3, 8), None, None)
+    with pytest.raises(ValueError, match="ControlNet.*context_timestep shared"):
+        wrapper(None, *args, None, {"input": []}, {KEY: stash})
+    with pytest.raises(ValueError, match="reference latents"):
+        wrapper(None, *args, [x], None, {KEY: stash})
