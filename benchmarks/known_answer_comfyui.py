@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
         timings["ComfyUI"] = time.monotonic() - t
         table = summarise(rows, colours, grid)
         same = [float(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) for a, b in zip(*rows.values())]
-        table["max pixel difference between the two"] = {"colour_error": max(same), "close": float("nan")}
     timings["total"] = time.monotonic() - start
-    return publish(table, format_table(table), args, timings)
+    text = format_table(table) + f"\n\nlargest pixel difference between the two: {max(same):.0f} of 255"
+    return publish(table, text, args, timings, max_pixel_difference=max(same))
 
 
 if __name__ == "__main__":
