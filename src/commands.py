@@ -4,10 +4,11 @@
     iclora infer --lora_path output/flux_lora/final_model --input_image in.png --prompt "..." --panels_to_inpaint 2
     iclora prepare compose --input_dir photos --output_dir data/sets --grid 1x3
     iclora convert --lora_path output/flux_lora/final_model
+    iclora ui --workspace ~/loras
 
 Each command hands its flags, unchanged, to the entry function of the script it stands for
 (src/training/train_*_ic_lora.py, src/inference/*_ic_lora_inference.py, `python -m
-iclora.prepare`, src/convert.py), so both take the same flags and give the same results.
+iclora.prepare`, src/convert.py, `python -m iclora.app`), so both take the same flags and give the same results.
 `train` and `infer` pick the backend's script (its defaults: model, rank, steps, guidance)
 from `--backend`, else from a `--config` file's `backend:`, else (infer) from the LoRA's
 iclora_config.json; SDXL when none says.
@@ -28,6 +29,7 @@ COMMANDS = {
     "infer": "complete masked panels of a composite with a LoRA (--backend sdxl | flux, default: the LoRA's)",
     "prepare": "make training data: compose photos into composites, caption them (compose | caption)",
     "convert": "write the LoRA files other programs load, or merge an SDXL concat LoRA into a UNet",
+    "ui": "the local web app: look at the data, start and watch runs, inpaint by clicking (pip install 'iclora[ui]')",
 }
 BACKEND_NAMES = ("sdxl", "flux")  # each has its own train and infer script (their defaults differ)
 def usage() -> str:
@@ -96,6 +98,8 @@ def dispatch(argv: Sequence[str] | None = None):
         module = {"sdxl": sdxl_ic_lora_inference, "flux": flux_ic_lora_inference}[pick_backend(rest, from_lora=True)]
     elif command == "prepare":
         from .prepare import __main__ as module
+    elif command == "ui":
+        from .app import __main__ as module
     else:
         from . import convert as module
     return module.main(rest, prog=prog)

@@ -82,3 +82,14 @@ def test_missing_workspace_is_one_error_line(demo, capsys, tmp_path):
         main(["--workspace", str(tmp_path / "nope")])
     assert stop.value.code == 2
     assert capsys.readouterr().err == f"error: --workspace {tmp_path / 'nope'}: no such folder\n"
+
+
+def test_iclora_ui_is_the_same_command(demo, capsys, tmp_path):
+    from iclora.commands import main as iclora
+
+    iclora(["ui", "--workspace", str(tmp_path), "--port", "7998"])
+    assert demo.launched["server_name"] == "127.0.0.1" and demo.launched["server_port"] == 7998
+    assert capsys.readouterr().out.startswith("iclora app running at http://127.0.0.1:7998/")
+    with pytest.raises(SystemExit):
+        iclora(["ui", "--help"])
+    assert capsys.readouterr().out.startswith("usage: iclora ui")

@@ -39,7 +39,7 @@ def test_help_lists_every_command_on_one_line(capsys):
         main(["--help"])
     assert info.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    for command in ("train", "infer", "prepare", "convert"):
+    for command in ("train", "infer", "prepare", "convert", "ui"):
         [line] = [line for line in lines if line.split()[:1] == [command]]
         assert len(line.split()) > 3, line  # says what the command does
 
@@ -51,6 +51,7 @@ def test_help_lists_every_command_on_one_line(capsys):
     (["prepare", "compose", "--help"], "usage: iclora prepare compose"),
     (["prepare", "caption", "--help"], "usage: iclora prepare caption"),
     (["convert", "--help"], "usage: iclora convert"),
+    (["ui", "--help"], "usage: iclora ui"),
 ])
 def test_each_command_shows_its_scripts_flags(argv, usage, capsys):
     with pytest.raises(SystemExit) as info:
@@ -63,7 +64,7 @@ def test_each_command_shows_its_scripts_flags(argv, usage, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "expected a command (train | infer | prepare | convert); iclora --help lists them"),
+    ([], "expected a command (train | infer | prepare | convert | ui); iclora --help lists them"),
     (["trian", "--data_dir", "d"], "got 'trian' (did you mean train?)"),
     (["train", "--data_dir", "d", "--max_train_step", "3"], "(did you mean --max_train_steps?)"),
     (["train", "--data_dir", "d", "--backend", "sd3"], "--backend"),

@@ -3,6 +3,7 @@
     python -m iclora.app                          # http://127.0.0.1:7860, the current folder as workspace
     python -m iclora.app --workspace ~/loras --port 8000
     python -m iclora.app --listen                 # every address of this machine (with a warning)
+    iclora ui ...                                 # the same
 
 Every path typed into the page is a path inside the workspace. The app needs Gradio:
 `pip install 'iclora[ui]'`.
@@ -20,8 +21,8 @@ INSTALL_HINT = "error: the web app needs Gradio, which is not installed: pip ins
 LOCAL = "127.0.0.1"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m iclora.app", description=__doc__,
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m iclora.app") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", default=".", help="The folder the app reads and writes in (default: here).")
     parser.add_argument("--port", type=int, default=None, help="Port (default: the first free one from 7860).")
@@ -44,8 +45,9 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m iclora.app") -> None:
+    """`prog`: how the usage names the command (`iclora ui` runs this too)."""
+    args = parse_args(argv, prog)
     # Gradio would otherwise report usage to its makers and look for newer versions online.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
