@@ -68,7 +68,8 @@ def write_set(folder: Path, n: int, grid: Grid, seed: int, toy: Toy = Toy()):
         image.save(path)
         path.with_suffix(".txt").write_text(caption(grid))
         paths.append(path)
-        colours.append((rgb, image.getpixel((0, 0))))  # the corner is background: objects stay inside
+        pixels = np.asarray(image).reshape(-1, 3)  # two colours exactly: the object's and the background
+        colours.append((rgb, tuple(int(c) for c in pixels[(pixels != rgb).any(1)][0])))
     return paths, colours
 
 

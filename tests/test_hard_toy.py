@@ -82,3 +82,17 @@ def test_the_generator_settings():
     for bad in ({"panel_size": 60}, {"background": "white"}, {"scale": (0.5, 0.2)}, {"colours": "grey"}):
         with pytest.raises(ValueError):
             Toy(**bad)
+
+
+def test_the_benchmark_scores_each_composite_against_its_own_background(tmp_path):
+    from known_answer_hard import write_set
+    from PIL import Image
+
+    from hard_toy import Toy, background_of
+
+    paths, colours = write_set(tmp_path, 6, Grid(2, 2), 3, Toy(background="per_composite", scale=(0.2, 0.5)))
+    assert len({background for _, background in colours}) == 6
+    for path, (rgb, background) in zip(paths, colours):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        assert background != rgb and np.array_equal(background_of(pixels), background)
+        assert colour_error(pixels, Grid(2, 2), [2, 3], rgb, background) == [0.0, 0.0]
