@@ -49,6 +49,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -394,7 +395,9 @@ def publish(table: dict, text: str, args, timings: dict, **extra) -> dict:
     """Print the table and the timings; write the whole report to --json when given."""
     report = {
         "table": table,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("work_dir", "picture", "json")},
+        # Dataclass settings (the harder toy's Toy) as their fields: the report is JSON.
+        "settings": {k: asdict(v) if is_dataclass(v) else v for k, v in vars(args).items()
+                     if k not in ("work_dir", "picture", "json")},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         **extra,

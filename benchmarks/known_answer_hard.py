@@ -34,7 +34,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -266,7 +265,6 @@ def main(argv=None) -> dict:
             tiles = [(truths[i], mask_tile(truths[i].shape, grid), *[rows[n][i] for n in names]) for i in shown]
             picture(Path(args.picture), tiles, ["composite", "mask", *[n.split(",")[0] for n in names]])
     timings["total"] = time.monotonic() - start
-    args.toy = asdict(toy)  # the report is JSON
     text = format_table(table) + ("\n\n" + format_sets(set_table) if set_table else "")
     return publish(table, text, args, timings, text_to_set=set_table, train_logs=train_logs)
 
