@@ -186,3 +186,16 @@ def test_nothing_pickled_is_loaded(ws):
         run_inpaint(ws, settings(lora="pickled/pytorch_lora_weights.bin"), upload)
     with pytest.raises(FileNotFoundError, match="folder has no pytorch_lora_weights.safetensors"):
         run_inpaint(ws, settings(lora="pickled"), upload)
+
+
+def test_flux_base_alone_gives_the_command_lines_bytes(ws, tmp_path):
+    from iclora.inference.flux_ic_lora_inference import main as flux_main
+
+    upload = ws.root / "data" / "00001.png"
+    page = run_inpaint(ws, settings(lora="none", backend="flux", base_model="tiny-flux", num_images=1, feather=0,
+                                    strength=1.0, output_dir="flux"), upload)
+    assert page.outputs[0].parent.name == "base"
+    flux_main(["--lora_path", "none", "--base_model", "tiny-flux", "--input_image", str(upload), "--prompt", PROMPT,
+               "--panels_to_inpaint", "2", "3", "--num_inference_steps", "2", "--guidance_scale", "1", "--seed", "7",
+               "--output_dir", str(tmp_path / "cli")])
+    assert page.outputs[0].read_bytes() == (tmp_path / "cli" / "00001_0.png").read_bytes()
