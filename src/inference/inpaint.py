@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .. import hub
 from ..backends import backend_class
 from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..compiling import COMPILE_OPTIONS, check_compilable
@@ -180,8 +181,10 @@ def load_pipeline(plan: Plan):
         options["dtype"] = dtype
     if plan.context_timestep:
         options["context_timestep"] = plan.context_timestep
-    backend = load_backend(cfg.backend, plan.base_model, plan.conditioning, max_token_length=plan.max_token_length,
-                           **options)
+    flag = "--base_model" if cfg.base_model else f"--lora_path {cfg.lora_path}: its base model"
+    source = hub.model_source(plan.base_model, flag)  # before any output is written
+    backend = load_backend(cfg.backend, source, plan.conditioning, max_token_length=plan.max_token_length, **options)
+    backend.base_model = plan.base_model
     if cfg.lora_path.lower() != "none":
         backend.load_lora(Path(cfg.lora_path))
     pipe = backend.inpaint_pipeline()

@@ -103,6 +103,8 @@ class VisionLanguageModel:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from ..hub import model_source
+
         cuda = torch.cuda.is_available()
         self.device = device or ("cuda" if cuda else "cpu")
         options = {"dtype": torch.bfloat16 if self.device.startswith("cuda") else torch.float32}
@@ -114,8 +116,9 @@ class VisionLanguageModel:
             options["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
             options["device_map"] = self.device
-        self.processor = AutoProcessor.from_pretrained(model_id)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, **options).eval()
+        source = model_source(model_id)
+        self.processor = AutoProcessor.from_pretrained(source)
+        self.model = AutoModelForImageTextToText.from_pretrained(source, **options).eval()
         if not load_in_4bit:
             self.model.to(self.device)
 

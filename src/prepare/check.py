@@ -62,8 +62,11 @@ def load_tokenizers(backend: str, model_id: str, max_token_length: int | None) -
     else:
         from transformers import AutoTokenizer
 
-        first = AutoTokenizer.from_pretrained(model_id, subfolder="tokenizer")
-        second = AutoTokenizer.from_pretrained(model_id, subfolder="tokenizer_2")
+        from ..hub import model_source
+
+        source = model_source(model_id)
+        first = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        second = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2")
     if backend == "sdxl":
         limit = max_token_length or DEFAULT_MAX_TOKEN_LENGTH
         return [("text_encoder (CLIP)", first, limit), ("text_encoder_2 (CLIP)", second, limit)]

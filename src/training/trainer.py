@@ -40,7 +40,7 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, hub
 from ..backends import backend_class, load_backend
 from ..backends.base import TimestepSampling, with_clean_context
 from ..backends.lora_files import METADATA_NAME, SAVE_DTYPES, atomic_directory, atomic_save_file, atomic_write_text
@@ -188,6 +188,7 @@ class Trainer:
         backend_cls = backend_class(cfg.backend)
         records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum, cfg.allow_crop,
                               cfg.bucket_by)
+        model_source = hub.model_source(cfg.model_id)  # before anything is written: an id no one serves fails here
         self.monitor = Monitor(self, records)
         mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
         # accelerate keeps process-wide state that refuses a second in-process run with other
@@ -226,7 +227,8 @@ class Trainer:
             # Frozen weights load in it, the text encoders too when the denoiser is quantized:
             # no float32 copy on the host.
             options["dtype"] = self.weight_dtype
-        self.backend = load_backend(cfg.backend, cfg.model_id, cfg.conditioning, **options)
+        self.backend = load_backend(cfg.backend, model_source, cfg.conditioning, **options)
+        self.backend.base_model = cfg.model_id  # the id is recorded, not the cache folder it may load from
         self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std,
                                                           self.run_signature["timestep_shift"])
