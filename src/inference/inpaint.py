@@ -40,6 +40,7 @@ from .. import hub
 from ..backends import backend_class
 from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..compiling import COMPILE_OPTIONS, check_compilable
+from ..cpu import set_cpu_threads
 from ..images import open_rgb8
 from ..panels import Grid, feather, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
@@ -171,6 +172,7 @@ def load_pipeline(plan: Plan):
 
     cfg = plan.cfg
     cuda = torch.cuda.is_available()
+    set_cpu_threads(plan.base_model, "cuda" if cuda else "cpu")
     native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend_class(cfg.backend).preferred_mixed_precision]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
     options = {"variant": cfg.variant, "vae": plan.pretrained_vae}

@@ -103,6 +103,7 @@ class VisionLanguageModel:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from ..cpu import set_cpu_threads
         from ..hub import model_source
 
         cuda = torch.cuda.is_available()
@@ -117,6 +118,7 @@ class VisionLanguageModel:
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
             options["device_map"] = self.device
         source = model_source(model_id)
+        set_cpu_threads(model_id, self.device)
         self.processor = AutoProcessor.from_pretrained(source)
         self.model = AutoModelForImageTextToText.from_pretrained(source, **options).eval()
         if not load_in_4bit:

@@ -46,6 +46,7 @@ from ..backends.base import TimestepSampling, with_clean_context
 from ..backends.lora_files import METADATA_NAME, SAVE_DTYPES, atomic_directory, atomic_save_file, atomic_write_text
 from ..errors import RunStopped
 from ..compiling import COMPILE_OPTIONS, check_compilable
+from ..cpu import set_cpu_threads
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..panels import Grid, panel_masks, sample_masked_panels
 from . import checkpoints
@@ -203,6 +204,7 @@ class Trainer:
             log_with=cfg.report_to,
         )
         set_seed(cfg.seed)
+        set_cpu_threads(cfg.model_id, self.accelerator.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         self.save_dtype = SAVE_DTYPES[cfg.save_precision or ("bf16" if mixed == "bf16" else "fp16")]
         self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
