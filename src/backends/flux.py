@@ -324,17 +324,10 @@ class FluxBackend(Placement):
     # ---- training math -------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        self._warn_truncation(prompts)
-        pipe_logger = logging.getLogger(type(self._pipe).__module__)
-        level = pipe_logger.level
-        pipe_logger.setLevel(logging.ERROR)  # its CLIP truncation warning would repeat every step
-        try:
-            embeds, pooled, _ = self._pipe.encode_prompt(
-                prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-            )
-        finally:
-            pipe_logger.setLevel(level)
+        self._warn_truncation(prompts)  # the pipeline's own notices, every call, are filtered (logs.py)
+        embeds, pooled, _ = self._pipe.encode_prompt(
+            prompts, device=self.text_encoder_2.device, num_images_per_prompt=1, max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
         # text ids are all zeros in FLUX.1: predict() rebuilds them, they are not cached.
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # (B, 512, D), (B, D_clip)
 
@@ -490,6 +483,7 @@ class FluxBackend(Placement):
 
     def pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:
         """The prompt as the inpaint pipeline takes it (FLUX's own encoding reads 512 T5 tokens)."""
+        self._warn_truncation([prompt])
         return {"prompt": prompt, **({"negative_prompt": negative_prompt} if negative_prompt is not None else {})}
 
     def encoded_pipeline_prompt(self, prompt: str, negative_prompt: str | None, guidance_scale: float) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from .. import hub
 from ..backends import backend_class
@@ -42,6 +41,7 @@ from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..cpu import set_cpu_threads
 from ..images import open_rgb8
+from ..logs import pipeline_progress, progress_bar
 from ..panels import Grid, feather, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
 from .sizing import (WorkingSize, bucket_rule, generated_size, trained_aspect, working_mask, working_side,
@@ -212,7 +212,7 @@ def load_pipeline(plan: Plan):
         pipe.to("cuda")
     if cfg.compile:  # after the LoRA is loaded: the compiled blocks run its layers
         backend.compile_blocks(**COMPILE_OPTIONS)
-    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    pipeline_progress(pipe, desc="denoising", leave=False)
     transformer = getattr(pipe, "transformer", None)
     if (backend.conditioning == "concat" and transformer is not None and transformer.config.guidance_embeds
             and cfg.guidance_scale < FILL_GUIDANCE_HINT):
@@ -249,7 +249,7 @@ def generate_all(plans: list[Plan], backend, pipe) -> Iterator[tuple[int, list[I
     outputs: dict[int, list[Image.Image]] = {i: [] for i in range(len(plans))}
     seconds = [0.0] * len(plans)
     total = sum(map(len, seeds))
-    with tqdm(total=total, desc="images", unit="image", disable=total < 2) as progress:
+    with progress_bar(total=total, desc="images", unit="image", disable=total < 2) as progress:
         for call in pipeline_calls(keys, seeds, plans[0].cfg.batch_size):
             start = time.monotonic()
             for i, _ in call:

@@ -38,7 +38,6 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from .. import __version__, hub
 from ..backends import backend_class, load_backend
@@ -48,6 +47,7 @@ from ..errors import RunStopped
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..cpu import set_cpu_threads
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
+from ..logs import progress_bar
 from ..panels import Grid, panel_masks, sample_masked_panels
 from . import checkpoints
 from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
@@ -352,7 +352,7 @@ class Trainer:
     def train(self) -> TrainResult:
         accelerator = self.accelerator
         losses: list[float] = []
-        progress = tqdm(
+        progress = progress_bar(
             total=self.max_train_steps, initial=self.global_step, desc="train",
             disable=not accelerator.is_local_main_process,
         )
