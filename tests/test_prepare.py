@@ -78,9 +78,30 @@ def test_compose_folders_letterbox_and_captions(tmp_path, capsys):
     # Panel 1: the landscape becomes 32x16: bars above and below.
     assert pixel(image, 48, 2) == (0, 0, 0) and pixel(image, 48, 16) == GREEN
     assert pixel(image, 80, 2) == BLUE  # square: fills its panel
+    # Panel 2 has no caption: no caption with an empty [IMAGE 3] slot, the group is named instead.
+    assert not (tmp_path / "out" / "shirt.txt").exists()
+    assert result.partly_captioned == {"shirt": ["c_model.png"]}
+    assert "no caption written for shirt: its panel(s) c_model.png have no caption file" in printed
+    (src / "shirt" / "c_model.txt").write_text("the person wearing it")
+    main(["compose", "--input_dir", str(src), "--output_dir", str(tmp_path / "out"), "--grid", "1x3",
+          "--panel_width", "32", "--background", "black", "--overwrite"])
     caption = (tmp_path / "out" / "shirt.txt").read_text().strip()
-    assert caption == "a shirt and the person wearing it; [IMAGE 1] a red shirt, front; [IMAGE 2] the back; [IMAGE 3]"
+    assert caption == ("a shirt and the person wearing it; [IMAGE 1] a red shirt, front; [IMAGE 2] the back; "
+                       "[IMAGE 3] the person wearing it")
     assert not list((tmp_path / "out").glob(".*tmp"))  # nothing half-written left behind
+
+
+def test_compose_writes_no_empty_marker_slot(tmp_path, capsys):
+    src = tmp_path / "photos"
+    for group in ("summary_only", "bare"):
+        for name in ("a.png", "b.png"):
+            photo(src / group / name, (32, 32), RED)
+    (src / "summary_only.txt").write_text("two red squares")
+    result = main(["compose", "--input_dir", str(src), "--output_dir", str(tmp_path / "out"), "--grid", "1x2",
+                   "--panel_width", "32"])
+    assert len(result.written) == 2 and result.uncaptioned == ["bare"] and not result.partly_captioned
+    assert (tmp_path / "out" / "summary_only.txt").read_text().strip() == "two red squares"  # no bare markers
+    assert not (tmp_path / "out" / "bare.txt").exists()
 
 
 def test_compose_names_crop_order_and_position_markers(tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from ..data import IMAGE_SUFFIXES, read_caption
 from ..panels import Grid, panel_box
-from .markers import MarkerStyle, panel_markers, unified_caption
+from .markers import MarkerStyle, panel_markers, strip_marker, unified_caption
 
 SUMMARY_NAME = "caption.txt"
 
@@ -92,6 +92,7 @@ class ComposeResult:
     written: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # group -> why
     uncaptioned: list[str] = field(default_factory=list)  # written without any caption
+    partly_captioned: dict[str, list[str]] = field(default_factory=dict)  # written without a caption: panels lacking one
 
 
 def natural_key(text: str) -> list:
@@ -170,14 +171,20 @@ def compose_group(paths: list[Path], cfg: ComposeConfig, grid: Grid) -> Image.Im
     return canvas
 
 
-def group_caption(group: Group, paths: list[Path], markers: list[str]) -> str | None:
-    """The unified caption from the group's caption files; None when it has none at all."""
+def group_caption(group: Group, paths: list[Path], markers: list[str]) -> tuple[str | None, list[str]]:
+    """The unified caption from the group's caption files, and the panels lacking one. No
+    caption when it has no caption file at all, or when some panels have one and others not:
+    a bare marker would teach the model an empty panel, and leaving it out would shift the
+    panels after it. A summary alone is a caption without markers."""
     summary = next((read_text(p) for p in group.summary_files if p.is_file()), None)
     panel_files = [p.with_suffix(".txt") for p in paths]
     panels = [read_text(p) if p.is_file() else "" for p in panel_files]
-    if summary is None and not any(panels):
-        return None
-    return unified_caption(summary or "", panels, markers)
+    lacking = [path.name for path, text in zip(paths, panels) if not strip_marker(text)]
+    if not any(panels):
+        return summary or None, []
+    if lacking:
+        return None, lacking
+    return unified_caption(summary or "", panels, markers), []
 
 
 def atomic_write(path: Path, write) -> None:
@@ -209,7 +216,7 @@ def compose(cfg: ComposeConfig) -> ComposeResult:
             continue
         try:
             paths = order_panels(group, grid, cfg.order)
-            caption = group_caption(group, paths, markers)
+            caption, lacking = group_caption(group, paths, markers)
             image = compose_group(paths, cfg, grid)
         except ValueError as error:
             result.skipped[group.name] = str(error)
@@ -217,7 +224,9 @@ def compose(cfg: ComposeConfig) -> ComposeResult:
         save_format = "JPEG" if cfg.format == "jpg" else "PNG"
         atomic_write(target, lambda tmp: image.save(tmp, format=save_format, quality=95))
         caption_file = target.with_suffix(".txt")
-        if caption is None:
+        if lacking:
+            result.partly_captioned[group.name] = lacking
+        elif caption is None:
             result.uncaptioned.append(group.name)
         else:
             atomic_write(caption_file, lambda tmp: tmp.write_text(caption + "\n", encoding="utf-8"))
@@ -232,4 +241,7 @@ def report(result: ComposeResult, cfg: ComposeConfig) -> None:
         print(f"no caption files for {len(result.uncaptioned)} composite(s) ({', '.join(result.uncaptioned[:10])}"
               f"{', ...' if len(result.uncaptioned) > 10 else ''}): write them, or run "
               f"python -m iclora.prepare caption --data_dir {cfg.output_dir} --grid {cfg.grid}")
+    for name, lacking in result.partly_captioned.items():
+        print(f"no caption written for {name}: its panel(s) {', '.join(lacking)} have no caption file "
+              "(write them and compose again with --overwrite, or caption the composite)")
     print(f"wrote {len(result.written)} composite(s) to {cfg.output_dir}; skipped {len(result.skipped)}")
