@@ -30,6 +30,7 @@ def test_dry_run_reports_buckets_tokens_markers_and_steps(data_dir, tmp_path, no
     shutil.copy(data_dir / "00000.png", data_dir / "wide.png")
     Image.open(data_dir / "00000.png").resize((130, 60)).save(data_dir / "wide.png")
     (data_dir / "wide.txt").write_text("short; [IMAGE 1] one; [IMAGE 2] two")
+    (data_dir / "00001.txt").write_text("a set; [IMAGE 1] one; [IMAGE 2]; [IMAGE 3] three; [IMAGE 4] four")
     out = tmp_path / "out"
     report = train_sdxl(["--data_dir", str(data_dir), "--output_dir", str(out), "--model_id", "tiny-sdxl",
                          "--image_size", "64", "--batch_size", "2", "--gradient_accumulation_steps", "2",
@@ -42,11 +43,13 @@ def test_dry_run_reports_buckets_tokens_markers_and_steps(data_dir, tmp_path, no
     assert 0.0 < report.buckets[(32, 64)]["max_crop"] < 0.2  # 130x60 cover-resized to 69x32, cropped to 64x32
     clip = report.encoders[0]
     assert clip.limit == 150 and clip.lengths["wide.png"] == len("short;[IMAGE1]one;[IMAGE2]two")  # 1 byte = 1 token, spaces split
-    assert set(clip.cut) == {f"0000{i}.png" for i in range(4)}  # the toy captions are > 150 bytes
-    assert "wide.png" in report.marker_problems and len(report.marker_problems) == 1
+    assert set(clip.cut) == {f"0000{i}.png" for i in (0, 2, 3)}  # the toy captions are > 150 bytes
+    assert report.marker_problems == {"wide.png": "missing marker(s) [IMAGE 3] [IMAGE 4] of the 2x2 grid",
+                                      "00001.png": "empty panel(s): [IMAGE 2] with no description"}
     # 2 batches of the 64x64 bucket + 1 of the 32x64 one = 3 micro-batches, 2 accumulated: 2 steps/epoch.
     assert (report.steps_per_epoch, report.max_train_steps, report.epochs) == (2, 6, 3.0)
-    for text in ["images: 5", "64x64: 4 composite(s)", "reads 150", "4 caption(s) cut", "wide.png: markers",
+    for text in ["images: 5", "64x64: 4 composite(s)", "reads 150", "3 caption(s) cut", "wide.png: missing marker(s) [IMAGE 3] [IMAGE 4]",
+                 "00001.png: empty panel(s): [IMAGE 2]", "2 with missing, empty or mismatched markers",
                  "6 steps = 3.0 epochs"]:
         assert text in printed
 

@@ -45,7 +45,10 @@ def test_marker_check_against_the_grid():
     assert check_markers(good, grid) is None
     assert check_markers("no markers, a plain description", grid) is None
     assert check_markers("[IMAGE1] a [IMAGE2] b [IMAGE3] c [IMAGE4] d", grid) is None  # spelling variant
-    assert "do not match" in check_markers("[IMAGE 1] a [IMAGE 2] b", grid)
+    assert check_markers("[IMAGE 1] a [IMAGE 2] b", grid) == "missing marker(s) [IMAGE 3] [IMAGE 4] of the 2x2 grid"
+    assert check_markers("s; [IMAGE 1] a; [IMAGE 3] c; [IMAGE 4] d", grid) == "missing marker(s) [IMAGE 2] of the 2x2 grid"
+    assert check_markers("s; [IMAGE 1] a; [IMAGE 2]; [IMAGE 3] c; [IMAGE 4]", grid) == (
+        "empty panel(s): [IMAGE 2] [IMAGE 4] with no description")
     assert "do not match" in check_markers("[TOP-RIGHT] a [TOP-LEFT] b [BOTTOM-LEFT] c [BOTTOM-RIGHT] d", grid)
     assert find_markers(good) == panel_markers(grid, "position")
 
@@ -196,8 +199,9 @@ def test_caption_writes_a_summary_and_every_marker(tmp_path, tiny_vlm, capsys):
     assert "has a caption" in result.skipped["c1.png"]
     assert (data / "c1.txt").read_text() == "my own caption"  # left alone
     text = (data / "c0.txt").read_text().strip()
-    assert find_markers(text) == ["[IMAGE 1]", "[IMAGE 2]", "[IMAGE 3]"] and check_markers(text, Grid(1, 3)) is None
+    assert find_markers(text) == ["[IMAGE 1]", "[IMAGE 2]", "[IMAGE 3]"]
     assert "\n" not in text and result.empty == ["c0.png"]  # random bytes: nothing readable
+    assert check_markers(text, Grid(1, 3)).startswith("empty panel(s)")  # and the dry run says so too
     assert not list(data.glob(".*tmp"))
     assert "wrote 1 caption(s); skipped 1" in capsys.readouterr().out
 

@@ -141,7 +141,7 @@ def print_report(report: CheckReport, cfg) -> None:
     if cfg.backend == "sdxl" and any(enc.cut for enc in report.encoders):
         print("  (--max_token_length 150 or 225 reads longer captions)")
     print(f"markers: {report.with_markers} of {report.num_images} caption(s) have panel markers; "
-          f"{len(report.marker_problems)} do not match the {cfg.grid} grid")
+          f"{len(report.marker_problems)} with missing, empty or mismatched markers for the {cfg.grid} grid")
     for name, why in list(report.marker_problems.items())[:10]:
         print(f"  {name}: {why}")
     print(f"schedule: {report.steps_per_epoch} optimizer step(s) per epoch (batch {cfg.batch_size} x "

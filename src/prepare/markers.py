@@ -69,12 +69,22 @@ def check_markers(caption: str, grid: Grid) -> str | None:
             expected = panel_markers(grid, style)  # type: ignore[arg-type]
         except ValueError:
             continue
-        normalised = [_normalise(m) for m in found]
-        if set(normalised) & {_normalise(m) for m in expected}:
-            if normalised == [_normalise(m) for m in expected]:
-                return None
+        normalised, wanted = [_normalise(m) for m in found], [_normalise(m) for m in expected]
+        if set(normalised) & set(wanted):
+            if normalised == wanted:
+                empty = empty_markers(caption)
+                return f"empty panel(s): {' '.join(empty)} with no description" if empty else None
+            missing = [m for m, n in zip(expected, wanted) if n not in normalised]
+            if missing and [n for n in wanted if n in normalised] == normalised:
+                return f"missing marker(s) {' '.join(missing)} of the {grid} grid"
             return f"markers {' '.join(found)} do not match the {grid} grid ({' '.join(expected)})"
     return f"markers {' '.join(found)} do not match the {grid} grid"
+
+
+def empty_markers(caption: str) -> list[str]:
+    """The markers with nothing but separators between them and the next marker (or the end)."""
+    parts = MARKER_PATTERN.split(caption)  # text before the first marker, then the text after each
+    return [m for m, text in zip(find_markers(caption), parts[1:]) if not text.strip(" ;,.\n")]
 
 
 def _normalise(marker: str) -> str:
