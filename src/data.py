@@ -79,18 +79,9 @@ def scan_folder(data_dir: str | Path, image_size: int, grid: Grid, quantum: int,
             ))
             continue
         bucket_w, bucket_h = composite_size(width, height, image_size, grid, quantum, bucket_by)
-        kept_w, kept_h = crop_kept(width, height, bucket_w, bucket_h)
-        # Rounding to whole panels crops up to one grid step: more than that and MAX_CROP
-        # means the composite's shape does not fit the training size at all.
-        cut_w, cut_h = bucket_w / kept_w - bucket_w, bucket_h / kept_h - bucket_h  # bucket pixels lost
-        too_wide = cut_w > max(MAX_CROP * bucket_w / kept_w, grid.cols * quantum)
-        too_tall = cut_h > max(MAX_CROP * bucket_h / kept_h, grid.rows * quantum)
-        if (too_wide or too_tall) and not allow_crop:
-            side, kept = ("width", kept_w) if too_wide else ("height", kept_h)
-            problems.append((path.name,
-                f"{path.name}: {width}x{height} would be cropped to {kept:.1%} of its {side} to fit "
-                f"{bucket_w}x{bucket_h} for the {grid} grid (--allow_crop trains it anyway)"
-            ))
+        problem = crop_problem(width, height, bucket_w, bucket_h, grid, quantum)
+        if problem and not allow_crop:
+            problems.append((path.name, f"{path.name}: {width}x{height} {problem} (--allow_crop trains it anyway)"))
             continue
         records.append(Record(path, caption, (height, width), (bucket_h, bucket_w)))
     if problems:
@@ -107,6 +98,20 @@ def read_caption(path: Path) -> str:
         return Path(path).read_bytes().decode("utf-8-sig").strip()
     except UnicodeDecodeError as error:
         raise ValueError(f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
+
+
+def crop_problem(width: int, height: int, bucket_w: int, bucket_h: int, grid: Grid, quantum: int) -> str | None:
+    """What the centre crop to a bucket would cut from a width x height composite, when that
+    is more than MAX_CROP of a side; else None. Rounding to whole panels crops up to one grid
+    step: more than that and MAX_CROP means the shape does not fit the training size at all."""
+    kept_w, kept_h = crop_kept(width, height, bucket_w, bucket_h)
+    cut_w, cut_h = bucket_w / kept_w - bucket_w, bucket_h / kept_h - bucket_h  # bucket pixels lost
+    too_wide = cut_w > max(MAX_CROP * bucket_w / kept_w, grid.cols * quantum)
+    too_tall = cut_h > max(MAX_CROP * bucket_h / kept_h, grid.rows * quantum)
+    if not (too_wide or too_tall):
+        return None
+    side, kept = ("width", kept_w) if too_wide else ("height", kept_h)
+    return f"would be cropped to {kept:.1%} of its {side} to fit {bucket_w}x{bucket_h} for the {grid} grid"
 
 
 def crop_kept(width: int, height: int, bucket_w: int, bucket_h: int) -> tuple[float, float]:

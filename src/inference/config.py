@@ -72,6 +72,9 @@ class InferConfig:
     height: Optional[int] = None
     """Height of a generated image set when there is no input image (default: the working size, the aspect
     training saw most)."""
+    allow_crop: bool = False
+    """Centre-crop an input whose shape training would refuse at the LoRA's --image_size (more than 5% of a side
+    cropped) to the shape training gives it, instead of refusing it (as training's --allow_crop)."""
     blend_visible: bool = True
     """With concat conditioning: reset the visible panels to the input noised to the current step after every
     step, as training shows them (ComfyUI's noise_mask); --no_blend_visible leaves them to the model."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..backends.lora_files import atomic_write_text
 from ..data import IMAGE_SUFFIXES, read_caption
 from .config import InferConfig
+from .guards import warn_replacing
 from .inpaint import check_inputs, generate_all, load_pipeline, resolved_settings, write_outputs
 
 MASK_SUFFIX = "_mask"
@@ -77,6 +78,7 @@ def run_folder(cfg: InferConfig) -> list[Path]:
     recorded = {(p.base_model, str(p.grid), p.conditioning) for p in plans}
     if len(recorded) > 1:  # every plan resolves these from the same flags and LoRA
         raise ValueError(f"--input_dir {cfg.input_dir}: inputs resolve to different models: {sorted(recorded)}")
+    warn_replacing(Path(cfg.output_dir), [p.stem for p in plans])
     start = time.monotonic()
     backend, pipe = load_pipeline(plans[0])
     load_seconds = time.monotonic() - start

@@ -44,6 +44,7 @@ from ..images import open_rgb8
 from ..logs import pipeline_progress, progress_bar
 from ..panels import Grid, feather, inpaint_mask, panel_box, parse_panels
 from .config import InferConfig
+from .guards import crop_to, fit_input, warn_replacing
 from .sizing import (WorkingSize, bucket_rule, generated_size, trained_aspect, working_mask, working_side,
                      working_size)
 from .vae import apply_memory_settings, memory_record, memory_settings, resolve_vae
@@ -106,6 +107,7 @@ def check_inputs(cfg: InferConfig) -> Plan:
     pretrained_vae = resolve_vae(cfg.pretrained_vae, meta, cfg.lora_path)
     backend_cls = backend_class(cfg.backend)
 
+    crop = None  # with --allow_crop: the size an input far from the grid's shape is cropped to
     words = [str(p).strip().lower() for p in cfg.panels_to_inpaint]
     panels = parse_panels(words, grid)
     image = _open_image(cfg.input_image, "--input_image", "RGB") if cfg.input_image else None
@@ -123,17 +125,25 @@ def check_inputs(cfg: InferConfig) -> Plan:
                 "--panels_to_inpaint masks every panel of the input: use --panels_to_inpaint all "
                 "(with or without --input_image) to regenerate the whole composite"
             )
+        original_size = image.size
+        side, _ = working_side(cfg, meta, backend_cls.native_image_size)  # the size training would give it
+        crop = fit_input(image, grid, backend_cls.pixel_quantum, side, bucket_rule(meta), cfg.allow_crop,
+                         f"--input_image {cfg.input_image}")
+        if crop:
+            image = crop_to(image, crop)
         size = image.size
         stem = Path(cfg.input_image).stem
 
     width, height = size
     if cfg.mask_image:
         mask_image = _open_image(cfg.mask_image, "--mask_image", "L")
-        if mask_image.size != image.size:
+        if mask_image.size != original_size:
             raise ValueError(
                 f"--mask_image {cfg.mask_image}: size {mask_image.width}x{mask_image.height} differs from "
-                f"--input_image {image.width}x{image.height}"
+                f"--input_image {original_size[0]}x{original_size[1]}"
             )
+        if crop:
+            mask_image = crop_to(mask_image, crop)
         mask = torch.from_numpy(np.asarray(mask_image, dtype=np.float32) / 255.0)[None]  # (1, H, W)
         if cfg.use_gradient_mask:
             mask = feather(mask, cfg.gradient_width)
@@ -455,6 +465,7 @@ def run(cfg: InferConfig) -> list[Path]:
     if cfg.input_dir:
         raise ValueError("--input_dir: a folder runs through iclora.inference.folder.run_folder")
     plan = check_inputs(cfg)
+    warn_replacing(Path(cfg.output_dir), [plan.stem])
     backend, pipe = load_pipeline(plan)
     outputs, seeds = generate(plan, backend, pipe)
     return write_outputs(plan, outputs, seeds, resolved_settings(plan, backend))
