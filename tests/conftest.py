@@ -35,6 +35,48 @@ def toy_dataset(folder: Path, n: int = 4, grid: tuple[int, int] = (2, 2), panel_
     return folder
 
 
+# Set by the stack itself, once a process: pytest names the running test; torch writes its
+# default inductor cache folder into the environment the first time it is asked for it.
+PROCESS_ENV = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_global_state():
+    """Every test leaves os.environ and the root logger's handlers and level as it found them
+    (it fails otherwise, naming what changed: monkeypatch.setenv undoes itself), and finds the
+    global RNGs as the test before found them: they are put back after each test, since
+    training reseeds them by design."""
+    import logging
+    import random
+
+    import numpy as np
+    import torch
+
+    def root_handlers():  # pytest's own capture handlers come and go with each test phase
+        return [h for h in logging.getLogger().handlers if not type(h).__module__.startswith("_pytest")]
+
+    env, handlers, level = dict(os.environ), root_handlers(), logging.getLogger().level
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(rng[0])
+    np.random.set_state(rng[1])
+    torch.set_rng_state(rng[2])
+    changed = sorted(k for k in env.keys() | os.environ.keys()
+                     if env.get(k) != os.environ.get(k) and k not in PROCESS_ENV)
+    for key in changed:  # put back first: one offender must not fail the tests after it
+        if key in env:
+            os.environ[key] = env[key]
+        else:
+            del os.environ[key]
+    added, root = [h for h in root_handlers() if h not in handlers], logging.getLogger()
+    for handler in added:
+        root.removeHandler(handler)
+    level_changed, root.level = root.level != level, level
+    assert not changed, f"the test left os.environ changed: {changed}"
+    assert not added, f"the test left handlers on the root logger: {added}"
+    assert not level_changed, "the test left the root logger's level changed"
+
+
 @pytest.fixture(scope="session")
 def data_2x2(tmp_path_factory) -> Path:
     """Four 64x64 toy composites (2x2 grid of 32 px panels) with captions. Read-only."""
