@@ -41,6 +41,7 @@ from .backends.lora_formats import (
     read_lora_file,
     sdxl_kohya_state,
 )
+from .hub import model_source
 
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME, STATE_NAME = "trainable.safetensors", "trainer_state.json"  # a training checkpoint's
@@ -98,6 +99,8 @@ def convert(cfg: ConvertConfig) -> list[Path]:
     if not modules:
         raise ValueError(f"--lora_path {lora_file}: no LoRA layers under '{prefix}.'")
     base = cfg.base_model or meta.get("base_model")
+    if base:  # before anything is written: an id the hub cannot serve fails here, in one line
+        base = model_source(base, "--base_model" if cfg.base_model else f"--lora_path {cfg.lora_path}: its base model")
     concat = meta.get("conditioning") == "concat" or (lora_file.parent / CONV_IN_WEIGHT_NAME).is_file()
     if backend == "sdxl":
         out = _sdxl_state(modules, scale, base, concat, lora_file)
@@ -123,7 +126,9 @@ def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None, prec
     state = json.loads((checkpoint / STATE_NAME).read_text())
     run = state["run"]
     dtype = SAVE_DTYPES[precision or ("bf16" if run.get("mixed_precision") == "bf16" else "fp16")]
-    backend = load_backend(run["backend"], base_model or run["model_id"], run["conditioning"])
+    model_id = base_model or run["model_id"]
+    backend = load_backend(run["backend"], model_source(model_id, "--base_model"), run["conditioning"])
+    backend.base_model = model_id  # recorded as given, not as the cache folder it may load from
     backend.add_lora(run["lora_rank"], run["lora_alpha"], 0.0)
     backend.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_NAME))
     folder.mkdir(parents=True, exist_ok=True)

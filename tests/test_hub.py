@@ -101,3 +101,16 @@ def test_local_folders_and_bad_paths(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="a file, not a model folder"):
         model_source(str(tmp_path / "weights.safetensors"))
+
+
+def test_convert_on_an_unreachable_base_fails_at_once_and_writes_nothing(no_network, data_2x2, train, tmp_path,
+                                                                        capsys):
+    from iclora.convert import main
+
+    final = train(data_2x2, "--max_train_steps", "1").final_dir
+    capsys.readouterr()
+    out = tmp_path / "converted"
+    line = one_error_line(capsys, main, ["--lora_path", str(final), "--base_model", "someone/sdxl-typo",
+                                         "--output_dir", str(out)])
+    assert line.startswith("error: --base_model someone/sdxl-typo: the Hugging Face hub cannot be reached")
+    assert not out.exists()
