@@ -36,6 +36,8 @@ def demo(monkeypatch, tmp_path):
     ui.build_app = lambda workspace: fake
     monkeypatch.setitem(sys.modules, "iclora.app.ui", ui)
     monkeypatch.chdir(tmp_path)  # main() enters the workspace; undone after the test
+    # main() sets it (before importing Gradio) for its process: set here, it is undone after the test.
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     return fake
 
 
@@ -70,6 +72,7 @@ def test_share_only_when_asked(demo, capsys, tmp_path):
 
 def test_without_gradio_one_line_says_how_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # main() sets it for its process
     with pytest.raises(SystemExit) as stop:
         main(["--workspace", str(tmp_path)])
     assert stop.value.code == 2
