@@ -46,7 +46,9 @@ def test_caption_checks_per_image(ws):
     assert check.tokens[0].startswith(f"text_encoder (CLIP): {expected.lengths['00001.png']} tokens of 150")
     assert check.markers == "markers match the 2x2 grid"
     wrong = data.check_caption("[IMAGE 1] a; [IMAGE 2] b", "2x2", "sdxl", "tiny-sdxl")
-    assert wrong.markers == "markers [IMAGE 1] [IMAGE 2] do not match the 2x2 grid ([IMAGE 1] [IMAGE 2] [IMAGE 3] [IMAGE 4])"
+    assert wrong.markers == "missing marker(s) [IMAGE 3] [IMAGE 4] of the 2x2 grid"
+    empty = data.check_caption("[IMAGE 1] a; [IMAGE 2]; [IMAGE 3] c; [IMAGE 4] d", "2x2", "sdxl", "tiny-sdxl")
+    assert empty.markers == "empty panel(s): [IMAGE 2] with no description"
     flux = data.check_caption("plain words", "1x3", "flux", "tiny-flux")
     assert [line.split(":")[0] for line in flux.tokens] == ["text_encoder (CLIP, pooled)", "text_encoder_2 (T5)"]
     assert flux.markers == "no panel markers (a plain caption)"
