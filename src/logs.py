@@ -105,6 +105,10 @@ class _PlainLines(tqdm):
         # Set before tqdm's __init__, which draws the first line.
         self._next_line = 0.0 if kwargs.get("leave", True) is not False else time.monotonic() + PLAIN_INTERVAL
         kwargs.setdefault("bar_format", "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+        # Every update reaches display(), which alone decides when a line is due: tqdm's own
+        # rate limits (0.1 s, adaptive miniters) would skip the end of a fast bar.
+        kwargs.setdefault("mininterval", 0)
+        kwargs.setdefault("miniters", 1)
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):

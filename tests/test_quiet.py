@@ -107,7 +107,7 @@ def test_flux_says_once_how_clip_and_t5_read_a_long_prompt(library_messages, dat
 def test_plain_lines_come_every_interval_and_a_terminal_gets_tqdm(monkeypatch):
     monkeypatch.setattr(logs, "PLAIN_INTERVAL", 0.0)
     stream = io.StringIO()
-    with logs.progress_bar(total=3, desc="train", file=stream, mininterval=0, miniters=1) as bar:
+    with logs.progress_bar(total=3, desc="train", file=stream) as bar:
         for _ in range(3):
             bar.update(1)
     assert [line.split(" [")[0] for line in stream.getvalue().splitlines()] == [
