@@ -13,6 +13,7 @@ a panel index means the same thing everywhere. Masks are float tensors, 1 = rege
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -46,11 +47,24 @@ class Grid:
         return f"{self.rows}x{self.cols}"
 
 
-def composite_size(width: int, height: int, image_size: int, grid: Grid, quantum: int) -> tuple[int, int]:
-    """Training size of a composite: its longer side becomes `image_size`, the other keeps
-    the aspect ratio, and both are rounded so every panel boundary falls on a multiple of
-    `quantum` pixels (a latent pixel for SDXL, a packed 2x2 latent patch for FLUX)."""
-    scale = image_size / max(width, height)
+BUCKET_BY = ("longest", "area")
+
+
+def bucket_scale(width: int, height: int, image_size: int, bucket_by: str = "longest") -> float:
+    """How much a width x height composite is scaled to its training size: its longer side
+    to `image_size` ('longest'), or its area to `image_size`² ('area': a 1x3 strip then
+    trains at the pixels of a 2x2 composite, not at a third of them)."""
+    if bucket_by not in BUCKET_BY:
+        raise ValueError(f"bucket_by: expected one of {', '.join(BUCKET_BY)}, got {bucket_by!r}")
+    return image_size / (max(width, height) if bucket_by == "longest" else math.sqrt(width * height))
+
+
+def composite_size(width: int, height: int, image_size: int, grid: Grid, quantum: int,
+                   bucket_by: str = "longest") -> tuple[int, int]:
+    """Training size of a composite: scaled by `bucket_scale` keeping its aspect ratio, then
+    both sides rounded so every panel boundary falls on a multiple of `quantum` pixels (a
+    latent pixel for SDXL, a packed 2x2 latent patch for FLUX)."""
+    scale = bucket_scale(width, height, image_size, bucket_by)
     return fit_to_grid(round(width * scale), round(height * scale), grid, quantum)
 
 
@@ -176,6 +190,6 @@ def expected_masked_fraction(num_panels: int, mask_probability: float, max_maske
 
 
 __all__ = [
-    "Grid", "composite_size", "fit_to_grid", "panel_box", "panel_mask", "panel_masks", "feather", "inpaint_mask",
+    "Grid", "BUCKET_BY", "bucket_scale", "composite_size", "fit_to_grid", "panel_box", "panel_mask", "panel_masks", "feather", "inpaint_mask",
     "latent_mask", "sample_masked_panels", "parse_panels", "split_panels", "expected_masked_fraction",
 ]
