@@ -93,7 +93,7 @@ NON_DEFAULTS = {
     "weight_decay": 0.5, "max_grad_norm": 0.25, "use_8bit_adam": True, "lora_rank": 12, "lora_alpha": 24,
     "lora_dropout": 0.2, "image_size": 768, "grid": "1x3", "conditioning": "blend", "mask_probability": 0.4,
     "max_masked_panels": 1, "visible_loss_weight": 0.1, "caption_dropout": 0.05, "max_token_length": 75, "cache_text_embeddings": True, "cache_latents": True,
-    "cache_dir": "some/cache", "dry_run": True,
+    "cache_dir": "some/cache", "dry_run": True, "gpu_memory_gib": 24.0,
     "mixed_precision": "bf16", "gradient_checkpointing": True, "compile": False, "quantize": "nf4", "output_kohya_format": False, "save_precision": "bf16", "save_every": 9,
     "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest", "num_workers": 2, "seed": 123,
     "overwrite_output_dir": True, "allow_crop": True, "context_timestep": None,
