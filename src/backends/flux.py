@@ -60,6 +60,7 @@ from .base import TimestepSampling, visible_reset_callback
 from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask, shift_mu
+from .flux_latents import fill_mask_channels, pack, scale_latents, unpack
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
@@ -101,17 +102,6 @@ QUANTIZE_CONFIGS = {
 }
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): one token per 2x2 patch, row-major."""
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int, vae_scale_factor: int) -> torch.Tensor:
-    """Inverse of `pack`: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
-    return FluxPipeline._unpack_latents(tokens, h * vae_scale_factor, w * vae_scale_factor, vae_scale_factor)
-
-
 def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torch.Tensor:
     """`sigmas` in [0, 1] moved as `scheduler` moves an inference schedule for an image of
     `image_seq_len` packed tokens: its time shift with mu from `calculate_shift` where it
@@ -121,15 +111,6 @@ def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torc
         return scheduler.time_shift(shift_mu(config, image_seq_len), 1.0, sigmas)
     shift = config.get("shift", 1.0)
     return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def fill_mask_channels(pixel_mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """FLUX.1-Fill's mask input before packing: (B, 1, H, W) -> (B, f*f, h, w), each latent
-    pixel's f x f pixel block laid out on the channel axis (FluxFillPipeline.prepare_mask_latents)."""
-    f = vae_scale_factor
-    b, _, height, width = pixel_mask.shape
-    mask = pixel_mask[:, 0].view(b, height // f, f, width // f, f)  # (B, h, f, w, f)
-    return mask.permute(0, 2, 4, 1, 3).reshape(b, f * f, height // f, width // f)  # (B, f*f, h, w)
 
 
 class FluxBackend(Placement):
@@ -349,7 +330,7 @@ class FluxBackend(Placement):
                                "T5 reads %d tokens (said once)", self.max_token_length, MAX_SEQUENCE_LENGTH)
 
     def _scale(self, latents: torch.Tensor) -> torch.Tensor:
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return scale_latents(latents, self.vae.config)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -472,7 +453,7 @@ class FluxBackend(Placement):
         pixels = pipe.image_processor.preprocess(images, height=height, width=width).to(device, pipe.vae.dtype)
         with torch.no_grad():  # one input at a time, as the pipeline encodes them
             clean = torch.cat([pipe.vae.encode(pixels[i : i + 1]).latent_dist.mode() for i in range(len(pixels))])
-        clean = ((clean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).to(dtype)  # (b, C, h, w)
+        clean = scale_latents(clean, pipe.vae.config).to(dtype)  # (b, C, h, w)
         masked = latent_mask(masks.to(device), self.vae_scale_factor).to(dtype)  # (b, 1, h, w), soft
         masked = pack(masked.expand(-1, clean.shape[1], -1, -1))  # (b, N, 4C), as the latents' tokens
         clean = pack(clean)
