@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,6 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers import (
     AutoencoderKL,
-    BitsAndBytesConfig,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
     FluxFillPipeline,
     FluxInpaintPipeline,
     FluxPipeline,
@@ -53,7 +49,6 @@ from diffusers import (
 )
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from ..panels import latent_mask
 from .base import TimestepSampling, visible_reset_callback
@@ -61,6 +56,7 @@ from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask, shift_mu
 from .flux_latents import fill_mask_channels, pack, scale_latents, unpack
+from .flux_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
 from .lora_files import (
     COMFYUI_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
@@ -73,7 +69,6 @@ from .lora_files import (
     resolve_lora_file,
 )
 from .lora_formats import flux_comfyui_state, peft_modules
-from .tiny import TINY_MODELS, is_tiny
 from .trainable import load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
@@ -93,13 +88,6 @@ LORA_TARGET_MODULES = (
     r"(?:.*\.(?:" + "|".join(s.replace(".", r"\.") for s in _SUFFIXES) + r"))"
     r"|(?:single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out))"
 )
-QUANTIZE_CONFIGS = {
-    "nf4": lambda: BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    ),
-    "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
-}
 
 
 def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torch.Tensor:
@@ -200,34 +188,7 @@ class FluxBackend(Placement):
                 raise ValueError(f"--quantize: expected one of {', '.join(QUANTIZE_CONFIGS)}, got {quantize!r}")
             if not torch.cuda.is_available():
                 raise ValueError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes 4/8-bit weights); none was found")
-        if is_tiny(model_id):
-            if not model_id.startswith("tiny-flux"):
-                raise ValueError(f"--model_id {model_id} is not a FLUX.1 model (it is for --backend sdxl)")
-            components = TINY_MODELS[model_id]()
-            if vae:
-                components["vae"] = AutoencoderKL.from_pretrained(vae)
-            if quantize:
-                with tempfile.TemporaryDirectory() as folder:  # bitsandbytes quantizes while loading
-                    components["transformer"].save_pretrained(folder)
-                    components["transformer"] = _load_transformer(folder, None, None, quantize)
-        else:
-            _check_is_flux(model_id)
-            kw = {"variant": variant} if variant else {}
-            # The text encoders load in the run's dtype whether or not the transformer is
-            # quantized (T5-XXL in float32 alone would take ~19 GB of host memory); the VAE in
-            # bf16 only (see to()).
-            weights = {**kw, "torch_dtype": dtype} if dtype else kw
-            vae_dtype = {"torch_dtype": dtype} if dtype == torch.bfloat16 else {}
-            components = {
-                "transformer": _load_transformer(model_id, "transformer", variant, quantize, dtype),
-                "vae": (AutoencoderKL.from_pretrained(vae, **vae_dtype) if vae
-                        else AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw, **vae_dtype)),
-                "text_encoder": CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **weights),
-                "text_encoder_2": T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", **weights),
-                "tokenizer": CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
-                "tokenizer_2": T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_2"),
-                "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler"),
-            }
+        components = load_components(model_id, variant, vae, quantize, dtype)
         return cls(components, model_id, conditioning, context_timestep)
 
     def _components(self) -> dict[str, Any]:
@@ -480,34 +441,3 @@ class FluxBackend(Placement):
     def inpaint_pipeline(self) -> FluxInpaintPipeline | FluxFillPipeline:
         return self._pipe
 
-
-def prepare_quantized(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
-    """QLoRA prep after a quantized load, as diffusers' FLUX LoRA scripts do it: freeze every
-    weight, upcast the unquantized leftovers (norms, biases, embeddings) to float32."""
-    from peft import prepare_model_for_kbit_training
-
-    return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
-
-
-def _load_transformer(source: str, subfolder: str | None, variant: str | None, quantize: str | None,
-                      dtype: torch.dtype | None = None):
-    kw: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
-    if variant:
-        kw["variant"] = variant
-    if not quantize:
-        return FluxTransformer2DModel.from_pretrained(source, **kw, **({"torch_dtype": dtype} if dtype else {}))
-    # Computes in bf16; `add_lora` prepares it for training (float32 leftovers), inference
-    # leaves it as loaded.
-    return FluxTransformer2DModel.from_pretrained(
-        source, quantization_config=QUANTIZE_CONFIGS[quantize](), torch_dtype=torch.bfloat16, **kw
-    )
-
-
-def _check_is_flux(model_id: str) -> None:
-    """Name the problem when --model_id is some other pipeline (an SDXL folder, say)."""
-    try:
-        config = DiffusionPipeline.load_config(model_id)
-    except (OSError, ValueError):
-        return  # no model_index.json: the component loaders report what is missing
-    if "transformer" not in config or not str(config.get("_class_name", "")).startswith("Flux"):
-        raise ValueError(f"--model_id {model_id} is not a FLUX.1 model (it is a {config.get('_class_name', 'unknown pipeline')})")
