@@ -28,12 +28,15 @@ Training choices, and why:
     guidance the guidance embedding is fed 1.0 (TRAIN_GUIDANCE), as ai-toolkit does
              (cfg_scale 1.0), which trained the official IC-LoRAs; diffusers' script
              feeds --guidance_scale 3.5. Inference still runs at 3.5 (dev) / 30 (Fill).
+
+Beside this file: flux_latents.py (the token layout, VAE scaling), flux_loading.py (the
+components, quantized or not), flux_lora.py (LoRA targets and files), flux_context.py (the
+context conditioning's pipeline and per-token timesteps).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,6 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from ..panels import latent_mask
 from .base import TimestepSampling, visible_reset_callback
@@ -56,38 +58,15 @@ from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask, shift_mu
 from .flux_latents import fill_mask_channels, pack, scale_latents, unpack
+from . import flux_lora
 from .flux_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
-from .lora_files import (
-    COMFYUI_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
-    atomic_save_file,
-    cast_lora,
-    check_applied,
-    check_conditioning,
-    lora_layers,
-    refuse_unreadable,
-    resolve_lora_file,
-)
-from .lora_formats import flux_comfyui_state, peft_modules
+from .flux_lora import LORA_TARGET_MODULES
 from .trainable import load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FLUX.1-dev's maximum
 TRAIN_GUIDANCE = 1.0  # guidance-embedding input during training (see the module docstring)
-# diffusers' train_dreambooth_lora_flux.py default targets (attention and feed-forward of
-# the double-stream blocks; the suffixes also catch the single blocks' to_q/to_k/to_v),
-# plus the single blocks' MLP in and out. A regex (PEFT full-matches it against module
-# names) because a bare "proj_out" would also catch the transformer's final projection.
-_SUFFIXES = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-]
-LORA_TARGET_MODULES = (
-    r"(?:.*\.(?:" + "|".join(s.replace(".", r"\.") for s in _SUFFIXES) + r"))"
-    r"|(?:single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out))"
-)
 
 
 def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torch.Tensor:
@@ -361,46 +340,13 @@ class FluxBackend(Placement):
         load_trainable_state(self.transformer, state)
 
     def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
-        lora = cast_lora(get_peft_model_state_dict(self.transformer), dtype)
-        # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
-        # must not: load_lora_weights leaves the new dropout layers in train mode, so a
-        # nonzero value would make inference random.
-        adapter_metadata = {**self.transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
-        FluxPipeline.save_lora_weights(
-            Path(directory),
-            transformer_lora_layers=lora,
-            transformer_lora_adapter_metadata=adapter_metadata,
-            weight_name=LORA_WEIGHT_NAME,
-        )
-        if compat:
-            atomic_save_file(cast_lora(self.comfyui_state(), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
+        flux_lora.save_lora(self.transformer, directory, compat, dtype)
 
     def comfyui_state(self) -> dict[str, torch.Tensor]:
-        """The trained LoRA with `.alpha` keys: ComfyUI reads a FLUX LoRA's scale only from
-        them (metadata ignored: scale 1.0), and diffusers refuses `.alpha` keys beside adapter
-        metadata, so this is a second file."""
-        lora = get_peft_model_state_dict(self.transformer)
-        config = self.transformer.peft_config["default"]
-        scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-        return flux_comfyui_state(peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer"), scale)
+        return flux_lora.comfyui_state(self.transformer)
 
     def load_lora(self, path: Path) -> None:
-        """Ours (a final_model/ or checkpoint folder, or one of its files), or foreign FLUX
-        LoRAs (kohya, ai-toolkit / official IC-LoRA, xlabs: diffusers converts the keys);
-        refuses one that would not be applied in full."""
-        lora_file = resolve_lora_file(path)
-        check_conditioning(path, self.conditioning)
-        with refuse_unreadable(path, "FLUX transformer"):
-            converted = self._pipe.lora_state_dict(str(lora_file))
-        expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight")
-                    for k in converted if k.startswith("transformer.") and k.endswith(".lora_A.weight")}
-        if not expected:  # diffusers would load nothing, or fail on the first foreign key
-            check_applied(path, expected, set(), "FLUX transformer")
-        before = set(lora_layers(self.transformer))
-        with refuse_unreadable(path, "FLUX transformer"):
-            self._pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-        injected = set().union(*[m for a, m in lora_layers(self.transformer).items() if a not in before])
-        check_applied(path, expected, injected, "FLUX transformer")
+        flux_lora.load_lora(self._pipe, self.transformer, path, self.conditioning)
 
     def visible_reset(self, pipe, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         """For concat (FLUX.1-Fill) inference: after every step the visible panels' tokens are

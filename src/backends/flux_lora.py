@@ -1,0 +1,85 @@
+"""FLUX.1's LoRA: the transformer layers it trains, and its files: saved as diffusers'
+FluxPipeline saves them (plus a ComfyUI copy with `.alpha` keys), loaded from ours or from
+foreign trainers' formats, refusing any that would not be applied in full."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from peft.utils import get_peft_model_state_dict
+
+from .lora_files import (
+    COMFYUI_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    atomic_save_file,
+    cast_lora,
+    check_applied,
+    check_conditioning,
+    lora_layers,
+    refuse_unreadable,
+    resolve_lora_file,
+)
+from .lora_formats import flux_comfyui_state, peft_modules
+
+# diffusers' train_dreambooth_lora_flux.py default targets (attention and feed-forward of
+# the double-stream blocks; the suffixes also catch the single blocks' to_q/to_k/to_v),
+# plus the single blocks' MLP in and out. A regex (PEFT full-matches it against module
+# names) because a bare "proj_out" would also catch the transformer's final projection.
+_SUFFIXES = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+LORA_TARGET_MODULES = (
+    r"(?:.*\.(?:" + "|".join(s.replace(".", r"\.") for s in _SUFFIXES) + r"))"
+    r"|(?:single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out))"
+)
+
+
+def save_lora(transformer, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
+    """The trained LoRA as diffusers' FluxPipeline saves it, and with `compat` the ComfyUI file beside it."""
+    lora = cast_lora(get_peft_model_state_dict(transformer), dtype)
+    # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
+    # must not: load_lora_weights leaves the new dropout layers in train mode, so a
+    # nonzero value would make inference random.
+    adapter_metadata = {**transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+    FluxPipeline.save_lora_weights(
+        Path(directory),
+        transformer_lora_layers=lora,
+        transformer_lora_adapter_metadata=adapter_metadata,
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    if compat:
+        atomic_save_file(cast_lora(comfyui_state(transformer), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
+
+
+def comfyui_state(transformer) -> dict[str, torch.Tensor]:
+    """The trained LoRA with `.alpha` keys: ComfyUI reads a FLUX LoRA's scale only from
+    them (metadata ignored: scale 1.0), and diffusers refuses `.alpha` keys beside adapter
+    metadata, so this is a second file."""
+    lora = get_peft_model_state_dict(transformer)
+    config = transformer.peft_config["default"]
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    return flux_comfyui_state(peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer"), scale)
+
+
+def load_lora(pipe, transformer, path: Path, conditioning: str) -> None:
+    """Ours (a final_model/ or checkpoint folder, or one of its files), or foreign FLUX
+    LoRAs (kohya, ai-toolkit / official IC-LoRA, xlabs: diffusers converts the keys);
+    refuses one that would not be applied in full."""
+    lora_file = resolve_lora_file(path)
+    check_conditioning(path, conditioning)
+    with refuse_unreadable(path, "FLUX transformer"):
+        converted = pipe.lora_state_dict(str(lora_file))
+    expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                for k in converted if k.startswith("transformer.") and k.endswith(".lora_A.weight")}
+    if not expected:  # diffusers would load nothing, or fail on the first foreign key
+        check_applied(path, expected, set(), "FLUX transformer")
+    before = set(lora_layers(transformer))
+    with refuse_unreadable(path, "FLUX transformer"):
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    injected = set().union(*[m for a, m in lora_layers(transformer).items() if a not in before])
+    check_applied(path, expected, injected, "FLUX transformer")
