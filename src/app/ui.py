@@ -1,12 +1,10 @@
 """The page: its tabs wired to the handler modules (inpaint.py, train.py, data.py), which
 hold all the work. What is here only moves values between widgets and those functions, and
-turns their errors into the command line's one `error:` line in the page."""
+turns their errors into the command line's one `error:` line in the page (ui_errors.py)."""
 
 from __future__ import annotations
 
-import functools
 import importlib
-import logging
 import threading
 
 import gradio as gr
@@ -14,36 +12,15 @@ from PIL import Image
 
 from ..panels import Grid
 from . import inpaint
+from .ui_data import data_tab
+from .ui_errors import shows_errors
+from .ui_train import train_tab
 from .workspace import Workspace
 
-logger = logging.getLogger(__name__)
 TITLE = "iclora"
 
 
-def shows_errors(outputs: int):
-    """A handler whose bad input shows as one line in its status box (its first output),
-    the other outputs left as they were."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (ValueError, OSError, NotImplementedError, RuntimeError) as error:
-                if not isinstance(error, (ValueError, OSError, NotImplementedError)):
-                    logger.exception("unexpected error")
-                message = f"error: {error}"
-                return message if outputs == 1 else (message, *[gr.skip()] * (outputs - 1))
-
-        return run
-
-    return wrap
-
-
 def build_app(ws: Workspace) -> gr.Blocks:
-    from .ui_data import data_tab
-    from .ui_train import train_tab
-
     # diffusers takes ~10 s to import: done while the page loads, not at the first click.
     threading.Thread(target=importlib.import_module, args=("iclora.inference.inpaint",), daemon=True).start()
 

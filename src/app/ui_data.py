@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import data
-from .ui import shows_errors
+from .ui_errors import shows_errors
 from .workspace import Workspace
 
 

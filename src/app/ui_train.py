@@ -7,7 +7,7 @@ import gradio as gr
 import pandas as pd
 
 from . import train
-from .ui import shows_errors
+from .ui_errors import shows_errors
 from .workspace import Workspace
 
 REFRESH_SECONDS = 2.0
