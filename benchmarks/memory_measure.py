@@ -196,7 +196,8 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     """The trainer's set-up (Trainer.setup order) and step (Trainer.train around diffusion_loss)."""
     from diffusers.optimization import get_scheduler
 
-    from iclora.training.trainer import diffusion_loss, optimizer_step, parameter_groups, step_generator
+    from iclora.training.run_setup import parameter_groups
+    from iclora.training.trainer import diffusion_loss, optimizer_step, step_generator
 
     family, device = FAMILIES[setting.model], torch.device(opts.device)
     accelerator = fresh_accelerator(setting.precision, device)

@@ -16,13 +16,13 @@ from iclora.training.train_flux_ic_lora import main as train_flux
 def no_models(monkeypatch):
     """Fail the test if anything tries to load a model."""
     import iclora.backends
-    import iclora.training.trainer  # first: importing it while patched would bind the refusal for good
+    import iclora.training.run_setup  # first: importing it while patched would bind the refusal for good
 
     def refuse(*args, **kwargs):
         raise AssertionError("--dry_run loaded a model")
 
     monkeypatch.setattr(iclora.backends, "load_backend", refuse)
-    monkeypatch.setattr("iclora.training.trainer.load_backend", refuse)
+    monkeypatch.setattr("iclora.training.run_setup.load_backend", refuse)
 
 
 def test_dry_run_reports_buckets_tokens_markers_and_steps(data_dir, tmp_path, no_models, capsys):

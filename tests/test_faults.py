@@ -64,7 +64,7 @@ class Ctx:
         """The row's fault must be found before any model loads."""
         def refuse(*args, **kwargs):
             raise AssertionError("a model was loaded before the fault was found")
-        self.monkeypatch.setattr("iclora.training.trainer.load_backend", refuse)
+        self.monkeypatch.setattr("iclora.training.run_setup.load_backend", refuse)
 
 
 @dataclass
@@ -379,7 +379,7 @@ def checkpoints_survive(ctx, result):
 
 
 def ctrl_c_while_loading(ctx):
-    ctx.monkeypatch.setattr("iclora.training.trainer.load_backend", _raise(KeyboardInterrupt()))
+    ctx.monkeypatch.setattr("iclora.training.run_setup.load_backend", _raise(KeyboardInterrupt()))
     return ctx.train_argv(*RUN)
 
 

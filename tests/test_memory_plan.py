@@ -92,8 +92,8 @@ def test_quantize_still_passes_the_runs_dtype_to_the_loader(storyboards, tmp_pat
         seen.update(options)
         raise RuntimeError("stop after the load call")
 
-    monkeypatch.setattr("iclora.training.trainer.load_backend", loader)
-    monkeypatch.setattr("iclora.training.trainer.torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("iclora.training.run_setup.load_backend", loader)
+    monkeypatch.setattr("iclora.training.run_setup.torch.cuda.is_available", lambda: True)
     with pytest.raises(RuntimeError, match="stop after"):
         train_flux(["--config", str(EXAMPLE), "--data_dir", str(storyboards), "--output_dir", str(tmp_path / "o"),
                     "--model_id", "tiny-flux", "--image_size", "96", "--no_use_8bit_adam"])

@@ -23,10 +23,11 @@ from iclora.backends.sdxl import CONV_IN_WEIGHT_NAME, SDXLBackend
 from iclora.backends.tiny import TINY_MODELS
 from iclora.cli import run_cli
 from iclora.panels import Grid, composite_size
+from iclora.training import run_setup
 from iclora.training.checkpoints import STATE_NAME
 from iclora.training.train_flux_ic_lora import main as train_flux
 from iclora.training.train_sdxl_ic_lora import main as train_sdxl
-from iclora.training.trainer import UNRECORDED, Trainer
+from iclora.training.run_setup import UNRECORDED
 
 
 def _flux(data, out, *flags):
@@ -210,8 +211,8 @@ def test_old_sdxl_checkpoints_resume_as_they_were_trained(data_2x2_six, train, m
     decayed throughout; "" fed for dropped captions) resumes into exactly the run it was."""
     flags = ("--save_every", "2", "--caption_dropout", "0.5", "--learning_rate", "1e-2", "--weight_decay", "0.5")
     with pytest.MonkeyPatch.context() as patch:  # the trainer as it was: what UNRECORDED says
-        check = Trainer._check_outputs
-        patch.setattr(Trainer, "_check_outputs", lambda self: (self.run_signature.update(UNRECORDED), check(self))[1])
+        check = run_setup.check_outputs
+        patch.setattr(run_setup, "check_outputs", lambda trainer: (trainer.run_signature.update(UNRECORDED), check(trainer))[1])
         straight = train(data_2x2_six, "--max_train_steps", "4", *flags)
         out = tmp_path / "old"
         train(data_2x2_six, "--max_train_steps", "2", *flags, out=out)

@@ -230,7 +230,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("iclora.training.trainer.load_backend", refuse)
+    monkeypatch.setattr("iclora.training.run_setup.load_backend", refuse)
 
 
 def test_data_problems_are_all_listed_before_loading(data_dir, tmp_path, no_model, capsys):
@@ -481,10 +481,10 @@ def test_mixed_precision(data_2x2, train, make_trainer, reference_run):
 
 
 def test_mixed_precision_loads_the_frozen_weights_in_it(data_2x2, tiny_sdxl_dir, make_trainer, monkeypatch):
-    from iclora.training import trainer as trainer_module
+    from iclora.training import run_setup
 
-    asked, real = [], trainer_module.load_backend
-    monkeypatch.setattr(trainer_module, "load_backend", lambda *a, **k: asked.append(k) or real(*a, **k))
+    asked, real = [], run_setup.load_backend
+    monkeypatch.setattr(run_setup, "load_backend", lambda *a, **k: asked.append(k) or real(*a, **k))
     trainer = make_trainer(data_2x2, "--model_id", str(tiny_sdxl_dir), "--max_train_steps", "1", "--mixed_precision", "bf16")
     assert asked[-1]["dtype"] == torch.bfloat16
     assert trainer.backend.unet.conv_in.weight.dtype == torch.float32  # trained in float32 all the same

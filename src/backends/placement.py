@@ -7,7 +7,7 @@ then moves one part onto the device or back to the host and records the move. Th
 (a CPU run): it is what a run's memory log writes per phase (training/memory_log.py), and
 what the memory plan is tested against.
 
-The plan the trainer follows (training/trainer.py): with cached text embeddings and latents
+The plan the trainer follows (training/run_setup.py): with cached text embeddings and latents
 the encoders reach the device only while entries are missing, with the denoiser off it, and
 leave before training starts; the denoiser then never shares the device with T5.
 """

@@ -1,7 +1,7 @@
 """The shared IC-LoRA trainer: one loop for every backend.
 
     setup()            data (validated before any model loads), backend + LoRA, optimizer,
-                       accelerate, resume
+                       accelerate, resume: run_setup.py
     train()            the loop; the per-batch math is `_loss_step`
     save_checkpoint()  resumable state every --save_every steps (and on SIGINT / SIGTERM),
                        plus the inference files
@@ -33,72 +33,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
-from .. import __version__, hub
-from ..backends import backend_class, load_backend
-from ..backends.base import TimestepSampling, with_clean_context
-from ..backends.lora_files import METADATA_NAME, SAVE_DTYPES, atomic_directory, atomic_save_file, atomic_write_text
+from .. import __version__
+from ..backends.base import with_clean_context
+from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_file, atomic_write_text
 from ..errors import RunStopped
-from ..compiling import COMPILE_OPTIONS, check_compilable
-from ..cpu import set_cpu_threads
-from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
 from ..logs import progress_bar
 from ..panels import Grid, panel_masks, sample_masked_panels
-from . import checkpoints
-from .checkpoints import FINAL_NAME, STATE_NAME, TRAINABLE_NAME, find_checkpoints
-from .cache import build_caches
-from .config import TrainConfig, without_cuda
+from . import checkpoints, run_setup
+from .checkpoints import FINAL_NAME, TRAINABLE_NAME, find_checkpoints
+from .config import TrainConfig
 from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
-from .memory_log import MemoryLog
-from .monitor import Monitor
 
 logger = logging.getLogger(__name__)
-# Settings a checkpoint can only be resumed with unchanged: everything that decides the
-# model, the data order or the math of a step, the optimizer's and the schedule's included
-# (their state is restored from the checkpoint, so a new value would be recorded but not
-# used). What may change: max_train_steps / num_epochs, save_every, checkpoints_total_limit,
-# output options, cache_text_embeddings, gradient_checkpointing, compile, num_workers.
-RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "conditioning", "context_timestep",
-               "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "conv_in_learning_rate",
-               "lr_scheduler",
-               "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
-               "lora_dropout", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
-               "visible_loss_weight", "caption_dropout",
-               "cache_latents", "max_token_length", "seed", "timestep_shift", "bucket_by")
-# Run settings that checkpoints record only since they exist: a checkpoint without one was
-# trained with this value. A resumed run keeps the checkpoint's value unless its flag is set
-# (not 'auto'; then the two must agree), so a later change of default never changes a resumed run.
-UNRECORDED = {
-    "timestep_shift": "none",
-    "bucket_by": "longest",
-    # Internal choices without a flag, changed since; how the newer runs do it is in `setup`.
-    "decay_fully_trained": True,  # AdamW's weight decay on conv_in too (see parameter_groups)
-    "dropped_caption": "empty",  # a dropped caption trained as the encoding of "" (see prompt_embeds)
-}
-
-
-def parameter_groups(backend, cfg: TrainConfig, decay_fully_trained: bool = False) -> list:
-    """What the optimizer updates: the LoRA, at --weight_decay, and in a group of their own
-    the fully trained parameters (SDXL concat's conv_in) without weight decay: decay would pull
-    its pretrained channels toward zero, not toward the base, and a LoRA's decay only pulls
-    toward the base because its product starts at zero. --conv_in_learning_rate sets that
-    group's rate (the schedule scales both). `decay_fully_trained`: one group, decayed
-    throughout (how checkpoints that do not record it were trained)."""
-    params = backend.trainable_parameters()
-    full = {id(p) for p in backend.fully_trained_parameters()}
-    if not full or (decay_fully_trained and cfg.conv_in_learning_rate is None):
-        return params
-    group = {"params": [p for p in params if id(p) in full]}
-    if cfg.conv_in_learning_rate is not None:
-        group["lr"] = cfg.conv_in_learning_rate
-    if not decay_fully_trained:
-        group["weight_decay"] = 0.0
-    return [{"params": [p for p in params if id(p) not in full]}, group]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -185,119 +133,8 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg = without_cuda(self.cfg)
-        backend_cls = backend_class(cfg.backend)
-        records = scan_folder(cfg.data_dir, cfg.image_size, self.grid, backend_cls.pixel_quantum, cfg.allow_crop,
-                              cfg.bucket_by)
-        model_source = hub.model_source(cfg.model_id)  # before anything is written: an id no one serves fails here
-        self.monitor = Monitor(self, records)
-        mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
-        # accelerate keeps process-wide state that refuses a second in-process run with other
-        # settings (e.g. mixed precision): start each run from a clean one, keeping the
-        # distributed set-up (PartialState).
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-        self.accelerator = Accelerator(
-            mixed_precision=mixed,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
-            log_with=cfg.report_to,
-        )
-        set_seed(cfg.seed)
-        set_cpu_threads(cfg.model_id, self.accelerator.device)
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-        self.save_dtype = SAVE_DTYPES[cfg.save_precision or ("bf16" if mixed == "bf16" else "fp16")]
-        self.run_signature = {k: getattr(cfg, k) for k in RESUME_KEYS}
-        self.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
-        self.run_signature["visible_loss_weight"] = cfg.visible_weight
-        self.run_signature["timestep_shift"] = cfg.shift_scheme
-        self.run_signature.update(decay_fully_trained=False, dropped_caption="unconditional")
-        self.run_signature.update(mixed_precision=mixed, num_samples=len(records),
-                                  num_processes=self.accelerator.num_processes)
-        self._check_outputs()
-        if cfg.compile:
-            check_compilable(self.accelerator.device)
-
-        options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
-        if cfg.quantize:
-            options["quantize"] = cfg.quantize
-        if cfg.context_timestep:
-            options["context_timestep"] = cfg.context_timestep
-        if cfg.max_token_length:
-            options["max_token_length"] = cfg.max_token_length
-        if self.weight_dtype != torch.float32:
-            # Frozen weights load in it, the text encoders too when the denoiser is quantized:
-            # no float32 copy on the host.
-            options["dtype"] = self.weight_dtype
-        self.backend = load_backend(cfg.backend, model_source, cfg.conditioning, **options)
-        self.backend.base_model = cfg.model_id  # the id is recorded, not the cache folder it may load from
-        self.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        self.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std,
-                                                          self.run_signature["timestep_shift"])
-        if self.accelerator.is_main_process:  # now exactly: the estimate was made before loading
-            checkpoints.check_free_space(self.output_dir, sum(p.numel() for p in self.backend.trainable_parameters()),
-                                         cfg.use_8bit_adam, "counted")
-        if cfg.gradient_checkpointing:
-            self.backend.enable_gradient_checkpointing()
-        # The memory plan: every weight in its run dtype where it was loaded (the host; a
-        # quantized denoiser on the GPU), then the caches encode with only their encoder on
-        # the device, and only then does the denoiser join what training still needs.
-        self.backend.to(self.accelerator.device, self.weight_dtype, parts=())
-        self.memory = MemoryLog(self.output_dir, self.accelerator.device, self.accelerator.is_main_process)
-        self._recorded_step = 0
-        self.record_memory("load")
-        if cfg.compile:  # after the LoRA and checkpointing: the compiled blocks run both
-            compiled = self.backend.compile_blocks(**COMPILE_OPTIONS)
-            logger.info("--compile: %s compiled; the first step compiles them",
-                        ", ".join(f"{n} {name}" for name, n in compiled.blocks.items()))
-
-        self.records = records
-        dataset = CompositeDataset(records)
-        self.prompt_cache, self.latent_cache = build_caches(
-            cfg, self.backend, records, dataset, self.grid, self.accelerator.device, self.run_signature["dropped_caption"],
-            self.monitor.prompts(), self.record_memory)
-        if self.prompt_cache is not None:
-            self.monitor.prompt_arguments = self.prompt_cache.pipeline_arguments
-        self.backend.place("denoiser", True)
-        self.backend.place("text_encoders", self.prompt_cache is None)  # else never again during training
-        self.backend.place("vae", self.latent_cache is None)
-        if self.latent_cache is not None:  # the pixels are never used: do not decode them each step
-            dataset = CompositeDataset(records, pixels=False)
-
-        params = parameter_groups(self.backend, cfg, self.run_signature["decay_fully_trained"])
-        if cfg.use_8bit_adam:
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        else:
-            # The fused kernel updates every tensor in one launch (CUDA only).
-            fused = self.accelerator.device.type == "cuda"
-            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
-
-        self.batch_sampler = BucketBatchSampler(records, cfg.batch_size, cfg.seed)
-        dataloader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.batch_sampler, collate_fn=collate, num_workers=cfg.num_workers
-        )
-        processes = self.accelerator.num_processes
-        self.steps_per_epoch = max(1, math.ceil(len(self.batch_sampler) / processes / cfg.gradient_accumulation_steps))
-        self.max_train_steps = cfg.max_train_steps or cfg.num_epochs * self.steps_per_epoch
-        lr_scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps * processes, num_training_steps=self.max_train_steps * processes,
-        )
-        self.backend.denoiser, self.optimizer, self.dataloader, self.lr_scheduler = self.accelerator.prepare(
-            self.backend.denoiser, optimizer, dataloader, lr_scheduler
-        )
-        self.accelerator.register_save_state_pre_hook(self._save_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_hook)
-        if self.resume_dir is not None:
-            self.accelerator.load_state(str(self.resume_dir))
-            state = json.loads((self.resume_dir / STATE_NAME).read_text())
-            self.global_step, self.micro_step = state["global_step"], state["micro_step"]
-            self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
-            if self.batches_in_epoch >= len(self.dataloader):  # saved at the end of an epoch
-                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-            logger.info("resumed from %s at step %d", self.resume_dir.name, self.global_step)
+        """Data, outputs, backend + LoRA, caches, optimizer, accelerate, resume (run_setup.py)."""
+        run_setup.setup(self)
 
     def record_memory(self, phase: str) -> None:
         """One record of the memory log (memory_log.py)."""
@@ -309,34 +146,6 @@ class Trainer:
         record get their own ("train")."""
         if self.global_step > self._recorded_step:
             self.record_memory("train")
-
-    def _check_outputs(self) -> None:
-        """Before any model loads: the output folder takes files and has room, no other run's
-        results are in the way, and what killed runs left half-written is gone."""
-        cfg, main = self.cfg, self.accelerator.is_main_process
-        if main:
-            checkpoints.prepare_output_dir(self.output_dir)
-        self.accelerator.wait_for_everyone()
-        self.resume_dir = checkpoints.resume_folder(cfg.resume_from_checkpoint, self.output_dir)
-        if self.resume_dir is not None:
-            self._check_resumable(json.loads((self.resume_dir / STATE_NAME).read_text()))
-        checkpoints.check_earlier_run(self.output_dir, self.resume_dir, cfg.overwrite_output_dir, main)
-        if main:
-            params = checkpoints.estimate_trainable_params(cfg.backend, cfg.model_id, cfg.lora_rank)
-            checkpoints.check_free_space(self.output_dir, params, cfg.use_8bit_adam,
-                                         f"estimated for --lora_rank {cfg.lora_rank}")
-        self.accelerator.wait_for_everyone()
-
-    def _check_resumable(self, state: dict) -> None:
-        saved = {**UNRECORDED, **state.get("run", {})}
-        for key in UNRECORDED:
-            if getattr(self.cfg, key, None) in (None, "auto"):  # no flag, or not given: what the checkpoint used
-                self.run_signature[key] = saved[key]
-        changed = [f"{k} {saved[k]} -> {v}" for k, v in self.run_signature.items() if k in saved and saved[k] != v]
-        if changed:
-            raise ValueError(f"--resume_from_checkpoint {self.resume_dir}: run settings differ ({'; '.join(changed)}); "
-                             "resume with the checkpoint's settings (the run length, saving, text-embedding caching, "
-                             "gradient checkpointing, compiling and workers may change)")
 
     def _save_hook(self, models, weights, output_dir) -> None:
         # Save only what is trained: a full SDXL/FLUX state per checkpoint would be GBs.
