@@ -72,7 +72,7 @@ def fresh_dynamo():
 @pytest.fixture
 def counting(monkeypatch):
     backend = CountingBackend()
-    for module in ("iclora.training.trainer", "iclora.inference.inpaint"):
+    for module in ("iclora.training.run_setup", "iclora.inference.inpaint"):
         monkeypatch.setattr(f"{module}.COMPILE_OPTIONS", {"backend": backend})
     torch._dynamo.utils.counters.clear()
     return backend
