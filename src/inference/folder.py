@@ -24,7 +24,8 @@ from ..backends.lora_files import atomic_write_text
 from ..data import IMAGE_SUFFIXES, read_caption
 from .config import InferConfig
 from .guards import warn_replacing
-from .inpaint import check_inputs, generate_all, load_pipeline, resolved_settings, write_outputs
+from .inpaint import generate_all, load_pipeline, resolved_settings, write_outputs
+from .planning import check_inputs
 
 MASK_SUFFIX = "_mask"
 SUMMARY_NAME = "folder_summary.json"
