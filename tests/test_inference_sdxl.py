@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_batched_equals_single
 from iclora.backends.tiny import save_tiny_model
 from iclora.cli import parse_config, run_cli
-from iclora.inference import inpaint
+from iclora.inference import generation, inpaint
 from iclora.inference.config import InferConfig
 from iclora.inference.inpaint import COMPARISON_GAP, check_inputs, composite, load_pipeline
 from iclora.inference.sdxl_ic_lora_inference import DEFAULTS
@@ -112,7 +112,7 @@ def pipe_spy(monkeypatch):
         s.calls.append(k)
         return real_call(self, *a, **k)
 
-    real_composite = inpaint.composite
+    real_composite = generation.composite
 
     def spy_composite(generated, original, mask):
         out = real_composite(generated, original, mask)
@@ -121,7 +121,7 @@ def pipe_spy(monkeypatch):
 
     monkeypatch.setattr(inpaint, "load_pipeline", load)
     monkeypatch.setattr(StableDiffusionXLInpaintPipeline, "__call__", call)
-    monkeypatch.setattr(inpaint, "composite", spy_composite)
+    monkeypatch.setattr(generation, "composite", spy_composite)  # where generate_all looks it up
     return s
 
 

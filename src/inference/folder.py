@@ -23,8 +23,9 @@ from pathlib import Path
 from ..backends.lora_files import atomic_write_text
 from ..data import IMAGE_SUFFIXES, read_caption
 from .config import InferConfig
+from .generation import generate_all
 from .guards import warn_replacing
-from .inpaint import generate_all, load_pipeline, resolved_settings, write_outputs
+from .inpaint import load_pipeline, resolved_settings, write_outputs
 from .planning import check_inputs
 
 MASK_SUFFIX = "_mask"

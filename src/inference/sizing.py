@@ -7,7 +7,7 @@ the aspect ratio, both rounded so every panel boundary falls on a latent pixel
 composite with a LoRA trained at 1024 would show it four times the area it learned (and
 take four times the memory), so inference resizes the input to its bucket (the working
 size), denoises there, and resizes the result back to the input's size; the visible panels
-are then pasted from the original at full resolution (`inpaint.composite`), exactly where
+are then pasted from the original at full resolution (`generation.composite`), exactly where
 the mask is 0. `--native_size` denoises at the input's own size instead (rounded to the
 grid), as earlier versions did.
 
