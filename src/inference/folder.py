@@ -25,7 +25,8 @@ from ..data import IMAGE_SUFFIXES, read_caption
 from .config import InferConfig
 from .generation import generate_all
 from .guards import warn_replacing
-from .inpaint import load_pipeline, resolved_settings, write_outputs
+from .inpaint import load_pipeline
+from .output_files import resolved_settings, write_outputs
 from .planning import check_inputs
 
 MASK_SUFFIX = "_mask"

@@ -1,13 +1,17 @@
-"""Shared panel-inpainting inference for every backend.
+"""Shared panel-inpainting inference for every backend: one --input_image, its steps in order.
 
     check_inputs()   every user error, before any model is loaded or file written (planning.py)
-    build_mask()     panel indices (or a free-form mask) -> soft or hard pixel mask
+    load_pipeline()  the backend with the LoRA loaded, its inpaint pipeline on the device (here)
     generate()       the backend's diffusers inpaint pipeline at the working size (sizing.py),
                      --batch_size images a call, the VAE tiled or sliced as vae.py decides (generation.py)
     generate_all()   the same for many inputs (--input_dir), batched across inputs (generation.py)
     composite()      generated (resized back) and original pixels through the same (soft) mask
                      (generation.py)
     write_outputs()  composites, panels, comparison and JSON, each via temp name + rename
+                     (output_files.py)
+
+run() chains them; folder.py runs an --input_dir through the same steps. This module hands
+the steps' names on, so callers import them from one place.
 
 The denoising itself is diffusers': StableDiffusionXLInpaintPipeline (9-channel `concat`
 UNets get mask + masked-image latents as input; 4-channel `blend` ones get latent
@@ -20,34 +24,26 @@ the whole pipeline.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from .. import hub
 from ..backends import backend_class
 from ..compiling import COMPILE_OPTIONS
 from ..cpu import set_cpu_threads
 from ..logs import pipeline_progress
-from ..panels import panel_box
 from .config import InferConfig
 from .generation import batches, composite, generate, generate_all, pipeline_calls
 from .guards import warn_replacing
+from .output_files import COMPARISON_GAP, comparison_image, resolved_settings, write_outputs
 from .planning import Plan, check_inputs
-from .vae import memory_record
 
 logger = logging.getLogger(__name__)
 # FLUX.1-Fill-dev's guidance embedding was distilled around 30 (its model card's value);
 # the FLUX.1-dev default of 3.5 leaves Fill completions faint.
 FILL_GUIDANCE_HINT = 10.0
-
-COMPARISON_GAP = 4  # white pixels between tiles of the comparison image
 
 
 def load_pipeline(plan: Plan):
@@ -107,88 +103,6 @@ def load_pipeline(plan: Plan):
     return backend, pipe
 
 
-def comparison_image(plan: Plan, outputs: list[Image.Image], seeds: list[int]) -> Image.Image:
-    """input | mask | output 1 | ... in one row, under a caption row naming each tile."""
-    width, height = plan.size
-    mask = Image.fromarray((plan.mask[0].numpy() * 255).round().astype(np.uint8)).convert("RGB")
-    tiles = [("input", plan.image or Image.new("RGB", plan.size, (0, 0, 0))), ("mask", mask)]
-    tiles += [(f"output {i + 1} (seed {s})", img) for i, (img, s) in enumerate(zip(outputs, seeds))]
-    caption_h, gap = max(16, height // 16), COMPARISON_GAP
-    sheet = Image.new("RGB", (len(tiles) * (width + gap) - gap, height + caption_h), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for column, (label, tile) in enumerate(tiles):
-        left = column * (width + gap)
-        draw.text((left + 4, 2), label, fill=(0, 0, 0))
-        sheet.paste(tile, (left, caption_h))
-    return sheet
-
-
-def write_outputs(plan: Plan, outputs: list[Image.Image], seeds: list[int], resolved: dict) -> list[Path]:
-    """Write everything under temporary names first, then rename, so a failure leaves no
-    partial set and no temporary file behind; then remove what an earlier run wrote for the
-    same stem and this one did not (more --num_images, a comparison sheet), so the folder
-    holds exactly the set the JSON record describes."""
-    cfg = plan.cfg
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Image.Image | str] = {}
-    for i, image in enumerate(outputs):
-        files[f"{plan.stem}_{i}.png"] = image
-        for k in plan.panels:
-            files[f"{plan.stem}_{i}_panel{k}.png"] = image.crop(panel_box(k, plan.grid, *image.size))
-    if cfg.save_comparison:
-        files[f"{plan.stem}_comparison.png"] = comparison_image(plan, outputs, seeds)
-    record = {
-        "arguments": asdict(cfg),
-        "resolved": resolved,
-        "images": [{"file": f"{plan.stem}_{i}.png", "seed": s} for i, s in enumerate(seeds)],
-    }
-    files[f"{plan.stem}_inference.json"] = json.dumps(record, indent=2)
-    temps = []
-    try:
-        for name, content in files.items():
-            tmp = out_dir / f".{name}.tmp"
-            temps.append((tmp, out_dir / name))  # before writing: a half-written one is removed too
-            if isinstance(content, str):
-                tmp.write_text(content)
-            else:
-                content.save(tmp, format="PNG")
-    except BaseException as error:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):  # a full disk: one line naming the file, not a traceback
-            raise OSError(f"--output_dir {out_dir}: could not write {name} ({error.strerror or error})") from None
-        raise
-    for tmp, final in temps:
-        tmp.replace(final)
-    written = {final.name for _, final in temps}
-    for stale in out_dir.iterdir():
-        if stale.name not in written and _output_of(stale.name, plan.stem):
-            stale.unlink(missing_ok=True)
-    return [final for _, final in temps]
-
-
-def _output_of(name: str, stem: str) -> bool:
-    """Whether `name` is a file write_outputs makes for inputs named `stem` (or its
-    temporary file, left by a killed run): `<stem>_3.png`, `<stem>_3_panel2.png`,
-    `<stem>_comparison.png`, `<stem>_inference.json`. Another input's `<stem>_x_0.png` is not."""
-    pattern = rf"(\.)?{re.escape(stem)}_(?:\d+(?:_panel\d+)?\.png|comparison\.png|inference\.json)(?(1)\.tmp)"
-    return re.fullmatch(pattern, name) is not None
-
-
-def resolved_settings(plan: Plan, backend) -> dict:
-    """What the run resolved from the flags and the LoRA's record (for the JSON)."""
-    return {
-        "backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
-        "conditioning": backend.conditioning, "context_timestep": backend.context_timestep,
-        "max_token_length": backend.max_token_length, "panels": plan.panels, "size": list(plan.size),
-        "working_size": list(plan.working.size), "working_size_from": plan.working.source,
-        "pretrained_vae": plan.pretrained_vae,
-        "vae": memory_record(plan.cfg, plan.working.size),
-        **({"compile": backend.compiled.record()} if backend.compiled is not None else {}),
-    }
-
-
 def run(cfg: InferConfig) -> list[Path]:
     """One --input_image (folder.run_folder runs an --input_dir with this module's steps)."""
     if cfg.input_dir:
@@ -201,5 +115,5 @@ def run(cfg: InferConfig) -> list[Path]:
 
 
 # The steps' public names, as the web app, the trainer's samples and the benchmarks import them.
-__all__ = ["FILL_GUIDANCE_HINT", "Plan", "batches", "check_inputs", "composite", "generate", "generate_all",
-           "load_pipeline", "pipeline_calls", "run"]
+__all__ = ["COMPARISON_GAP", "FILL_GUIDANCE_HINT", "Plan", "batches", "check_inputs", "comparison_image", "composite",
+           "generate", "generate_all", "load_pipeline", "pipeline_calls", "resolved_settings", "run", "write_outputs"]
