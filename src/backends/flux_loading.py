@@ -32,8 +32,8 @@ def load_components(model_id: str, variant: str | None, vae: str | None, quantiz
                     dtype: torch.dtype | None) -> dict[str, Any]:
     """The pipeline's components by name (the arguments as FluxBackend.from_pretrained's)."""
     if is_tiny(model_id):
-        if not model_id.startswith("tiny-flux"):
-            raise ValueError(f"--model_id {model_id} is not a FLUX.1 model (it is for --backend sdxl)")
+        if not model_id.startswith("tiny-flux") or model_id.startswith("tiny-flux2"):
+            raise ValueError(f"--model_id {model_id} is not a FLUX.1 model")
         components = TINY_MODELS[model_id]()
         if vae:
             components["vae"] = AutoencoderKL.from_pretrained(vae)

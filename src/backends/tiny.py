@@ -1,4 +1,4 @@
-"""Tiny random SDXL and FLUX.1 models, built in code, for tests and demos.
+"""Tiny random SDXL, FLUX.1 and FLUX.2 [klein] models, built in code, for tests and demos.
 
 No weights can be downloaded here, so every test and demo runs on these. They follow the
 real models' *interfaces* (two text encoders, SDXL time ids, FLUX 2x2 packing, a VAE that
@@ -25,6 +25,7 @@ from diffusers import (
     FluxFillPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    Flux2KleinPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -39,6 +40,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from .tiny_flux2 import build_tiny_flux2_components, qwen_tokenizer
 
 CLIP_MAX_LENGTH = 77  # CLIP's position table; SDXL and FLUX both truncate prompts to it.
 T5_MAX_LENGTH = 512  # FLUX.1-dev's max_sequence_length.
@@ -260,6 +263,7 @@ TINY_MODELS: dict[str, Callable[..., dict[str, Any]]] = {
     "tiny-sdxl-inpaint": functools.partial(build_tiny_sdxl_components, in_channels=9),
     "tiny-flux": build_tiny_flux_components,
     "tiny-flux-fill": functools.partial(build_tiny_flux_components, fill=True),
+    "tiny-flux2": build_tiny_flux2_components,  # FLUX.2 [klein] base (tiny_flux2.py)
 }
 
 _PIPELINES: dict[str, type] = {
@@ -267,6 +271,7 @@ _PIPELINES: dict[str, type] = {
     "tiny-sdxl-inpaint": StableDiffusionXLInpaintPipeline,
     "tiny-flux": FluxPipeline,
     "tiny-flux-fill": FluxFillPipeline,
+    "tiny-flux2": Flux2KleinPipeline,
 }
 
 
@@ -287,4 +292,6 @@ def tiny_tokenizers(name: str) -> list:
     """The tokenizers of tiny model `name`, without building its models (for data checks)."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    if name.startswith("tiny-flux2"):
+        return [qwen_tokenizer()]  # FLUX.2 has one text encoder, Qwen3
     return [_clip_tokenizer(), _clip_tokenizer() if name.startswith("tiny-sdxl") else _t5_tokenizer()]

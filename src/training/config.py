@@ -41,7 +41,7 @@ class TrainConfig:
     backend: Literal["sdxl", "flux"] = "sdxl"
     """Model family."""
     model_id: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    """Hub id, local diffusers folder, or a built-in tiny model (tiny-sdxl, tiny-sdxl-inpaint, tiny-flux, tiny-flux-fill)."""
+    """Hub id, local diffusers folder, or a built-in tiny model (tiny-sdxl, tiny-sdxl-inpaint, tiny-flux, tiny-flux-fill, tiny-flux2)."""
     variant: Optional[str] = None
     """Weight variant to load from model_id (e.g. fp16)."""
     pretrained_vae: Optional[str] = None
