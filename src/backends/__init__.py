@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from .base import Backend
+from .registry import ByBackend, BackendSpec, backend_names, backend_spec, register
 
-# name -> (module, class); imported lazily so `--backend sdxl` never imports FLUX code.
-BACKENDS = {
-    "sdxl": ("iclora.backends.sdxl", "SDXLBackend"),
-    "flux": ("iclora.backends.flux", "FluxBackend"),
-}
+# The built-in backends, one line each: importing a spec module registers it (registry.py).
+from . import sdxl_spec  # noqa: E402,F401
+from . import flux_spec  # noqa: E402,F401
+
+# name -> 'module:Class'; imported lazily so `--backend sdxl` never imports FLUX code.
+BACKENDS = ByBackend("backend_class")
 
 
 def backend_class(name: str) -> type:
     """The backend's class, whose attributes (pixel quantum, preferred precision) are known
     before any weights are loaded."""
-    if name not in BACKENDS:
-        raise ValueError(f"--backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)
+    return backend_spec(name).load()
 
 
 def load_backend(name: str, model_id: str, conditioning: str, **options: Any) -> Backend:
-    """Load backend `name` ('sdxl' or 'flux') with its weights from `model_id`."""
+    """Load backend `name` (one of backend_names()) with its weights from `model_id`."""
     return backend_class(name).from_pretrained(model_id, conditioning=conditioning, **options)
 
 
-__all__ = ["Backend", "BACKENDS", "backend_class", "load_backend"]
+__all__ = ["Backend", "BACKENDS", "BackendSpec", "backend_class", "backend_names", "backend_spec", "load_backend",
+           "register"]

@@ -60,6 +60,7 @@ from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipelin
 from .flux_latents import fill_mask_channels, pack, scale_latents, unpack
 from . import flux_lora
 from .flux_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
+from .flux_spec import SPEC
 from .flux_lora import LORA_TARGET_MODULES
 from .trainable import load_trainable_state, trainable_state
 
@@ -85,9 +86,9 @@ class FluxBackend(Placement):
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     native_image_size = 1024  # FluxPipeline's default_sample_size 128 latents
-    preferred_mixed_precision = "bf16"
+    preferred_mixed_precision = SPEC.preferred_mixed_precision
     max_token_length = 75  # CLIP tokens read (CLIP gives only the pooled embedding; T5 reads 512)
-    timestep_sampling = TimestepSampling("logit_normal")  # SD3's, as diffusers' FLUX scripts train
+    timestep_sampling = TimestepSampling(SPEC.timestep_sampling)  # SD3's, as diffusers' FLUX scripts train
     compiled: CompiledBlocks | None = None  # until compile_blocks
     part_modules = {"denoiser": ("transformer",), "text_encoders": ("text_encoder", "text_encoder_2"), "vae": ("vae",)}
 

@@ -29,6 +29,7 @@ from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME  # noqa: F401 (callers import the file name from here)
 from .sdxl_lora import CONCAT_CHANNELS, SDXLLoraFiles, widen_conv_in
 from .sdxl_context import SDXLContextPipeline
+from .sdxl_spec import SPEC
 from .sdxl_prompt import DEFAULT_MAX_TOKEN_LENGTH, encode_long_prompt, token_count
 from .tiny import TINY_MODELS, is_tiny
 from .trainable import load_trainable_state, trainable_state
@@ -44,11 +45,11 @@ class SDXLBackend(SDXLLoraFiles, Placement):
     vae_scale_factor = 8
     pixel_quantum = 8
     native_image_size = 1024  # SDXL's own generation size (128 latents)
-    preferred_mixed_precision = "fp16"
+    preferred_mixed_precision = SPEC.preferred_mixed_precision
     quantized = False  # SDXL loads unquantized (from_pretrained refuses --quantize)
     compiled: CompiledBlocks | None = None  # until compile_blocks
     max_token_length = DEFAULT_MAX_TOKEN_LENGTH  # unless from_pretrained is given one
-    timestep_sampling = TimestepSampling("uniform")  # DDPM's own: every t alike
+    timestep_sampling = TimestepSampling(SPEC.timestep_sampling)  # DDPM's own: every t alike
     part_modules = {"denoiser": ("unet",), "text_encoders": ("text_encoder", "text_encoder_2"), "vae": ("vae",)}
 
     def __init__(

@@ -1,0 +1,115 @@
+"""What shared code knows of each backend before loading it: one `BackendSpec` per backend.
+
+The trainer, inference, the commands and the web app read backend names, defaults and hints
+from here, never from `if backend == ...` branches. A spec imports neither diffusers nor its
+backend's module (`--backend sdxl` never imports FLUX code); `load()` imports the backend
+class only when it is needed.
+
+    from iclora.backends.registry import backend_names, backend_spec
+
+    backend_spec("flux").infer_defaults["guidance_scale"]    # 3.5
+
+A new backend registers its spec in a small module of its own (see sdxl_spec.py) and adds
+one line to the list in backends/__init__.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_SPECS: dict[str, "BackendSpec"] = {}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    """The --backend value."""
+    label: str
+    """The model family's name in messages ('SDXL', 'FLUX.1')."""
+    backend_class: str
+    """'module:Class' of the backend (imported by `load()` only)."""
+    train_defaults: Mapping[str, Any]
+    """Training flags this backend's train command defaults to (model_id first; e.g. rank, conditioning)."""
+    infer_defaults: Mapping[str, Any]
+    """Inference flags this backend's infer command defaults to (num_inference_steps, guidance_scale)."""
+    train_script: str
+    """Module of the train command's script (src/training/train_*_ic_lora.py)."""
+    infer_script: str
+    """Module of the infer command's script (src/inference/*_ic_lora_inference.py)."""
+    preferred_mixed_precision: str
+    """Mixed precision on CUDA when --mixed_precision is not given ('fp16' or 'bf16')."""
+    params_per_rank: int
+    """Trainable LoRA parameters per unit of rank on the full-size model (the disk-space check)."""
+    timestep_sampling: str = "uniform"
+    """How noise levels are drawn when --timestep_sampling is not given."""
+    timestep_shift: str = "none"
+    """--timestep_shift auto on a new run."""
+    resolution_shift: bool = False
+    """Whether --timestep_shift resolution applies (the schedule depends on the image size)."""
+    conditionings: tuple[str, ...] = ("concat", "blend", "context")
+    """The --conditioning values the backend trains and runs."""
+    concat_visible_loss_weight: float = 0.0
+    """--visible_loss_weight default with --conditioning concat."""
+    concat_trains_conv_in: bool = False
+    """Whether concat trains the widened conv_in in full (--conv_in_learning_rate applies)."""
+    max_token_lengths: tuple[int, ...] = (75, 150, 225)
+    """The --max_token_length values the backend reads."""
+    max_token_length_refusal: str = ""
+    """The error line for any other --max_token_length."""
+    inference_hint: Callable[[Any, Any, float], str | None] | None = field(default=None, compare=False)
+    """(backend, pipeline, guidance_scale) -> a warning line for settings that give poor images, or None."""
+
+    @property
+    def default_model(self) -> str:
+        """The base model of training's --model_id and of inference without a recorded base."""
+        return self.train_defaults["model_id"]
+
+    def load(self) -> type:
+        """The backend class (imports its module: diffusers and the model code)."""
+        module, _, cls = self.backend_class.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+def register(spec: BackendSpec) -> BackendSpec:
+    """Make `spec.name` a --backend choice (a name registered again is replaced)."""
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _SPECS.pop(name, None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """The --backend choices, in registration order."""
+    return tuple(_SPECS)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    if name not in _SPECS:
+        raise ValueError(f"--backend: unknown backend {name!r} (choose from {', '.join(_SPECS)})")
+    return _SPECS[name]
+
+
+class ByBackend(Mapping):
+    """A read-only {backend name: spec attribute} view that follows the registry."""
+
+    def __init__(self, attribute: str):
+        self.attribute = attribute
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in _SPECS:
+            raise KeyError(name)
+        return getattr(_SPECS[name], self.attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_SPECS)
+
+    def __len__(self) -> int:
+        return len(_SPECS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
