@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from ..backends.registry import backend_names, backend_spec
 from ..panels import Grid
 
 
@@ -48,7 +49,8 @@ class InferConfig:
     """Width in pixels of the feathered band (with --use_gradient_mask)."""
     strength: float = 1.0
     """1.0 starts from pure noise; below 1 starts from the noised input (SDEdit)."""
-    backend: Literal["sdxl", "flux"] = "sdxl"
+    # The registered backends, read when the parser is built (see training/config.py).
+    backend: Literal[backend_names()] = "sdxl"
     """Model family."""
     base_model: Optional[str] = None
     """Base model id or folder (default: the base recorded with the LoRA, else stabilityai/stable-diffusion-xl-base-1.0)."""
@@ -124,8 +126,8 @@ class InferConfig:
             self.grid = str(Grid.parse(self.grid))  # '2×2' or ' 2X2' is read as 2x2
         if self.max_token_length is not None and self.max_token_length not in (75, 150, 225):
             raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
-        if self.max_token_length not in (None, 75) and self.backend == "flux":
-            raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
+        if self.max_token_length is not None and self.max_token_length not in backend_spec(self.backend).max_token_lengths:
+            raise ValueError(backend_spec(self.backend).max_token_length_refusal)
         if self.input_dir and (self.input_image or self.mask_image):
             raise ValueError("--input_dir runs a whole folder: give it without --input_image / --mask_image")
         if self.prompt is None and not self.input_dir:

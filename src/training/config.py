@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from ..backends.registry import ByBackend, backend_names, backend_spec
 from ..compiling import unsupported as compile_unsupported
 from ..panels import Grid, parse_panels
 
@@ -15,17 +16,12 @@ logger = logging.getLogger(__name__)
 # --report_to NAME needs one of these modules (accelerate's trackers import them).
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
-# Each backend's own noise-level sampling (iclora.backends.*.timestep_sampling).
-TIMESTEP_SAMPLING_DEFAULTS = {"sdxl": "uniform", "flux": "logit_normal"}
-# Whether FLUX moves each drawn noise level as inference moves its schedule for the
-# composite's size (--timestep_shift). On the harder known-answer toy the shift did not win
-# (colour error 14.9 against 13.5 unshifted; benchmarks/RESULTS.md), so it stays an option.
-TIMESTEP_SHIFT_DEFAULTS = {"sdxl": "none", "flux": "none"}
+# Each backend's own defaults, read from its spec (iclora.backends.*_spec): how noise levels
+# are drawn, whether --timestep_shift auto moves them, the visible panels' loss weight with concat.
+TIMESTEP_SAMPLING_DEFAULTS = ByBackend("timestep_sampling")
+TIMESTEP_SHIFT_DEFAULTS = ByBackend("timestep_shift")
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
-# With SDXL concat the visible panels count half as much as the masked ones: on the harder
-# known-answer toy (benchmarks/RESULTS.md) the widened conv_in then reads the visible colour
-# far better. FLUX.1-Fill's input layer is pretrained; there it measured no gain.
-CONCAT_VISIBLE_LOSS_WEIGHT = {"sdxl": 0.5, "flux": 0.0}
+CONCAT_VISIBLE_LOSS_WEIGHT = ByBackend("concat_visible_loss_weight")
 
 
 @dataclass
@@ -38,7 +34,9 @@ class TrainConfig:
     """Where checkpoints and final_model/ are written."""
     overwrite_output_dir: bool = False
     """Start a new run in an output_dir that holds another run's final_model/ or checkpoints (they are replaced)."""
-    backend: Literal["sdxl", "flux"] = "sdxl"
+    # The choices are the registered backends, read when the parser is built (the annotation
+    # is evaluated then, not at import), so a backend registered later is a choice too.
+    backend: Literal[backend_names()] = "sdxl"
     """Model family."""
     model_id: str = "stabilityai/stable-diffusion-xl-base-1.0"
     """Hub id, local diffusers folder, or a built-in tiny model (tiny-sdxl, tiny-sdxl-inpaint, tiny-flux, tiny-flux-fill, tiny-flux2)."""
@@ -180,6 +178,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.grid = str(Grid.parse(self.grid))  # '2×2' or ' 2X2' is recorded as 2x2
+        self._check_backend()
         positive = ["num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
                     "image_size", "save_every", "max_masked_panels"]
         for name in positive:
@@ -197,9 +196,9 @@ class TrainConfig:
         if self.context_timestep and self.conditioning != "context":
             raise ValueError(f"--context_timestep {self.context_timestep} needs --conditioning context")
         if self.conv_in_learning_rate is not None:
-            if self.backend != "sdxl" or self.conditioning != "concat":
-                raise ValueError("--conv_in_learning_rate is for --backend sdxl --conditioning concat (the only mode "
-                                 "that trains conv_in in full)")
+            if not backend_spec(self.backend).concat_trains_conv_in or self.conditioning != "concat":
+                raise ValueError(f"--conv_in_learning_rate is for --backend {_names_with('concat_trains_conv_in')} "
+                                 "--conditioning concat (the only mode that trains conv_in in full)")
             if self.conv_in_learning_rate < 0:
                 raise ValueError(f"--conv_in_learning_rate must not be negative, got {self.conv_in_learning_rate}")
         if self.logit_std <= 0:
@@ -207,9 +206,9 @@ class TrainConfig:
         if self.sampling_scheme == "uniform" and (self.logit_mean or self.logit_std != 1.0):
             raise ValueError(f"--logit_mean / --logit_std shape --timestep_sampling logit_normal; --backend {self.backend} "
                              "samples uniformly unless it is given")
-        if self.backend == "sdxl" and self.timestep_shift == "resolution":
-            raise ValueError("--timestep_shift resolution is for --backend flux: SDXL's noise schedule does not depend "
-                             "on the image size")
+        if self.timestep_shift == "resolution" and not backend_spec(self.backend).resolution_shift:
+            raise ValueError(f"--timestep_shift resolution is for --backend {_names_with('resolution_shift')}: "
+                             f"{backend_spec(self.backend).label}'s noise schedule does not depend on the image size")
         if self.conditioning == "context" and self.visible_loss_weight:
             raise ValueError(
                 "--visible_loss_weight must be 0 with --conditioning context: the visible panels are clean inputs there, "
@@ -218,8 +217,8 @@ class TrainConfig:
         if self.max_token_length is not None:
             if self.max_token_length not in MAX_TOKEN_LENGTHS:
                 raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
-            if self.backend == "flux" and self.max_token_length != 75:
-                raise ValueError("--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)")
+            if self.max_token_length not in backend_spec(self.backend).max_token_lengths:
+                raise ValueError(backend_spec(self.backend).max_token_length_refusal)
         if self.compile and (problem := compile_unsupported(self.quantize, self.gradient_checkpointing)):
             raise ValueError(problem)
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
@@ -227,6 +226,12 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         self._check_monitoring()
+
+    def _check_backend(self) -> None:
+        spec = backend_spec(self.backend)
+        if self.conditioning not in spec.conditionings:
+            raise ValueError(f"--conditioning {self.conditioning}: --backend {self.backend} trains "
+                             f"{' | '.join(spec.conditionings)}")
 
     def _check_monitoring(self) -> None:
         for name in ["validation_every", "validation_inference_steps"]:
@@ -243,6 +248,11 @@ class TrainConfig:
                 f"--report_to {self.report_to}: {TRACKER_MODULES[self.report_to][0]} is not installed "
                 f"(pip install {TRACKER_MODULES[self.report_to][0]})"
             )
+
+
+def _names_with(attribute: str) -> str:
+    """The backends whose spec sets `attribute`, as a --backend value in a message."""
+    return " | ".join(name for name in backend_names() if getattr(backend_spec(name), attribute))
 
 
 def without_cuda(cfg: TrainConfig) -> TrainConfig:
