@@ -16,6 +16,7 @@ iclora_config.json; SDXL when none says.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,6 @@ COMMANDS = {
     "convert": "write the LoRA files other programs load, or merge an SDXL concat LoRA into a UNet",
     "ui": "the local web app: look at the data, start and watch runs, inpaint by clicking (pip install 'iclora[ui]')",
 }
-BACKEND_NAMES = ("sdxl", "flux")  # each has its own train and infer script (their defaults differ)
 def usage() -> str:
     lines = [f"usage: {PROG} COMMAND [flags]", "", "commands:"]
     lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
@@ -71,7 +71,9 @@ def pick_backend(argv: Sequence[str], from_lora: bool = False) -> str:
         from .backends.lora_files import read_metadata
 
         backend = read_metadata(lora).get("backend")
-    return backend if backend in BACKEND_NAMES else "sdxl"
+    from .backends.registry import backend_names
+
+    return backend if backend in backend_names() else "sdxl"
 
 
 def dispatch(argv: Sequence[str] | None = None):
@@ -88,14 +90,11 @@ def dispatch(argv: Sequence[str] | None = None):
         raise ValueError(f"expected a command ({' | '.join(COMMANDS)}){got}; {PROG} --help lists them")
     command, rest = argv[0], argv[1:]
     prog = f"{PROG} {command}"
-    if command == "train":
-        from .training import train_flux_ic_lora, train_sdxl_ic_lora
+    if command in ("train", "infer"):  # each backend has its own scripts (their defaults differ)
+        from .backends.registry import backend_spec
 
-        module = {"sdxl": train_sdxl_ic_lora, "flux": train_flux_ic_lora}[pick_backend(rest)]
-    elif command == "infer":
-        from .inference import flux_ic_lora_inference, sdxl_ic_lora_inference
-
-        module = {"sdxl": sdxl_ic_lora_inference, "flux": flux_ic_lora_inference}[pick_backend(rest, from_lora=True)]
+        spec = backend_spec(pick_backend(rest, from_lora=command == "infer"))
+        module = importlib.import_module(spec.train_script if command == "train" else spec.infer_script)
     elif command == "prepare":
         from .prepare import __main__ as module
     elif command == "ui":

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 
 from ..data import IMAGE_SUFFIXES
 from ..panels import Grid, panel_box, parse_panels
+from .train import SRC, script as script_file
 from .workspace import Workspace, command_line, parse_flags
 
-SCRIPTS = {"sdxl": "src/inference/sdxl_ic_lora_inference.py", "flux": "src/inference/flux_ic_lora_inference.py"}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KEPT_PIPELINES = 2  # two LoRAs side by side stay loaded
 
@@ -59,13 +59,9 @@ class InpaintResult:
 
 def script_defaults(backend: str) -> dict:
     """The defaults the backend's inference script gives the shared config."""
-    if backend == "flux":
-        from ..inference.flux_ic_lora_inference import DEFAULTS
-    elif backend == "sdxl":
-        from ..inference.sdxl_ic_lora_inference import DEFAULTS
-    else:
-        raise ValueError(f"--backend: expected sdxl or flux, got {backend!r}")
-    return DEFAULTS
+    from ..backends.registry import backend_spec
+
+    return backend_spec(backend).infer_defaults
 
 
 def safe_name(name: str) -> str:
@@ -203,8 +199,9 @@ def run_inpaint(ws: Workspace, s: InpaintSettings, upload: str | Path | None, ma
         Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), "L").save(mask_file)
     target = out / (subfolder or lora_label(ws, s.lora))
     argv = inference_argv(ws, s, image, mask_file, target)
-    script = SCRIPTS[s.backend] if s.backend in SCRIPTS else s.backend
-    cfg = parse_flags(_infer_config(), argv, prog=Path(script).name, defaults=script_defaults(s.backend))
+    defaults = script_defaults(s.backend)  # an unknown backend: one line naming the choices
+    script = "src/" + script_file(s.backend, "infer").relative_to(SRC).as_posix()
+    cfg = parse_flags(_infer_config(), argv, prog=Path(script).name, defaults=defaults)
     with PIPELINES.lock:
         plan = check_inputs(cfg)
         backend, pipe = PIPELINES.get(plan)

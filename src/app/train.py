@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends.lora_files import atomic_write_text
+from ..backends.registry import backend_spec
 from .workspace import Workspace, command_line, parse_flags
 
-TRAINING = Path(__file__).resolve().parents[1] / "training"
+SRC = Path(__file__).resolve().parents[1]  # the package folder: iclora.training.x is SRC/training/x.py
 RUN_FILE = "app_run.json"
 LOG_FILE = "app_run.log"
 PROCESSES: dict[int, subprocess.Popen] = {}  # the runs this app started: their exit status
@@ -69,10 +70,11 @@ class RunStatus:
     command: str = ""
 
 
-def script(backend: str) -> Path:
-    if backend not in ("sdxl", "flux"):
-        raise ValueError(f"--backend: expected sdxl or flux, got {backend!r}")
-    return TRAINING / f"train_{backend}_ic_lora.py"
+def script(backend: str, kind: str = "train") -> Path:
+    """The file of the backend's train (or infer) script."""
+    spec = backend_spec(backend)  # an unknown name: one line naming the choices
+    module = spec.train_script if kind == "train" else spec.infer_script
+    return SRC.joinpath(*module.split(".")[1:]).with_suffix(".py")
 
 
 def train_argv(ws: Workspace, s: TrainSettings) -> list[str]:
@@ -122,11 +124,7 @@ def parse_run(ws: Workspace, backend: str, argv: list[str]):
 
 
 def training_defaults(backend: str) -> dict:
-    if backend == "flux":
-        from ..training.train_flux_ic_lora import DEFAULTS
-    else:
-        from ..training.train_sdxl_ic_lora import DEFAULTS
-    return DEFAULTS
+    return backend_spec(backend).train_defaults
 
 
 def start_run(ws: Workspace, s: TrainSettings) -> str:

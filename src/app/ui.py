@@ -10,6 +10,7 @@ import threading
 import gradio as gr
 from PIL import Image
 
+from ..backends.registry import backend_names
 from ..panels import Grid
 from . import inpaint
 from .ui_data import data_tab
@@ -48,7 +49,7 @@ def inpaint_tab(ws: Workspace) -> None:
                             label="Compare with (optional: a second LoRA, same input and seeds)")
         refresh = gr.Button("Refresh list", scale=1)
     with gr.Row():
-        backend = gr.Radio(["sdxl", "flux"], value="sdxl", label="Backend", elem_id="inpaint_backend")
+        backend = gr.Radio(list(backend_names()), value="sdxl", label="Backend", elem_id="inpaint_backend")
         base = gr.Textbox(label="Base model (blank: the LoRA's)", placeholder="tiny-sdxl, org/name or a folder",
                           elem_id="base_model")
         grid = gr.Textbox(label="Grid (blank: the LoRA's, else 2x2)", elem_id="grid", placeholder="2x2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..backends.registry import backend_names
 from . import data
 from .ui_errors import shows_errors
 from .workspace import Workspace
@@ -14,7 +15,7 @@ def data_tab(ws: Workspace) -> None:
     with gr.Row():
         folder = gr.Dropdown(ws.folders(), value=None, allow_custom_value=True, label="Data folder", elem_id="data_dir")
         grid = gr.Textbox("2x2", label="Grid", elem_id="data_grid")
-        backend = gr.Radio(["sdxl", "flux"], value="sdxl", label="Backend (its text encoders count the tokens)")
+        backend = gr.Radio(list(backend_names()), value="sdxl", label="Backend (its text encoders count the tokens)")
         model = gr.Textbox(label="Base model (blank: the script's default)", placeholder="tiny-sdxl", elem_id="data_model")
         size = gr.Number(None, precision=0, label="Image size (0: the default)", elem_id="data_size")
         load = gr.Button("Load", variant="primary", elem_id="data_load")

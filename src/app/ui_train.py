@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from ..backends.registry import backend_names
 from . import train
 from .ui_errors import shows_errors
 from .workspace import Workspace
@@ -16,7 +17,7 @@ REFRESH_SECONDS = 2.0
 def train_tab(ws: Workspace) -> None:
     folders = ws.folders()
     with gr.Row():
-        backend = gr.Radio(["sdxl", "flux"], value="sdxl", label="Backend", elem_id="train_backend")
+        backend = gr.Radio(list(backend_names()), value="sdxl", label="Backend", elem_id="train_backend")
         model = gr.Textbox(label="Base model (blank: the script's default)", elem_id="train_model",
                            placeholder="tiny-sdxl, stabilityai/stable-diffusion-xl-base-1.0 or a folder")
         config = gr.Textbox(label="YAML config (optional; the fields below override it)", elem_id="train_config",

@@ -17,8 +17,10 @@ if __package__ in (None, ""):  # run by path
     ensure_package()
 
 from iclora.cli import infer_entry, run_cli
+from iclora.backends.registry import backend_spec
 
-DEFAULTS = {"backend": "flux", "num_inference_steps": 20, "guidance_scale": 3.5}
+# The backend's own defaults (model, rank, steps, guidance ...): backends/flux_spec.py.
+DEFAULTS = backend_spec("flux").infer_defaults
 
 
 def main(argv=None, prog="flux_ic_lora_inference.py"):

@@ -17,8 +17,10 @@ if __package__ in (None, ""):  # run by path
     ensure_package()
 
 from iclora.cli import infer_entry, run_cli
+from iclora.backends.registry import backend_spec
 
-DEFAULTS = {"backend": "sdxl", "num_inference_steps": 50, "guidance_scale": 7.5}
+# The backend's own defaults (model, rank, steps, guidance ...): backends/sdxl_spec.py.
+DEFAULTS = backend_spec("sdxl").infer_defaults
 
 
 def main(argv=None, prog="sdxl_ic_lora_inference.py"):

@@ -377,8 +377,6 @@ def _flat(cfg) -> dict:
 
 
 def _inference_defaults(backend: str) -> dict:
-    if backend == "flux":
-        from ..inference.flux_ic_lora_inference import DEFAULTS
-    else:
-        from ..inference.sdxl_ic_lora_inference import DEFAULTS
-    return DEFAULTS
+    from ..backends.registry import backend_spec
+
+    return backend_spec(backend).infer_defaults

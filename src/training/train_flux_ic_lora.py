@@ -22,20 +22,10 @@ if __package__ in (None, ""):  # run by path
     ensure_package()
 
 from iclora.cli import train_entry, run_cli
+from iclora.backends.registry import backend_spec
 
-# The official IC-LoRA recipe (ali-vilab/In-Context-LoRA): FLUX.1-dev, rank 16, alpha 16.
-DEFAULTS = {
-    "backend": "flux",
-    "model_id": "black-forest-labs/FLUX.1-dev",
-    "lora_rank": 16,
-    "lora_alpha": 16,
-    "conditioning": "context",
-    # Every sample completes 1-3 panels from the others: on the harder known-answer toy this
-    # completes 13.5 colour error against 19.1 at the trainer's 0.7 / 2 (whole composites:
-    # 20.2), and its text -> set samples agree with themselves as well (benchmarks/RESULTS.md).
-    "mask_probability": 1.0,
-    "max_masked_panels": 3,
-}
+# The backend's own defaults (model, rank, steps, guidance ...): backends/flux_spec.py.
+DEFAULTS = backend_spec("flux").train_defaults
 
 
 def main(argv=None, prog="train_flux_ic_lora.py"):

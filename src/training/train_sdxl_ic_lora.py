@@ -15,8 +15,10 @@ if __package__ in (None, ""):  # run by path
     ensure_package()
 
 from iclora.cli import train_entry, run_cli
+from iclora.backends.registry import backend_spec
 
-DEFAULTS = {"backend": "sdxl", "model_id": "stabilityai/stable-diffusion-xl-base-1.0", "lora_rank": 64, "lora_alpha": 64}
+# The backend's own defaults (model, rank, steps, guidance ...): backends/sdxl_spec.py.
+DEFAULTS = backend_spec("sdxl").train_defaults
 
 
 def main(argv=None, prog="train_sdxl_ic_lora.py"):
