@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import hub
-from ..backends import backend_class
+from ..backends import backend_spec
 from ..compiling import COMPILE_OPTIONS
 from ..cpu import set_cpu_threads
 from ..logs import pipeline_progress
@@ -41,9 +41,6 @@ from .output_files import COMPARISON_GAP, comparison_image, resolved_settings, w
 from .planning import Plan, check_inputs
 
 logger = logging.getLogger(__name__)
-# FLUX.1-Fill-dev's guidance embedding was distilled around 30 (its model card's value);
-# the FLUX.1-dev default of 3.5 leaves Fill completions faint.
-FILL_GUIDANCE_HINT = 10.0
 
 
 def load_pipeline(plan: Plan):
@@ -55,7 +52,7 @@ def load_pipeline(plan: Plan):
     cfg = plan.cfg
     cuda = torch.cuda.is_available()
     set_cpu_threads(plan.base_model, "cuda" if cuda else "cpu")
-    native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend_class(cfg.backend).preferred_mixed_precision]
+    native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend_spec(cfg.backend).preferred_mixed_precision]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
     options = {"variant": cfg.variant, "vae": plan.pretrained_vae}
     if cfg.quantize:
@@ -95,11 +92,9 @@ def load_pipeline(plan: Plan):
     if cfg.compile:  # after the LoRA is loaded: the compiled blocks run its layers
         backend.compile_blocks(**COMPILE_OPTIONS)
     pipeline_progress(pipe, desc="denoising", leave=False)
-    transformer = getattr(pipe, "transformer", None)
-    if (backend.conditioning == "concat" and transformer is not None and transformer.config.guidance_embeds
-            and cfg.guidance_scale < FILL_GUIDANCE_HINT):
-        logger.warning("--guidance_scale %g with a FLUX.1-Fill base: Fill was distilled for guidance ~30 "
-                       "(pass --guidance_scale 30)", cfg.guidance_scale)
+    hint = backend_spec(cfg.backend).inference_hint  # settings the base is known to render poorly
+    if hint and (line := hint(backend, pipe, cfg.guidance_scale)):
+        logger.warning(line)
     return backend, pipe
 
 
@@ -115,5 +110,5 @@ def run(cfg: InferConfig) -> list[Path]:
 
 
 # The steps' public names, as the web app, the trainer's samples and the benchmarks import them.
-__all__ = ["COMPARISON_GAP", "FILL_GUIDANCE_HINT", "Plan", "batches", "check_inputs", "comparison_image", "composite",
+__all__ = ["COMPARISON_GAP", "Plan", "batches", "check_inputs", "comparison_image", "composite",
            "generate", "generate_all", "load_pipeline", "pipeline_calls", "resolved_settings", "run", "write_outputs"]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..backends import backend_class
+from ..backends.registry import ByBackend
 from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..compiling import check_compilable
 from ..images import open_rgb8
@@ -28,7 +29,8 @@ from .guards import crop_to, fit_input
 from .sizing import WorkingSize, bucket_rule, generated_size, trained_aspect, working_side, working_size
 from .vae import resolve_vae
 
-DEFAULT_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "flux": "black-forest-labs/FLUX.1-dev"}
+# The base model when neither --base_model nor the LoRA names one: the backend's training default.
+DEFAULT_BASES = ByBackend("default_model")
 
 
 @dataclass
