@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from ..backends.lora_files import atomic_write_text, match_umask
+from ..backends.registry import ByBackend
 
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME = "trainable.safetensors"
@@ -37,8 +38,8 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 
 # LoRA parameters per unit of rank with our target modules, for the disk estimate made
 # before any model is loaded: counted by adding the adapters to empty (meta-device) SDXL
-# base and FLUX.1-dev architectures. The built-in tiny models have ~18 k.
-PARAMS_PER_RANK = {"sdxl": 2_616_320, "flux": 4_085_760}
+# base and FLUX.1-dev architectures (each backend's spec). The built-in tiny models have ~18 k.
+PARAMS_PER_RANK = ByBackend("params_per_rank")
 TINY_PARAMS_PER_RANK = 20_000
 # Bytes on disk per trainable parameter: a checkpoint holds the float32 weights and AdamW's two
 # moments (4 + 8; 8-bit Adam: 4 + 2) and two LoRA files (diffusers and ComfyUI, 2 + 2 at the
