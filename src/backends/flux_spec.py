@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from .registry import BackendSpec, register
+from .sdxl_spec import tokenizer_pair
+
+T5_TOKENS = 511  # FLUX.1-dev's 512 T5 positions, minus EOS
 
 # FLUX.1-Fill-dev's guidance embedding was distilled around 30 (its model card's value);
 # the FLUX.1-dev default of 3.5 leaves Fill completions faint.
@@ -16,6 +19,12 @@ def fill_guidance_hint(backend, pipe, guidance_scale: float) -> str | None:
         return (f"--guidance_scale {guidance_scale:g} with a FLUX.1-Fill base: Fill was distilled for guidance ~30 "
                 "(pass --guidance_scale 30)")
     return None
+
+
+def caption_tokenizers(model_id: str, max_token_length: int | None) -> list[tuple[str, object, int]]:
+    # CLIP gives only the pooled vector; T5 carries the caption.
+    first, second = tokenizer_pair(model_id)
+    return [("text_encoder (CLIP, pooled)", first, 75), ("text_encoder_2 (T5)", second, T5_TOKENS)]
 
 
 SPEC = register(BackendSpec(
@@ -50,5 +59,6 @@ SPEC = register(BackendSpec(
     concat_visible_loss_weight=0.0,
     max_token_lengths=(75,),
     max_token_length_refusal="--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)",
+    caption_tokenizers=caption_tokenizers,
     inference_hint=fill_guidance_hint,
 ))

@@ -59,6 +59,9 @@ class BackendSpec:
     """The --max_token_length values the backend reads."""
     max_token_length_refusal: str = ""
     """The error line for any other --max_token_length."""
+    caption_tokenizers: Callable[[str, int | None], list] | None = field(default=None, compare=False)
+    """(model_id, --max_token_length) -> [(text encoder's name, its tokenizer, content tokens read)]: what the
+    dry run counts each caption with. Loads tokenizers only."""
     inference_hint: Callable[[Any, Any, float], str | None] | None = field(default=None, compare=False)
     """(backend, pipeline, guidance_scale) -> a warning line for settings that give poor images, or None."""
 

@@ -1,6 +1,32 @@
 """What shared code knows of the SDXL backend (backends/sdxl.py) before loading it."""
 
+from __future__ import annotations
+
 from .registry import BackendSpec, register
+
+
+def tokenizer_pair(model_id: str) -> tuple:
+    """The tokenizers of text_encoder and text_encoder_2 (SDXL's and FLUX.1's layout)."""
+    from .tiny import is_tiny, tiny_tokenizers
+
+    if is_tiny(model_id):
+        return tiny_tokenizers(model_id)
+    from transformers import AutoTokenizer
+
+    from ..hub import model_source
+
+    source = model_source(model_id)
+    return (AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
+
+
+def caption_tokenizers(model_id: str, max_token_length: int | None) -> list[tuple[str, object, int]]:
+    from .sdxl_prompt import DEFAULT_MAX_TOKEN_LENGTH
+
+    first, second = tokenizer_pair(model_id)
+    limit = max_token_length or DEFAULT_MAX_TOKEN_LENGTH
+    return [("text_encoder (CLIP)", first, limit), ("text_encoder_2 (CLIP)", second, limit)]
+
 
 SPEC = register(BackendSpec(
     name="sdxl",
@@ -19,4 +45,5 @@ SPEC = register(BackendSpec(
     # colour far better.
     concat_visible_loss_weight=0.5,
     concat_trains_conv_in=True,
+    caption_tokenizers=caption_tokenizers,
 ))

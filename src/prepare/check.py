@@ -16,11 +16,11 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..backends.registry import backend_spec
 from ..data import Record, scan_folder
 from ..panels import Grid
 from .markers import check_markers, find_markers
 
-T5_TOKENS = 511  # FLUX.1-dev's 512 T5 positions, minus EOS
 
 
 @dataclass
@@ -54,24 +54,7 @@ def crop_fraction(record: Record) -> float:
 
 def load_tokenizers(backend: str, model_id: str, max_token_length: int | None) -> list[tuple[str, object, int]]:
     """(name, tokenizer, content tokens read) for each text encoder of the model."""
-    from ..backends.sdxl_prompt import DEFAULT_MAX_TOKEN_LENGTH
-    from ..backends.tiny import is_tiny, tiny_tokenizers
-
-    if is_tiny(model_id):
-        first, second = tiny_tokenizers(model_id)
-    else:
-        from transformers import AutoTokenizer
-
-        from ..hub import model_source
-
-        source = model_source(model_id)
-        first = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-        second = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2")
-    if backend == "sdxl":
-        limit = max_token_length or DEFAULT_MAX_TOKEN_LENGTH
-        return [("text_encoder (CLIP)", first, limit), ("text_encoder_2 (CLIP)", second, limit)]
-    # FLUX: CLIP gives only the pooled vector; T5 carries the caption.
-    return [("text_encoder (CLIP, pooled)", first, 75), ("text_encoder_2 (T5)", second, T5_TOKENS)]
+    return backend_spec(backend).caption_tokenizers(model_id, max_token_length)
 
 
 def check_encoder(name: str, tokenizer, limit: int, records: list[Record]) -> EncoderCheck:
@@ -138,8 +121,9 @@ def print_report(report: CheckReport, cfg) -> None:
             print(f"    {name}: {enc.lengths[name]} tokens, loses: {lost[:80]!r}{'...' if len(lost) > 80 else ''}")
         if len(enc.cut) > 10:
             print(f"    ... and {len(enc.cut) - 10} more")
-    if cfg.backend == "sdxl" and any(enc.cut for enc in report.encoders):
-        print("  (--max_token_length 150 or 225 reads longer captions)")
+    longer = [str(n) for n in backend_spec(cfg.backend).max_token_lengths[1:]]  # beyond one CLIP chunk
+    if longer and any(enc.cut for enc in report.encoders):
+        print(f"  (--max_token_length {' or '.join(longer)} reads longer captions)")
     print(f"markers: {report.with_markers} of {report.num_images} caption(s) have panel markers; "
           f"{len(report.marker_problems)} with missing, empty or mismatched markers for the {cfg.grid} grid")
     for name, why in list(report.marker_problems.items())[:10]:
