@@ -10,6 +10,7 @@ from .registry import ByBackend, BackendSpec, backend_names, backend_spec, regis
 # The built-in backends, one line each: importing a spec module registers it (registry.py).
 from . import sdxl_spec  # noqa: E402,F401
 from . import flux_spec  # noqa: E402,F401
+from . import flux2_spec  # noqa: E402,F401
 
 # name -> 'module:Class'; imported lazily so `--backend sdxl` never imports FLUX code.
 BACKENDS = ByBackend("backend_class")

@@ -17,7 +17,7 @@ by the scheduler's time shift at the pipeline's own mu (`compute_empirical_mu` f
 composite's token count at the pipeline's default 50 steps). Base models have no guidance
 embedding and train and sample with none (`guidance=None`, as Flux2KleinPipeline); their
 inference uses true CFG at 4 with "" as the negative prompt. Distilled [klein] models (the
-pipeline config's `is_distilled`) sample in 4 steps without CFG (`distilled_defaults`).
+pipeline config's `is_distilled`) sample in 4 steps without CFG (flux2_spec.DISTILLED_DEFAULTS).
 
 Prompts: Flux2KleinPipeline's own encoding (the chat template, hidden states of Qwen3 layers
 9, 18 and 27 stacked per token), read to --max_token_length tokens (template included; the
@@ -44,14 +44,13 @@ from . import flux2_loading
 from .base import TimestepSampling
 from .flux2_context import CONTEXT_TIMESTEPS, ContextDenoiser, Flux2ContextPipeline, clean_token_mask
 from .flux2_loading import LORA_TARGET_MODULES, QUANTIZE_CONFIGS, load_components, prepare_quantized
+from .flux2_spec import MAX_SEQUENCE_LENGTH, SPEC
 from .placement import PARTS, Placement
 from .trainable import load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's default max_sequence_length (chat template included)
 SHIFT_STEPS = 50  # the pipeline's default step count, at which --timestep_shift resolution takes mu
-DISTILLED_DEFAULTS = {"num_inference_steps": 4, "guidance_scale": 1.0}  # the [klein] model cards' sampling
 
 
 class Flux2Backend(Placement):
@@ -108,8 +107,8 @@ class Flux2Backend(Placement):
                         max_token_length: int | None = None, dtype: torch.dtype | None = None) -> "Flux2Backend":
         """Load from a hub id, a local diffusers folder or `tiny-flux2`. `dtype`: the transformer
         (bf16 around 4/8-bit weights when quantized) and Qwen3 load in it."""
-        if max_token_length is not None and not 1 <= max_token_length <= MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"--max_token_length {max_token_length}: FLUX.2 reads 1 to {MAX_SEQUENCE_LENGTH} Qwen3 tokens")
+        if max_token_length is not None and max_token_length not in SPEC.max_token_lengths:
+            raise ValueError(SPEC.max_token_length_refusal)
         if quantize is not None:
             if quantize not in QUANTIZE_CONFIGS:
                 raise ValueError(f"--quantize: expected one of {', '.join(QUANTIZE_CONFIGS)}, got {quantize!r}")

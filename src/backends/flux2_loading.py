@@ -63,16 +63,6 @@ def load_components(model_id: str, variant: str | None, vae: str | None, quantiz
     return components, bool(config.get("is_distilled", False))
 
 
-def is_distilled(model_id: str) -> bool:
-    """Whether the model's pipeline config says it is step-distilled (False when it cannot be read)."""
-    if is_tiny(model_id):
-        return False
-    try:
-        return bool(DiffusionPipeline.load_config(model_id).get("is_distilled", False))
-    except (OSError, ValueError):
-        return False
-
-
 def _pipeline_config(model_id: str) -> dict:
     """Name the problem when --model_id is some other pipeline (an SDXL or FLUX.1 folder)."""
     try:

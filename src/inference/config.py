@@ -124,10 +124,9 @@ class InferConfig:
             raise ValueError("--native_size denoises at the input's own size: give it without --image_size")
         if self.grid is not None:
             self.grid = str(Grid.parse(self.grid))  # '2×2' or ' 2X2' is read as 2x2
-        if self.max_token_length is not None and self.max_token_length not in (75, 150, 225):
-            raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if self.max_token_length is not None and self.max_token_length not in backend_spec(self.backend).max_token_lengths:
-            raise ValueError(backend_spec(self.backend).max_token_length_refusal)
+            raise ValueError(backend_spec(self.backend).max_token_length_refusal
+                             or f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if self.input_dir and (self.input_image or self.mask_image):
             raise ValueError("--input_dir runs a whole folder: give it without --input_image / --mask_image")
         if self.prompt is None and not self.input_dir:

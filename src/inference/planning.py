@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..backends import backend_class
-from ..backends.registry import ByBackend
+from ..backends.registry import ByBackend, backend_spec
 from ..backends.lora_files import read_metadata, resolve_lora_file
 from ..compiling import check_compilable
 from ..images import open_rgb8
@@ -77,8 +77,9 @@ def check_inputs(cfg: InferConfig) -> Plan:
         context_timestep = meta.get("context_timestep")
     if context_timestep and conditioning != "context":
         raise ValueError(f"--context_timestep {context_timestep} needs --conditioning context")
-    # A LoRA recorded before long prompts, a foreign one and the bare base read CLIP's 75.
-    max_token_length = cfg.max_token_length or meta.get("max_token_length") or 75
+    # A LoRA recorded before long prompts, a foreign one and the bare base read what the stock
+    # pipeline reads: the backend's first length (CLIP's 75; FLUX.2: Qwen3's 512).
+    max_token_length = cfg.max_token_length or meta.get("max_token_length") or backend_spec(cfg.backend).max_token_lengths[0]
     pretrained_vae = resolve_vae(cfg.pretrained_vae, meta, cfg.lora_path)
     backend_cls = backend_class(cfg.backend)
 

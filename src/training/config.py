@@ -214,11 +214,10 @@ class TrainConfig:
                 "--visible_loss_weight must be 0 with --conditioning context: the visible panels are clean inputs there, "
                 "with nothing to denoise"
             )
-        if self.max_token_length is not None:
-            if self.max_token_length not in MAX_TOKEN_LENGTHS:
-                raise ValueError(f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
-            if self.max_token_length not in backend_spec(self.backend).max_token_lengths:
-                raise ValueError(backend_spec(self.backend).max_token_length_refusal)
+        lengths = backend_spec(self.backend).max_token_lengths  # the backend's own (FLUX.2: Qwen3 tokens)
+        if self.max_token_length is not None and self.max_token_length not in lengths:
+            raise ValueError(backend_spec(self.backend).max_token_length_refusal
+                             or f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if self.compile and (problem := compile_unsupported(self.quantize, self.gradient_checkpointing)):
             raise ValueError(problem)
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:

@@ -1,0 +1,83 @@
+"""What shared code knows of the FLUX.2 [klein] backend (backends/flux2.py) before loading it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .registry import BackendSpec, register
+
+MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's default: Qwen3 tokens, chat template included
+# The [klein] model cards' sampling for the step-distilled models (is_distilled in the
+# pipeline's model_index.json): 4 steps, no classifier-free guidance.
+DISTILLED_DEFAULTS = {"num_inference_steps": 4, "guidance_scale": 1.0}
+
+
+def is_distilled(model_id: str) -> bool:
+    """Whether the model's pipeline config says it is step-distilled, read from a local
+    folder or the Hugging Face cache (False when it cannot be read: a base model's defaults)."""
+    folder = Path(model_id).expanduser()
+    try:
+        if folder.is_dir():
+            path = folder / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model_id, "model_index.json"))
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("is_distilled", False))
+    except Exception:  # no such file, not a hub id, not cached offline
+        return False
+
+
+def base_model_of(argv: list[str]) -> str:
+    """The base model an inference command line runs on: its --base_model, else the one its
+    --lora_path records, else the default (a bad flag is reported by the command's parser)."""
+    values = {}
+    for i, arg in enumerate(argv):  # `--flag V` or `--flag=V`, the last one wins, as argparse reads them
+        flag, _, value = arg.partition("=")
+        if flag in ("--base_model", "--lora_path"):
+            values[flag] = value if value else (argv[i + 1] if i + 1 < len(argv) else "")
+    if values.get("--base_model"):
+        return values["--base_model"]
+    lora = values.get("--lora_path", "none")
+    if lora.lower() != "none":
+        from .lora_files import read_metadata
+
+        try:
+            if base := read_metadata(lora).get("base_model"):
+                return base
+        except (OSError, ValueError):
+            pass
+    return SPEC.default_model
+
+
+SPEC = register(BackendSpec(
+    name="flux2",
+    label="FLUX.2 [klein]",
+    backend_class="iclora.backends.flux2:Flux2Backend",
+    train_defaults={
+        "backend": "flux2",
+        "model_id": "black-forest-labs/FLUX.2-klein-base-4B",  # Apache-2.0; base-9B by id
+        "lora_rank": 16,
+        "lora_alpha": 16,
+        "conditioning": "context",
+        # As FLUX.1's: every sample completes 1-3 panels from the others.
+        "mask_probability": 1.0,
+        "max_masked_panels": 3,
+    },
+    # The base models' pipeline defaults (true CFG with "" as the negative prompt); distilled
+    # models get DISTILLED_DEFAULTS from the inference script.
+    infer_defaults={"backend": "flux2", "num_inference_steps": 50, "guidance_scale": 4.0},
+    train_script="iclora.training.train_flux2_ic_lora",
+    infer_script="iclora.inference.flux2_ic_lora_inference",
+    preferred_mixed_precision="bf16",
+    params_per_rank=1_505_280,  # base-4B: 5 double + 20 single blocks, width 3072 (base-9B: 2_719_744)
+    timestep_sampling="logit_normal",
+    timestep_shift="none",
+    resolution_shift=True,
+    conditionings=("context", "blend"),  # no Fill model: concat is refused
+    # Qwen3 tokens, chat template included; the first is the pipeline's own (the default).
+    max_token_lengths=(MAX_SEQUENCE_LENGTH, 256, 128),
+    max_token_length_refusal=f"--max_token_length: FLUX.2 reads {MAX_SEQUENCE_LENGTH}, 256 or 128 Qwen3 tokens "
+                             "(chat template included)",
+))
