@@ -162,3 +162,42 @@ def test_distilled_base_gets_its_steps_and_guidance(context_run, data, tmp_path)
                 "--output_dir", str(tmp_path / "base")])
     arguments = json.loads((tmp_path / "base" / "00001_inference.json").read_text())["arguments"]
     assert arguments["guidance_scale"] == 4.0  # the base's own CFG
+
+
+def test_batched_and_folder_inference(context_run, data, tmp_path):
+    args = ["--lora_path", str(context_run.final_dir), "--prompt", "a set", "--panels_to_inpaint", "3", "--seed", "5",
+            "--num_inference_steps", "2", "--num_images", "2"]
+    single = infer.main(args + ["--input_image", str(data / "00001.png"), "--output_dir", str(tmp_path / "one")])
+    batched = infer.main(args + ["--input_image", str(data / "00001.png"), "--output_dir", str(tmp_path / "two"),
+                                 "--batch_size", "2"])
+    for name in ("00001_0.png", "00001_1.png"):
+        a, b = (np.asarray(Image.open(folder / name), dtype=np.int16) for folder in (tmp_path / "one", tmp_path / "two"))
+        assert np.abs(a - b).max() <= 2, name
+    assert {p.name for p in single} == {p.name for p in batched}
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("00001.png", "00002.png"):
+        (folder / name).write_bytes((data / name).read_bytes())
+    infer.main(args + ["--input_dir", str(folder), "--output_dir", str(tmp_path / "folder"), "--batch_size", "4"])
+    for stem in ("00001", "00002"):
+        assert (tmp_path / "folder" / f"{stem}_1.png").exists()
+
+
+def test_compile_targets_the_stock_blocks_in_context_mode():
+    from iclora.backends.flux2 import Flux2Backend
+
+    backend = Flux2Backend.from_pretrained("tiny-flux2", conditioning="context")
+    compiled = backend.compile_blocks()  # compiles lazily: nothing runs here
+    assert compiled.blocks == {"Flux2TransformerBlock": 1, "Flux2SingleTransformerBlock": 1}
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_inference_without_cuda_is_one_clear_error(context_run, data, tmp_path, capsys, mode):
+    if torch.cuda.is_available():
+        pytest.skip("the error is for machines without CUDA")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(infer.main, ["--lora_path", str(context_run.final_dir), "--input_image", str(data / "00001.png"),
+                             "--prompt", "p", "--panels_to_inpaint", "3", "--quantize", mode,
+                             "--output_dir", str(tmp_path / "q")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --quantize {mode} needs a CUDA GPU (bitsandbytes 4/8-bit weights); none was found"
