@@ -201,3 +201,14 @@ def test_quantized_inference_without_cuda_is_one_clear_error(context_run, data, 
                              "--output_dir", str(tmp_path / "q")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --quantize {mode} needs a CUDA GPU (bitsandbytes 4/8-bit weights); none was found"
+
+
+def test_dry_run_counts_qwen3_tokens_with_the_chat_template(data, tmp_path, capsys):
+    train.main(["--data_dir", str(data), "--output_dir", str(tmp_path), "--model_id", "tiny-flux2", "--image_size", "64",
+                "--max_token_length", "256", "--dry_run"])
+    out = capsys.readouterr().out
+    # The tiny tokenizer reads a byte a token: the template (25 bytes) leaves 231 of 256 for the caption.
+    assert "text_encoder (Qwen3; the chat template takes 25 more): reads 231;" in out
+    assert "(--max_token_length 512 reads longer captions)" in out
+    assert "memory: no estimate: --backend flux2 has no measured activations yet" in out
+    assert not any(tmp_path.iterdir())

@@ -29,6 +29,43 @@ def is_distilled(model_id: str) -> bool:
         return False
 
 
+class TemplatedCount:
+    """Counts a caption's Qwen3 tokens for the dry run (prepare/check.py): its own tokens, then
+    as many more as the chat template adds around it, which the count takes off as specials."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        wrapped = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                add_generation_prompt=True, enable_thinking=False)
+        self.template = len(tokenizer(wrapped).input_ids)
+
+    def __call__(self, text: str, truncation: bool = False):
+        from types import SimpleNamespace
+
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return SimpleNamespace(input_ids=ids + [self.tokenizer.pad_token_id] * self.template)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def caption_tokenizers(model_id: str, max_token_length: int | None) -> list[tuple[str, object, int]]:
+    """Qwen3 reads --max_token_length tokens, the chat template's among them."""
+    from .tiny import is_tiny, tiny_tokenizers
+
+    if is_tiny(model_id):
+        (tokenizer,) = tiny_tokenizers(model_id)
+    else:
+        from transformers import AutoTokenizer
+
+        from ..hub import model_source
+
+        tokenizer = AutoTokenizer.from_pretrained(model_source(model_id), subfolder="tokenizer")
+    count = TemplatedCount(tokenizer)
+    limit = (max_token_length or MAX_SEQUENCE_LENGTH) - count.template
+    return [(f"text_encoder (Qwen3; the chat template takes {count.template} more)", count, limit)]
+
+
 def base_model_of(argv: list[str]) -> str:
     """The base model an inference command line runs on: its --base_model, else the one its
     --lora_path records, else the default (a bad flag is reported by the command's parser)."""
@@ -78,6 +115,7 @@ SPEC = register(BackendSpec(
     conditionings=("context", "blend"),  # no Fill model: concat is refused
     # Qwen3 tokens, chat template included; the first is the pipeline's own (the default).
     max_token_lengths=(MAX_SEQUENCE_LENGTH, 256, 128),
+    caption_tokenizers=caption_tokenizers,
     max_token_length_refusal=f"--max_token_length: FLUX.2 reads {MAX_SEQUENCE_LENGTH}, 256 or 128 Qwen3 tokens "
                              "(chat template included)",
 ))

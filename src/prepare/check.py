@@ -121,7 +121,8 @@ def print_report(report: CheckReport, cfg) -> None:
             print(f"    {name}: {enc.lengths[name]} tokens, loses: {lost[:80]!r}{'...' if len(lost) > 80 else ''}")
         if len(enc.cut) > 10:
             print(f"    ... and {len(enc.cut) - 10} more")
-    longer = [str(n) for n in backend_spec(cfg.backend).max_token_lengths[1:]]  # beyond one CLIP chunk
+    lengths = backend_spec(cfg.backend).max_token_lengths  # the first: what is read without the flag
+    longer = [str(n) for n in lengths if n > (cfg.max_token_length or lengths[0])]
     if longer and any(enc.cut for enc in report.encoders):
         print(f"  (--max_token_length {' or '.join(longer)} reads longer captions)")
     print(f"markers: {report.with_markers} of {report.num_images} caption(s) have panel markers; "

@@ -294,6 +294,9 @@ def report(cfg, buckets) -> Estimate | None:
     --gpu_memory_gib the flags that would; None when the model's configs cannot be read."""
     import torch
 
+    if cfg.backend not in {family for family, _ in ACTIVATIONS}:
+        print(f"memory: no estimate: --backend {cfg.backend} has no measured activations yet")
+        return None
     height, width = max(buckets, key=lambda hw: hw[0] * hw[1])
     budget = cfg.gpu_memory_gib if cfg.gpu_memory_gib is not None else default_budget()
     try:
