@@ -8,8 +8,8 @@ The rules follow comfyanonymous/ComfyUI:
                        later): scale = alpha / rank (rank = lora_down rows), 1.0 without an
                        alpha key; "diff" patches are added as they are, a shape mismatch is
                        not merged ("WARNING SHAPE MISMATCH ... WEIGHT NOT MERGED").
-Only the parts that concern SDXL and FLUX.1 UNet/transformer LoRAs are kept; model weights
-are named without ComfyUI's "diffusion_model." prefix.
+Only the parts that concern SDXL, FLUX.1 and FLUX.2 UNet/transformer LoRAs are kept; model
+weights are named without ComfyUI's "diffusion_model." prefix.
 """
 
 from __future__ import annotations
@@ -164,6 +164,77 @@ def flux_key_map(diffusers_to_bfl: dict[str, object]) -> dict[str, object]:
         key_map["lycoris_" + stem.replace(".", "_")] = target
         key_map["lora_transformer_" + stem.replace(".", "_")] = target
     return key_map
+
+
+def flux2_to_diffusers(depth: int, depth_single: int, hidden: int) -> dict[str, object]:
+    """comfy/utils.py flux_to_diffusers for a FLUX.2 model (ComfyUI's Flux2 model is a Flux
+    one, so the same function maps it), weights of the layers FLUX.2 has: double blocks with
+    FLUX.2's feed-forward names (linear_in / linear_out), single blocks with the fused
+    to_qkv_mlp_proj -> linear1 and to_out -> linear2, the embedders and final projection.
+    The shared modulations (double_stream_modulation_img/txt, single_stream_modulation) and
+    the time embedder (time_guidance_embed, which ComfyUI's table names time_text_embed) have
+    no diffusers name there: they are reached only by their own ComfyUI names."""
+    out: dict[str, object] = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, name in enumerate(["to_q", "to_k", "to_v"]):
+            out[f"{src}.attn.{name}.weight"] = (f"{dst}.img_attn.qkv.weight", (0, j * hidden, hidden))
+        for j, name in enumerate(["add_q_proj", "add_k_proj", "add_v_proj"]):
+            out[f"{src}.attn.{name}.weight"] = (f"{dst}.txt_attn.qkv.weight", (0, j * hidden, hidden))
+        for ours, theirs in {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                             "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                             "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}.items():
+            out[f"{src}.{ours}.weight"] = f"{dst}.{theirs}.weight"
+    for i in range(depth_single):
+        src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        out[f"{src}.attn.to_qkv_mlp_proj.weight"] = f"{dst}.linear1.weight"
+        out[f"{src}.attn.to_out.weight"] = f"{dst}.linear2.weight"
+    for ours, theirs in {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"}.items():
+        out[f"{ours}.weight"] = f"{theirs}.weight"
+    return out
+
+
+def fused_weight_shapes(model: torch.nn.Module, diffusers_to_comfy: dict) -> dict[str, torch.Size]:
+    """{ComfyUI weight: its shape} for the weights `diffusers_to_comfy` reaches, from a
+    diffusers model (a fused weight stacks its slices along dim 0)."""
+    params = dict(model.named_parameters())
+    shapes: dict[str, torch.Size] = {}
+    for name, target in diffusers_to_comfy.items():
+        shape = params[name].shape
+        if isinstance(target, tuple):
+            weight, (dim, start, length) = target
+            assert dim == 0 and shape[0] == length
+            old = shapes.get(weight, torch.Size([0, shape[1]]))
+            shapes[weight] = torch.Size([max(old[0], start + length), shape[1]])
+        else:
+            shapes[target] = shape
+    return shapes
+
+
+def merge_fused(model: torch.nn.Module, patches: dict, diffusers_to_comfy: dict) -> list[str]:
+    """Apply ComfyUI's patches to a diffusers model whose weights are ComfyUI's weights or
+    slices of its fused ones (FLUX q, k, v in one qkv); returns the patches not merged."""
+    params = dict(model.named_parameters())
+    shapes = fused_weight_shapes(model, diffusers_to_comfy)
+    parts: dict[object, list[tuple[str, tuple | None]]] = {}
+    for name, target in diffusers_to_comfy.items():
+        weight, where = target if isinstance(target, tuple) else (target, None)
+        parts.setdefault(weight, []).append((name, where))
+        if where is not None:
+            parts[target] = [(name, None)]
+    refused = []
+    with torch.no_grad():
+        for target, patch in patches.items():
+            pieces = parts[target]
+            shape = params[pieces[0][0]].shape if isinstance(target, tuple) else shapes[target]
+            delta = weight_delta(patch, shape)
+            if delta is None:
+                refused.append(str(target))
+                continue
+            for name, where in pieces:
+                piece = delta if where is None else delta.narrow(where[0], where[1], where[2])
+                params[name] += piece.to(params[name].dtype)
+    return refused
 
 
 def load_lora(lora: dict[str, torch.Tensor], key_map: dict[str, object]):
