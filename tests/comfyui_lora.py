@@ -189,7 +189,8 @@ def flux2_to_diffusers(depth: int, depth_single: int, hidden: int) -> dict[str, 
         src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         out[f"{src}.attn.to_qkv_mlp_proj.weight"] = f"{dst}.linear1.weight"
         out[f"{src}.attn.to_out.weight"] = f"{dst}.linear2.weight"
-    for ours, theirs in {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"}.items():
+    for ours, theirs in {"proj_out": "final_layer.linear", "x_embedder": "img_in",
+                         "context_embedder": "txt_in"}.items():
         out[f"{ours}.weight"] = f"{theirs}.weight"
     return out
 

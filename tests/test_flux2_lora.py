@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 import comfyui_lora as comfy
 from iclora.backends.flux2_lora import LORA_TARGET_MODULES, comfyui_state, load_lora, save_lora
 from iclora.backends.lora_files import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, lora_layers
+from iclora.backends.tiny import TINY_MODELS, save_tiny_model
 
 RANK, ALPHA = 4, 2  # alpha != rank: every file must carry the scale 0.5
 
@@ -164,6 +165,39 @@ def test_stock_diffusers_loads_our_file_in_full_at_its_scale(trained):
     torch.testing.assert_close(_out(fresh), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_stock_pipeline_from_a_folder_runs_our_lora(tmp_path):
+    """What a diffusers user does: Flux2KleinPipeline.from_pretrained(base), then
+    load_lora_weights(our folder): every layer loaded, at its scale, and the image changes."""
+    transformer = TINY_MODELS["tiny-flux2"]()["transformer"]
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGET_MODULES))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:  # rounded to float16, as written
+                param.copy_((torch.randn(param.shape, generator=g) * 0.5).half().float())
+    save_lora(transformer, tmp_path / "lora")
+    save_tiny_model("tiny-flux2", tmp_path / "base")
+    pipe = Flux2KleinPipeline.from_pretrained(tmp_path / "base")
+
+    def image():
+        return pipe(prompt="a red ball", height=64, width=64, num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = image()
+    pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=LORA_WEIGHT_NAME)
+    assert lora_layers(pipe.transformer)["default_0"] == lora_layers(transformer)["default"]
+    assert len(lora_layers(transformer)["default"]) == 12 + 2  # its 1 + 1 blocks
+    g = torch.Generator().manual_seed(5)
+    cfg = transformer.config
+    args = dict(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim, generator=g),
+                timestep=torch.tensor([0.6]), img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(7, 4), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**args)[0], transformer.eval()(**args)[0], atol=1e-5, rtol=1e-4)
+    assert (image() - before).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("weight_name", [LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])
 def test_lora_path_loads_our_files_as_trained(trained, weight_name):
     """Ours, the folder or either file; the ComfyUI file also through stock diffusers (its
@@ -211,8 +245,8 @@ def _foreign(seed: int = 3, rank: int = 2) -> tuple[dict, torch.Tensor]:
     to_bfl = comfy.flux2_to_diffusers(2, 2, _hidden(model))
     shapes = comfy.fused_weight_shapes(model, to_bfl)
     g = torch.Generator().manual_seed(seed)
-    factors = {w: (torch.randn(shapes[w][0], rank, generator=g) * 0.2, torch.randn(rank, shapes[w][1], generator=g) * 0.2)
-               for w in sorted(_bfl_weights(2, 2))}
+    factors = {w: (torch.randn(shapes[w][0], rank, generator=g) * 0.2,
+                   torch.randn(rank, shapes[w][1], generator=g) * 0.2) for w in sorted(_bfl_weights(2, 2))}
     assert comfy.merge_fused(model, {w: ("lora", up, down, None) for w, (up, down) in factors.items()}, to_bfl) == []
     return factors, _out(model)
 

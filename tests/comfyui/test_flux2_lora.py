@@ -67,7 +67,8 @@ def test_comfyui_loads_the_flux2_lora_at_its_trained_scale(comfy, tmp_path, capl
     assert "lora key not loaded" not in caplog.text
 
     # What the LoRA was trained to add, placed by ComfyUI's own diffusers -> FLUX map.
-    to_comfy = comfy.comfy.utils.flux_to_diffusers(patcher.model.model_config.unet_config, output_prefix="diffusion_model.")
+    unet_config = patcher.model.model_config.unet_config
+    to_comfy = comfy.comfy.utils.flux_to_diffusers(unet_config, output_prefix="diffusion_model.")
     weights = patcher.model.state_dict()
     expected: dict[str, torch.Tensor] = {}
     for module in lora_layers(transformer)["default"]:
