@@ -129,3 +129,23 @@ def test_completion_keeps_visible_latents_and_changes_masked_ones(backend):
     clean = codec.encode_mode(backend.vae, pixels)
     assert torch.equal(out[..., :2, :], clean[..., :2, :]) and torch.equal(out[..., :, :3], clean[..., :, :3])
     assert (out[..., 2:, 3:] - clean[..., 2:, 3:]).abs().mean() > 0.1
+
+
+def test_resolution_shift_moves_sigmas_as_the_pipeline_schedule(backend):
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    from iclora.backends.base import TimestepSampling
+
+    latents = torch.zeros(4, backend.transformer.config.in_channels, 64, 64)  # a 1024² composite's 4096 tokens
+    draw = lambda shift: backend.noise_latents(latents, torch.ones_like(latents), torch.Generator().manual_seed(0))[1]  # noqa: E731
+    plain = draw(None)
+    backend.timestep_sampling = TimestepSampling("logit_normal", shift="resolution")
+    try:
+        shifted = draw(None)
+    finally:
+        del backend.timestep_sampling  # back to the class's
+    mu = compute_empirical_mu(4096, 50)
+    sigma = plain / 1000
+    expected = np.exp(mu) / (np.exp(mu) + (1 / sigma - 1))  # the scheduler's exponential time shift
+    torch.testing.assert_close(shifted / 1000, expected.float(), rtol=1e-5, atol=1e-6)
+    assert (shifted > plain).all()
