@@ -91,8 +91,9 @@ def make_inputs(family, config: dict, setting: Setting, device, dtype, masked_dt
     from iclora.panels import Grid, latent_mask, panel_mask
 
     width, height = setting.size
-    b, f = setting.batch_size, 8
-    latents = torch.randn(b, family.latent_channels(config), height // f, width // f, device=device, dtype=dtype)
+    b = setting.batch_size
+    latents = torch.randn(b, *family.latent_shape(config, height, width), device=device, dtype=dtype)
+    f = width // latents.shape[-1]  # pixels per contract latent pixel: 8, or 16 for FLUX.2's patchified latents
     pixel_mask = torch.stack([panel_mask([1, 2, 3], Grid.parse("2x2"), height, width)] * b).to(device)  # (B, 1, H, W)
     return {
         "latents": latents,  # (B, C, h, w)

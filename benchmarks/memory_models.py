@@ -1,6 +1,6 @@
 """The denoisers train_memory.py measures: full-size public configs built on the device.
 
-Per model family an adapter (`SDXL`, `Flux`) answers what the benchmark asks of a model: its
+Per model family an adapter (`SDXL`, `Flux`, `Flux2`) answers what the benchmark asks of a model: its
 public config (or the tiny in-code one), how to build it with random weights, our backend
 around it, its text-embedding shapes and diffusers' reference loss. `build_on_device` makes
 the weights directly on the device from a meta-device skeleton, NF4-quantized tensor by
@@ -86,6 +86,30 @@ FLUX_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
     "pooled_projection_dim": 768,
 }
 
+# FLUX.2 [klein] transformers: diffusers' scripts/convert_flux2_to_diffusers.py model types
+# "klein-4b" (black-forest-labs/FLUX.2-klein-base-4B, Qwen3-4B: 3 x 2560 text width) and
+# "klein-9b" (-base-9B, Qwen3-8B: 3 x 4096); 3.88 B and 9.08 B parameters.
+FLUX2_KLEIN_4B_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "_class_name": "Flux2Transformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "eps": 1e-06,
+    "guidance_embeds": False,
+    "in_channels": 128,
+    "joint_attention_dim": 7680,
+    "mlp_ratio": 3.0,
+    "num_attention_heads": 24,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "patch_size": 1,
+    "rope_theta": 2000,
+    "timestep_guidance_channels": 256,
+}
+FLUX2_KLEIN_9B_TRANSFORMER_CONFIG: dict[str, Any] = {
+    **FLUX2_KLEIN_4B_TRANSFORMER_CONFIG, "joint_attention_dim": 12288, "num_attention_heads": 32, "num_layers": 8,
+    "num_single_layers": 24,
+}
+
 
 def _random_(name: str, shape: torch.Size, dtype, device, generator) -> torch.Tensor:
     """Cheap init that keeps activations O(1): N(0, 1/fan_in) matrices, unit norm scales, zero biases."""
@@ -99,7 +123,7 @@ def build_on_device(model_cls, config: dict, device: torch.device, dtype: torch.
     """`model_cls` from `config` with random weights made directly on `device` (no host copy).
 
     With a bitsandbytes `quantization_config` it follows diffusers' from_pretrained: the
-    quantizer swaps nn.Linear for bnb Linear4bit on the meta skeleton, then each weight is
+    quantizer swaps nn.Linear for bnb Linear4bit (Linear8bitLt) on the meta skeleton, then each weight is
     drawn in bf16 on the device and quantized there, one tensor at a time (the full bf16
     model never exists)."""
     import bitsandbytes as bnb
@@ -121,6 +145,11 @@ def build_on_device(model_cls, config: dict, device: torch.device, dtype: torch.
             if isinstance(param, bnb.nn.Params4bit):
                 value = _random_(name, param.shape, quantization_config.bnb_4bit_compute_dtype, device, generator)
                 module._parameters[name] = bnb.nn.Params4bit(value, requires_grad=False, **param.__dict__).to(device)
+            elif isinstance(param, bnb.nn.Int8Params):
+                # LLM.int8(): bitsandbytes quantizes row-wise when the host tensor moves to the device.
+                value = _random_(name, param.shape, torch.float16, device, generator)
+                module._parameters[name] = bnb.nn.Int8Params(value.cpu(), requires_grad=False,
+                                                             has_fp16_weights=False).to(device)
             else:
                 module._parameters[name] = torch.nn.Parameter(_random_(name, param.shape, dtype, device, generator),
                                                               requires_grad=False)
@@ -195,6 +224,11 @@ class SDXL:
     @staticmethod
     def latent_channels(config: dict) -> int:
         return config["out_channels"]
+
+    @classmethod
+    def latent_shape(cls, config: dict, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents the backend's contract carries for an image of height x width."""
+        return cls.latent_channels(config), height // 8, width // 8
 
     @staticmethod
     def prompt_embeds(config: dict, batch: int, device, dtype) -> dict[str, torch.Tensor]:
@@ -279,6 +313,10 @@ class Flux:
     def latent_channels(config: dict) -> int:
         return (config.get("out_channels") or config["in_channels"]) // 4
 
+    @classmethod
+    def latent_shape(cls, config: dict, height: int, width: int) -> tuple[int, int, int]:
+        return cls.latent_channels(config), height // 8, width // 8  # packed inside the backend
+
     @staticmethod
     def prompt_embeds(config: dict, batch: int, device, dtype) -> dict[str, torch.Tensor]:
         from iclora.backends.flux import MAX_SEQUENCE_LENGTH
@@ -321,18 +359,116 @@ class Flux:
         return torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
 
 
-FAMILIES = {"sdxl": SDXL, "flux": Flux}
+class Flux2:
+    """The FLUX.2 [klein] base-4B adapter (`context` conditioning, the backend's default: per-token
+    timestep-0 modulation); bf16, or NF4 with --nf4 on."""
+
+    name = "flux2"
+    denoiser_key = "transformer"
+    conditioning = "context"
+    public_config = FLUX2_KLEIN_4B_TRANSFORMER_CONFIG
+    int8 = False
+
+    @staticmethod
+    def reference_scheduler(stand_in):
+        return stand_in
+
+    @staticmethod
+    def backend_cls():
+        from iclora.backends.flux2 import Flux2Backend
+
+        return Flux2Backend
+
+    @staticmethod
+    def stand_ins() -> dict[str, Any]:
+        from iclora.backends.tiny_flux2 import build_tiny_flux2_components
+
+        return build_tiny_flux2_components()
+
+    @classmethod
+    def config(cls, tiny: bool) -> dict:
+        return _tiny_config(cls, "transformer") if tiny else dict(cls.public_config)
+
+    @classmethod
+    def build(cls, config: dict, device, dtype, nf4: bool):
+        from diffusers import Flux2Transformer2DModel
+
+        from iclora.backends.flux2_loading import QUANTIZE_CONFIGS
+
+        if cls.int8 and nf4:
+            raise ValueError("--nf4 on: this FLUX.2 row is the 8-bit one")
+        kind = "int8" if cls.int8 else ("nf4" if nf4 else None)
+        if kind is None:
+            return build_on_device(Flux2Transformer2DModel, config, device, dtype)
+        # As Flux2Backend's loader leaves it (bf16 around the quantized weights).
+        return build_on_device(Flux2Transformer2DModel, config, device, torch.bfloat16, QUANTIZE_CONFIGS[kind]())
+
+    @staticmethod
+    def lora_targets():
+        from iclora.backends.flux2 import LORA_TARGET_MODULES
+
+        return LORA_TARGET_MODULES
+
+    @staticmethod
+    def reference_config(config: dict) -> dict:
+        return config
+
+    @staticmethod
+    def latent_channels(config: dict) -> int:
+        return config["in_channels"] // 4  # the VAE's (32): 2x2 patches make the transformer's 128
+
+    @staticmethod
+    def latent_shape(config: dict, height: int, width: int) -> tuple[int, int, int]:
+        return config["in_channels"], height // 16, width // 16  # patchified, normalised (flux2_latents.py)
+
+    @staticmethod
+    def prompt_embeds(config: dict, batch: int, device, dtype) -> dict[str, torch.Tensor]:
+        from iclora.backends.flux2_spec import MAX_SEQUENCE_LENGTH
+
+        return {"prompt_embeds": torch.randn(batch, MAX_SEQUENCE_LENGTH, config["joint_attention_dim"], device=device,
+                                             dtype=dtype)}  # (B, 512, 3 x Qwen3 width)
+
+    @staticmethod
+    def reference_loss(model, scheduler, inputs: dict, weight_dtype) -> torch.Tensor:
+        """The stock FLUX.2 LoRA step: uniform sigma, velocity target, no guidance, every
+        token noisy (the stock forward, one modulation for all tokens)."""
+        from diffusers import Flux2KleinPipeline
+
+        latents = inputs["latents"]  # (B, 128, h, w), normalised
+        device, dtype = latents.device, latents.dtype
+        bsz, _, h, w = latents.shape
+        noise = torch.randn_like(latents)
+        sigmas = torch.rand(bsz, device=device, dtype=dtype).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        text = inputs["prompt_embeds"]["prompt_embeds"]
+        pred = model(
+            hidden_states=Flux2KleinPipeline._pack_latents(noisy), timestep=sigmas.flatten(), guidance=None,
+            encoder_hidden_states=text, txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(device),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(device), return_dict=False,
+        )[0]  # (B, h * w, 128)
+        pred = pred.permute(0, 2, 1).reshape(latents.shape)
+        return F.mse_loss(pred.float(), (noise - latents).float(), reduction="mean")
+
+
+class Flux2Int8(Flux2):
+    """FLUX.2 [klein] base-9B with its transformer in 8-bit (bitsandbytes LLM.int8())."""
+
+    name = "flux2-9b-int8"
+    public_config = FLUX2_KLEIN_9B_TRANSFORMER_CONFIG
+    int8 = True
+
+
+FAMILIES = {"sdxl": SDXL, "flux": Flux, "flux2": Flux2, "flux2-9b-int8": Flux2Int8}
 
 
 def make_backend(family, denoiser):
     """Our backend around `denoiser`, through its own constructor. The VAE, text encoders,
     tokenizers and scheduler are the tiny in-code ones (a few MB on the CPU, never run); the
     VAE stand-in only answers config questions (scale factor, latent channels)."""
-    from diffusers import AutoencoderKL
-
     components = family.stand_ins()
     latent_channels = family.latent_channels(dict(denoiser.config))
-    if components["vae"].config.latent_channels != latent_channels:  # full-size FLUX: 16, tiny: 4
-        components["vae"] = AutoencoderKL.from_config({**components["vae"].config, "latent_channels": latent_channels})
+    if components["vae"].config.latent_channels != latent_channels:  # full-size FLUX: 16 (FLUX.2: 32), tiny: 4
+        vae_cls = type(components["vae"])
+        components["vae"] = vae_cls.from_config({**components["vae"].config, "latent_channels": latent_channels})
     components[family.denoiser_key] = denoiser
     return family.backend_cls()(components, f"random-init {family.name}", family.conditioning)

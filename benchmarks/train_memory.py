@@ -1,4 +1,4 @@
-"""GPU memory and speed of our training step on full-size SDXL and FLUX.1, against diffusers.
+"""GPU memory and speed of our training step on full-size SDXL, FLUX.1 and FLUX.2 [klein], against diffusers.
 
     python benchmarks/train_memory.py                                # the target rows (GPU)
     python benchmarks/train_memory.py --preset full --models sdxl    # the SDXL matrix
@@ -64,7 +64,7 @@ from memory_measure import (  # noqa: E402
     matmul_peak,
     run_setting,
 )
-from memory_models import FAMILIES, Flux  # noqa: E402
+from memory_models import FAMILIES  # noqa: E402
 
 sys.path.pop(0)
 
@@ -74,6 +74,9 @@ TARGETS = [
     (dict(model="sdxl", size=(1024, 1024), batch_size=4, rank=64, checkpointing=True, adam8bit=True), 14.0),
     (dict(model="flux", size=(1024, 1024), batch_size=1, rank=16, nf4=True, checkpointing=True), 12.0),
     (dict(model="flux", size=(1024, 1536), batch_size=1, rank=16, nf4=True, checkpointing=True), 16.0),
+    # FLUX.2 [klein]: base-4B in bf16 and base-9B in 8-bit, each in a 16 GB card (not measured yet).
+    (dict(model="flux2", size=(1024, 1024), batch_size=1, rank=16, nf4=False, checkpointing=True), 16.0),
+    (dict(model="flux2-9b-int8", size=(1024, 1024), batch_size=1, rank=16, nf4=False, checkpointing=True), 16.0),
 ]
 
 AXES = ("sizes", "batch_sizes", "ranks", "checkpointing", "adam8bit", "precisions", "nf4")
@@ -83,18 +86,30 @@ PRESETS: dict[str, dict[str, dict[str, list]]] = {
                      precisions=["fp16"], nf4=[False]),
         "flux": dict(sizes=[(1024, 1024), (1024, 1536)], batch_sizes=[1], ranks=[16], checkpointing=[True],
                      adam8bit=[True], precisions=["bf16"], nf4=[True]),
+        "flux2": dict(sizes=[(1024, 1024)], batch_sizes=[1], ranks=[16], checkpointing=[True], adam8bit=[True],
+                      precisions=["bf16"], nf4=[False]),
+        "flux2-9b-int8": dict(sizes=[(1024, 1024)], batch_sizes=[1], ranks=[16], checkpointing=[True], adam8bit=[True],
+                              precisions=["bf16"], nf4=[False]),
     },
     "full": {
         "sdxl": dict(sizes=[(1024, 1024), (768, 768)], batch_sizes=[1, 2, 4], ranks=[16, 64],
                      checkpointing=[True, False], adam8bit=[True, False], precisions=["fp16", "bf16"], nf4=[False]),
         "flux": dict(sizes=[(1024, 1024), (768, 768), (1024, 1536)], batch_sizes=[1, 2, 4], ranks=[16, 64],
                      checkpointing=[True, False], adam8bit=[True, False], precisions=["bf16"], nf4=[True, False]),
+        "flux2": dict(sizes=[(1024, 1024), (768, 768), (1024, 1536)], batch_sizes=[1, 2, 4], ranks=[16, 64],
+                      checkpointing=[True, False], adam8bit=[True, False], precisions=["bf16"], nf4=[True, False]),
+        "flux2-9b-int8": dict(sizes=[(1024, 1024), (1024, 1536)], batch_sizes=[1, 2], ranks=[16, 64],
+                              checkpointing=[True], adam8bit=[True], precisions=["bf16"], nf4=[False]),
     },
     "tiny": {
         "sdxl": dict(sizes=[(64, 64)], batch_sizes=[1, 2], ranks=[4], checkpointing=[True, False], adam8bit=[False],
                      precisions=["bf16"], nf4=[False]),
         "flux": dict(sizes=[(64, 64)], batch_sizes=[1], ranks=[4], checkpointing=[True, False], adam8bit=[True],
                      precisions=["bf16"], nf4=[True]),
+        "flux2": dict(sizes=[(64, 64)], batch_sizes=[1], ranks=[4], checkpointing=[True], adam8bit=[True],
+                      precisions=["bf16"], nf4=[False]),
+        "flux2-9b-int8": dict(sizes=[(64, 64)], batch_sizes=[1], ranks=[4], checkpointing=[True], adam8bit=[True],
+                              precisions=["bf16"], nf4=[False]),
     },
 }
 
@@ -282,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="tiny in-code configs, a small matrix, CPU by default (smoke test)")
     p.add_argument("--preset", choices=["targets", "full"], default="targets",
                    help="default axes per model: the target rows, or the full matrix (ignored with --tiny)")
-    p.add_argument("--models", type=_list(str), default=["sdxl", "flux"], help="comma list: sdxl,flux")
+    p.add_argument("--models", type=_list(str), default=["sdxl", "flux", "flux2", "flux2-9b-int8"],
+                   help="comma list: sdxl,flux,flux2 (base-4B),flux2-9b-int8 (base-9B, 8-bit)")
     p.add_argument("--sizes", type=_list(parse_size), help="comma list of WIDTHxHEIGHT (or one side), e.g. 1024,768,1024x1536")
     p.add_argument("--batch_sizes", type=_list(int), help="comma list, e.g. 1,2,4")
     p.add_argument("--ranks", type=_list(int), help="comma list of LoRA ranks, e.g. 16,64")
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     unknown = [m for m in args.models if m not in FAMILIES]
     if unknown:
-        raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from sdxl, flux)")
+        raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(FAMILIES)})")
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --tiny for a CPU run)")
@@ -377,11 +393,13 @@ def _unsupported(setting: Setting, compile_blocks: bool) -> str | None:
         return "SDXL rows with --nf4 on skipped: the SDXL backend has no quantized loading"
     if compile_blocks and (problem := unsupported("nf4" if setting.nf4 else None, setting.checkpointing)):
         return f"rows with --nf4 on and --checkpointing on skipped, as the trainer refuses them: {problem}"
-    if setting.model == "flux":
+    if setting.model == "flux2-9b-int8" and setting.nf4:
+        return "FLUX.2 9B rows with --nf4 on skipped: that row is the 8-bit one"
+    if setting.model != "sdxl":
         try:
-            Flux.backend_cls()
+            FAMILIES[setting.model].backend_cls()
         except ImportError as error:
-            return f"FLUX rows skipped: iclora.backends.flux.FluxBackend is not importable ({error})"
+            return f"{setting.model} rows skipped: its backend is not importable ({error})"
     return None
 
 
