@@ -24,7 +24,8 @@ Prompts: Flux2KleinPipeline's own encoding (the chat template, hidden states of 
 pipeline's 512 by default).
 
 Beside this file: flux2_latents.py (the latent codec and position ids), flux2_context.py
-(per-token modulation and the inference loop), flux2_loading.py (components, LoRA files).
+(per-token modulation and the inference loop), flux2_loading.py (the components), flux2_lora.py
+(LoRA targets and files).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from peft import LoraConfig
 
 from ..compiling import CompiledBlocks, compiled_block_counts
 from . import flux2_latents as codec
-from . import flux2_loading
+from . import flux2_lora
 from .base import TimestepSampling
 from .flux2_context import CONTEXT_TIMESTEPS, ContextDenoiser, Flux2ContextPipeline, clean_token_mask
-from .flux2_loading import LORA_TARGET_MODULES, QUANTIZE_CONFIGS, load_components, prepare_quantized
+from .flux2_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
+from .flux2_lora import LORA_TARGET_MODULES
 from .flux2_spec import MAX_SEQUENCE_LENGTH, SPEC
 from .placement import PARTS, Placement
 from .trainable import load_trainable_state, trainable_state
@@ -234,13 +236,13 @@ class Flux2Backend(Placement):
         load_trainable_state(self.transformer, state)
 
     def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
-        flux2_loading.save_lora(self.transformer, directory, compat, dtype)
+        flux2_lora.save_lora(self.transformer, directory, compat, dtype)
 
     def comfyui_state(self) -> dict[str, torch.Tensor]:
-        return flux2_loading.comfyui_state(self.transformer)
+        return flux2_lora.comfyui_state(self.transformer)
 
     def load_lora(self, path: Path) -> None:
-        flux2_loading.load_lora(self._pipe, self.transformer, path, self.conditioning)
+        flux2_lora.load_lora(self._pipe, self.transformer, path, self.conditioning)
 
     def visible_reset(self, pipe, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         return {}  # Flux2ContextPipeline keeps the visible panels itself (clean or re-noised)
