@@ -162,6 +162,10 @@ def infer_entry(argv: Sequence[str] | None, prog: str, description: str, default
 
     setup_logging()
     cfg = parse_config(InferConfig, argv, prog=prog, description=description, defaults=defaults)
+    if cfg.dry_run:  # the plan and its memory only: no weights loaded, nothing written
+        from .inference.dry_run import dry_run
+
+        return dry_run(cfg)
     if cfg.input_dir:  # the folder mode runs the single-image steps once per input
         from .inference.folder import run_folder as run
     else:

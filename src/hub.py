@@ -18,8 +18,8 @@ HINT = "pass a local folder with the model, or download it where the hub is reac
 
 def model_source(model_id: str, flag: str = "--model_id") -> str:
     """What to load `model_id` from: the id itself (a local folder, an in-code tiny model, an
-    id the hub serves, or an id in the cache with HF_HUB_OFFLINE=1), or the cached snapshot
-    folder when the hub cannot be reached (so loading makes no request that would retry).
+    id the hub serves), or the cached snapshot folder with HF_HUB_OFFLINE=1 or when the hub
+    cannot be reached (so loading makes no request that would retry).
     Raises ValueError naming `flag` when the model cannot be had."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
@@ -44,11 +44,15 @@ def model_source(model_id: str, flag: str = "--model_id") -> str:
             return None
 
     if constants.is_offline_mode():
-        if cached() is None:
+        snapshot = cached()
+        if snapshot is None:
             raise ValueError(f"{flag} {model_id}: not a local folder and not in the Hugging Face cache "
                              "(HF_HUB_OFFLINE=1 is set); pass a local folder with the model, or unset "
                              "HF_HUB_OFFLINE where the hub is reachable to download it")
-        return model_id
+        # The snapshot folder, not the id: offline, transformers takes a file the repo does not
+        # have (a tokenizer's config.json, probed first) for a missing download and fails,
+        # unless an online lookup once recorded it as absent; in a folder it is just absent.
+        return snapshot
     try:
         HfApi().model_info(model_id, timeout=PROBE_TIMEOUT)
         return model_id

@@ -67,6 +67,23 @@ def test_inference_on_an_unreachable_base_fails_at_once_and_writes_nothing(no_ne
     assert not out.exists()
 
 
+def test_an_unreachable_pretrained_vae_fails_at_once_and_writes_nothing(no_network, data_2x2, tmp_path, capsys):
+    from iclora.inference import inpaint, sdxl_ic_lora_inference  # noqa: F401  (imported before the clock starts)
+    from iclora.training import train_sdxl_ic_lora, trainer  # noqa: F401
+
+    out = tmp_path / "out"
+    line = one_error_line(capsys, train_sdxl_ic_lora.main, [
+        "--data_dir", str(data_2x2), "--output_dir", str(out), *TINY_ARGS, "--pretrained_vae", "someone/vae-typo"])
+    assert line.startswith("error: --pretrained_vae someone/vae-typo: the Hugging Face hub cannot be reached")
+    assert not out.exists()
+    line = one_error_line(capsys, sdxl_ic_lora_inference.main, [
+        "--lora_path", "none", "--base_model", "tiny-sdxl", "--pretrained_vae", "someone/vae-typo",
+        "--input_image", str(data_2x2 / "00000.png"), "--prompt", "x", "--panels_to_inpaint", "3",
+        "--output_dir", str(out)])
+    assert line.startswith("error: --pretrained_vae someone/vae-typo: the Hugging Face hub cannot be reached")
+    assert "HF_HUB_OFFLINE=1" in line and not out.exists()
+
+
 def test_caption_on_an_unreachable_model_fails_at_once(no_network, data_dir, capsys):
     from iclora.prepare.__main__ import main
 
@@ -78,10 +95,15 @@ def test_caption_on_an_unreachable_model_fails_at_once(no_network, data_dir, cap
     assert not list(data_dir.glob("*.txt"))
 
 
-def test_offline_mode_names_the_missing_cache_entry(no_network, monkeypatch):
+def test_offline_mode_names_the_missing_cache_entry_and_loads_a_cached_one_from_its_folder(no_network, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="--model_id someone/model: not a local folder and not in the Hugging Face cache"):
         model_source("someone/model")
+    snapshot = no_network / "models--someone--model" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (no_network / "models--someone--model" / "refs").mkdir()
+    (no_network / "models--someone--model" / "refs" / "main").write_text("0" * 40)
+    assert model_source("someone/model") == str(snapshot)
 
 
 def test_a_cached_model_loads_from_the_cache_when_the_hub_is_unreachable(no_network):

@@ -99,6 +99,10 @@ class InferConfig:
     exceed 1024x1024."""
     compile: bool = False
     """torch.compile the denoiser's repeated blocks after the LoRA is loaded (regional compilation); the first denoising step compiles them (its seconds are logged and in the JSON)."""
+    dry_run: bool = False
+    """Check the inputs and settings and print the plan (inputs, working sizes, pipeline calls) and the GPU and host memory it needs (estimated from the base model's configs), then exit: no weights loaded, nothing written."""
+    gpu_memory_gib: Optional[float] = None
+    """GPU memory the --dry_run estimate must fit in (default: the current GPU's, or 16 without one)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -133,3 +137,5 @@ class InferConfig:
             raise ValueError("--prompt is required (with --input_dir, NAME.txt beside each image can give it)")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt must not be empty")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"--gpu_memory_gib must be positive, got {self.gpu_memory_gib}")

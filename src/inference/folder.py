@@ -27,7 +27,7 @@ from .generation import generate_all
 from .guards import warn_replacing
 from .inpaint import load_pipeline
 from .output_files import resolved_settings, write_outputs
-from .planning import check_inputs
+from .planning import Plan, check_inputs
 
 MASK_SUFFIX = "_mask"
 SUMMARY_NAME = "folder_summary.json"
@@ -66,9 +66,8 @@ def folder_configs(cfg: InferConfig) -> list[InferConfig]:
     return configs
 
 
-def run_folder(cfg: InferConfig) -> list[Path]:
-    """Check every input, load the model once, then complete the inputs in batches and write
-    each as soon as its images are made."""
+def check_folder(cfg: InferConfig) -> list[Plan]:
+    """Every input's Plan, checked before any model loads; all problems in one error."""
     plans = []
     problems = []
     for single in folder_configs(cfg):
@@ -81,6 +80,13 @@ def run_folder(cfg: InferConfig) -> list[Path]:
     recorded = {(p.base_model, str(p.grid), p.conditioning) for p in plans}
     if len(recorded) > 1:  # every plan resolves these from the same flags and LoRA
         raise ValueError(f"--input_dir {cfg.input_dir}: inputs resolve to different models: {sorted(recorded)}")
+    return plans
+
+
+def run_folder(cfg: InferConfig) -> list[Path]:
+    """Check every input, load the model once, then complete the inputs in batches and write
+    each as soon as its images are made."""
+    plans = check_folder(cfg)
     warn_replacing(Path(cfg.output_dir), [p.stem for p in plans])
     start = time.monotonic()
     backend, pipe = load_pipeline(plans[0])

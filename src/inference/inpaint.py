@@ -54,7 +54,7 @@ def load_pipeline(plan: Plan):
     set_cpu_threads(plan.base_model, "cuda" if cuda else "cpu")
     native = {"fp16": torch.float16, "bf16": torch.bfloat16}[backend_spec(cfg.backend).preferred_mixed_precision]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (native if cuda else torch.float32)
-    options = {"variant": cfg.variant, "vae": plan.pretrained_vae}
+    options = {"variant": cfg.variant}
     if cfg.quantize:
         options["quantize"] = cfg.quantize
     if dtype != torch.float32:
@@ -64,6 +64,7 @@ def load_pipeline(plan: Plan):
         options["context_timestep"] = plan.context_timestep
     flag = "--base_model" if cfg.base_model else f"--lora_path {cfg.lora_path}: its base model"
     source = hub.model_source(plan.base_model, flag)  # before any output is written
+    options["vae"] = vae_source(plan)
     backend = load_backend(cfg.backend, source, plan.conditioning, max_token_length=plan.max_token_length, **options)
     backend.base_model = plan.base_model
     if cfg.lora_path.lower() != "none":
@@ -96,6 +97,16 @@ def load_pipeline(plan: Plan):
     if hint and (line := hint(backend, pipe, cfg.guidance_scale)):
         logger.warning(line)
     return backend, pipe
+
+
+def vae_source(plan: Plan) -> str | None:
+    """Where --pretrained_vae (or the one recorded with the LoRA) loads from; an id neither
+    cached nor reachable fails here, in one line, as the base model's does."""
+    if plan.pretrained_vae is None:
+        return None
+    cfg = plan.cfg
+    flag = "--pretrained_vae" if cfg.pretrained_vae else f"--lora_path {cfg.lora_path}: its --pretrained_vae"
+    return hub.model_source(plan.pretrained_vae, flag)
 
 
 def run(cfg: InferConfig) -> list[Path]:

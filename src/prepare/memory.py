@@ -14,6 +14,11 @@ the run's memory plan (backends/placement.py, training/memory_log.py):
                   step's activations
     sample sheet  the same weights plus the VAE, and the sampler's activations
 
+Inference (inference/dry_run.py, `inference_estimate`) has its own phases: with every
+component on the GPU for the run, "denoising" (the sampler's activations, twice the batch
+under SDXL's classifier-free guidance) and "VAE decode" (one tile and one image at a time
+with --vae_tiling); with --cpu_offload each model alone, "text encoding" the larger encoder.
+
 Activations per latent pixel (SDXL) or token (FLUX, text tokens included) and a fixed
 allocator overhead are fitted to the peak reserved memory measured on an H100
 (benchmarks/RESULTS.md, "GPU memory and speed"): SDXL fp16 1024² batch 1 and 4 with
@@ -38,6 +43,7 @@ ACTIVATIONS = {
     ("flux-quantized", True): 1.074e-3,  # NF4: 1024² -> 1024x1536 (+2048 tokens): 11.51 -> 13.71 GiB
 }
 SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0's UNet, whose rows the fit is of
+SDXL_VAE_PARAMS = 83_653_863  # its VAE (FLUX.1's is the same size), whose activations VAE_BYTES_PER_PIXEL is of
 NO_CHECKPOINTING_FACTOR = 10.0  # SDXL's measured ratio, applied to FLUX (no row measured)
 SAMPLING_SHARE = 0.25  # the sampler's activations against a checkpointed training step's (estimate)
 VAE_BYTES_PER_PIXEL = 2560  # float32 VAE encode/decode peak per image pixel (estimate; half in 16-bit)
@@ -59,6 +65,12 @@ class ModelSizes:
     vae: int
     blocks: dict[str, int]  # FLUX: double / single blocks and the hidden width
     scale: float = 1.0  # activations against the full-size model's the fit was made on
+
+    @property
+    def vae_scale(self) -> float:
+        """The VAE's activations against a full-size VAE's: about the square root of its
+        parameters (its channel widths), 1 for the SDXL and FLUX.1 VAEs."""
+        return min(1.0, (self.vae / SDXL_VAE_PARAMS) ** 0.5)
 
 
 def _lora_params(model, targets, rank: int) -> int:
@@ -209,7 +221,7 @@ def estimate(sizes: ModelSizes, s: Settings) -> Estimate:
     w = _weights(sizes, s)
     lora = sizes.lora * (4 + 4 + (2 if s.adam8bit else 8)) / GIB  # float32 weights, gradients, Adam
     pixels = s.height * s.width
-    vae_act = pixels * VAE_BYTES_PER_PIXEL * (w["vae_bytes"] / 4) / GIB
+    vae_act = pixels * VAE_BYTES_PER_PIXEL * sizes.vae_scale * (w["vae_bytes"] / 4) / GIB
     step_act = _activations(sizes, s)
     resident = w["denoiser"] + lora + (0 if s.cache_text else w["text_encoders"]) + (0 if s.cache_latents else w["vae"])
     gpu = {"load": (w["denoiser"] if s.quantize else 0.0) + ALLOCATOR_OVERHEAD}
@@ -229,6 +241,57 @@ def estimate(sizes: ModelSizes, s: Settings) -> Estimate:
     elif s.cache_text or s.cache_latents:
         host += w["denoiser"]  # a quantized denoiser waits on the host while encoders run
     return Estimate({k: round(v, 2) for k, v in gpu.items()}, host)
+
+
+@dataclass
+class InferSettings:
+    """What the inference estimate reads: one pipeline call at the largest working size."""
+
+    height: int
+    width: int
+    batch: int  # images in one pipeline call
+    precision: str  # "fp16", "bf16", "no" (float32)
+    quantize: str | None
+    guidance_scale: float
+    tiling: bool  # the VAE in tiles of at most VAE_TILE_PIXELS
+    slicing: bool  # the VAE one image at a time
+    cpu_offload: bool  # each model on the GPU only while it runs
+    lora: int  # parameters of the LoRA file
+    conditioning: str | None
+    context_timestep: str | None
+
+
+VAE_TILE_PIXELS = 1024 * 1024  # the SDXL and FLUX.1 VAEs' sample_size squared (diffusers' tiles)
+
+
+def inference_estimate(sizes: ModelSizes, s: InferSettings) -> Estimate:
+    """Peak GPU memory per phase of one inference run, and its host RAM. Every component is
+    on the GPU for the whole run (pipe.to), unless --cpu_offload moves each there only while
+    it runs; the denoiser's activations are a sample sheet's (a forward, no gradients)."""
+    half = 4 if s.precision == "no" else 2
+    w = _weights(sizes, Settings(s.height, s.width, 1, 1, sizes.rank, s.precision, None, True, False, False,
+                                 False, s.conditioning or "blend", s.context_timestep, False))
+    if s.quantize:  # the unquantized leftovers compute in the 16-bit dtype at inference
+        packed = NF4_BYTES if s.quantize == "nf4" else INT8_BYTES
+        w["denoiser"] = (sizes.denoiser_linear * packed + (sizes.denoiser - sizes.denoiser_linear) * half) / GIB
+    lora = s.lora * half / GIB
+    # SDXL's classifier-free guidance runs the denoiser on twice the batch; FLUX.1's guidance
+    # is distilled into one pass.
+    batch = s.batch * (2 if sizes.backend == "sdxl" and s.guidance_scale > 1 else 1)
+    step = Settings(s.height, s.width, batch, 1, sizes.rank, s.precision, s.quantize, True, False, True, True,
+                    s.conditioning or "blend", s.context_timestep, True)
+    denoise_act = _activations(sizes, step) * SAMPLING_SHARE
+    pixels = min(s.height * s.width, VAE_TILE_PIXELS) if s.tiling else s.height * s.width
+    vae_act = pixels * (1 if s.slicing else s.batch) * VAE_BYTES_PER_PIXEL * sizes.vae_scale * (w["vae_bytes"] / 4) / GIB
+    if s.cpu_offload:
+        # One model at a time: the larger text encoder, then the denoiser, then the VAE.
+        gpu = {"text encoding": max(n * half for n in sizes.text_encoders) / GIB,
+               "denoising": w["denoiser"] + lora + denoise_act, "VAE decode": w["vae"] + vae_act}
+    else:
+        resident = w["denoiser"] + lora + w["text_encoders"] + w["vae"]
+        gpu = {"denoising": resident + denoise_act, "VAE decode": resident + vae_act}
+    host = HOST_BASELINE + w["text_encoders"] + w["vae"] + lora + (0.0 if s.quantize else w["denoiser"])
+    return Estimate({k: round(v + ALLOCATOR_OVERHEAD, 2) for k, v in gpu.items()}, host)
 
 
 def settings_of(cfg, height: int, width: int, cuda: bool) -> Settings:
@@ -299,8 +362,10 @@ def report(cfg, buckets) -> Estimate | None:
         return None
     height, width = max(buckets, key=lambda hw: hw[0] * hw[1])
     budget = cfg.gpu_memory_gib if cfg.gpu_memory_gib is not None else default_budget()
+    from ..hub import model_source
+
     try:
-        sizes = model_sizes(cfg.backend, cfg.model_id, cfg.lora_rank, cfg.conditioning)
+        sizes = model_sizes(cfg.backend, model_source(cfg.model_id), cfg.lora_rank, cfg.conditioning)
     except (OSError, ValueError) as error:
         print(f"memory: no estimate: the configs of --model_id {cfg.model_id} cannot be read ({error})")
         return None

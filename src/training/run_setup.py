@@ -90,6 +90,7 @@ def setup(trainer) -> None:
     records = scan_folder(cfg.data_dir, cfg.image_size, trainer.grid, backend_cls.pixel_quantum, cfg.allow_crop,
                           cfg.bucket_by)
     model_source = hub.model_source(cfg.model_id)  # before anything is written: an id no one serves fails here
+    vae_source = hub.model_source(cfg.pretrained_vae, "--pretrained_vae") if cfg.pretrained_vae else None
     trainer.monitor = Monitor(trainer, records)
     mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
     # accelerate keeps process-wide state that refuses a second in-process run with other
@@ -118,7 +119,7 @@ def setup(trainer) -> None:
     if cfg.compile:
         check_compilable(trainer.accelerator.device)
 
-    options = {"variant": cfg.variant, "vae": cfg.pretrained_vae}
+    options = {"variant": cfg.variant, "vae": vae_source}
     if cfg.quantize:
         options["quantize"] = cfg.quantize
     if cfg.context_timestep:
