@@ -134,8 +134,14 @@ def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None, prec
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.iterdir())
     backend.save_lora(folder, dtype=dtype)
+    # What inference reads from a final model's record, as far as the checkpoint recorded it
+    # (bucket_by since it exists; before, every run sized by the longer side).
     meta = {"backend": backend.name, "base_model": backend.base_model, "grid": run["grid"],
-            "conditioning": backend.conditioning, "image_size": run["image_size"], "global_step": state["global_step"]}
+            "conditioning": backend.conditioning, "context_timestep": run.get("context_timestep"),
+            "image_size": run["image_size"], "bucket_by": run.get("bucket_by") or "longest",
+            "global_step": state["global_step"], "training_args": run}
+    if run.get("max_token_length"):
+        meta["max_token_length"] = run["max_token_length"]
     atomic_write_text(json.dumps(meta, indent=2), folder / METADATA_NAME)
     written = [folder / LORA_WEIGHT_NAME] + sorted(set(folder.iterdir()) - before - {folder / LORA_WEIGHT_NAME})
     for path in written:

@@ -410,6 +410,33 @@ def test_convert_rebuilds_the_lora_of_an_older_checkpoint(runs, tmp_path):
         _same_tensors(checkpoint / name, runs["inpaint"].final_dir / name)
     meta = json.loads((checkpoint / METADATA_NAME).read_text())
     assert (meta["base_model"], meta["conditioning"], meta["global_step"]) == ("tiny-sdxl-inpaint", "concat", 2)
+    final = json.loads((runs["inpaint"].final_dir / METADATA_NAME).read_text())
+    for key in ("backend", "grid", "context_timestep", "image_size", "bucket_by", "max_token_length"):
+        assert meta[key] == final[key], key
+
+
+def test_a_rebuilt_checkpoint_records_what_inference_reads(runs, tmp_path):
+    """--bucket_by and --pretrained_vae reach the rebuilt record, where inference looks for them."""
+    from iclora.inference.sizing import bucket_rule
+    from iclora.inference.vae import resolve_vae
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(runs["inpaint"].final_dir.parent / "checkpoints" / "checkpoint-2", checkpoint)
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME, METADATA_NAME):
+        (checkpoint / name).unlink()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["run"].update(bucket_by="area", pretrained_vae="someone/fp16-vae", max_token_length=150)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    convert_main(["--lora_path", str(checkpoint)])
+    meta = json.loads((checkpoint / METADATA_NAME).read_text())
+    assert bucket_rule(meta) == "area" and meta["max_token_length"] == 150
+    assert resolve_vae(None, meta, str(checkpoint)) == "someone/fp16-vae"
+    del state["run"]["bucket_by"]  # a checkpoint from before --bucket_by: the longer side
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME, METADATA_NAME):
+        (checkpoint / name).unlink()
+    convert_main(["--lora_path", str(checkpoint)])
+    assert json.loads((checkpoint / METADATA_NAME).read_text())["bucket_by"] == "longest"
 
 
 def test_an_older_kohya_file_with_diffusers_block_names_is_applied_in_full(runs, tmp_path):
