@@ -188,26 +188,56 @@ def composites(folder: Path, n: int, size=(96, 32)) -> list[Path]:
     return [photo(folder / f"c{i}.png", size, (40 * i, 100, 200)) for i in range(n)]
 
 
-def test_caption_writes_a_summary_and_every_marker(tmp_path, tiny_vlm, capsys):
+def test_caption_writes_no_caption_where_the_model_answers_nothing(tmp_path, tiny_vlm, capsys):
     data = tmp_path / "data"
     composites(data, 2)
     (data / "c1.txt").write_text("my own caption")
     argv = ["caption", "--data_dir", str(data), "--grid", "1x3", "--model_id", str(tiny_vlm), "--max_new_tokens", "8"]
     result = main(argv)
 
-    assert [p.name for p in result.written] == ["c0.txt"]
     assert "has a caption" in result.skipped["c1.png"]
     assert (data / "c1.txt").read_text() == "my own caption"  # left alone
-    text = (data / "c0.txt").read_text().strip()
-    assert find_markers(text) == ["[IMAGE 1]", "[IMAGE 2]", "[IMAGE 3]"]
-    assert "\n" not in text and result.empty == ["c0.png"]  # random bytes: nothing readable
-    assert check_markers(text, Grid(1, 3)).startswith("empty panel(s)")  # and the dry run says so too
-    assert not list(data.glob(".*tmp"))
-    assert "wrote 1 caption(s); skipped 1" in capsys.readouterr().out
+    # Random weights answer bytes that decode to nothing readable: no caption of bare markers.
+    assert result.written == [] and result.empty == {"c0.png": ["[IMAGE 1]", "[IMAGE 2]", "[IMAGE 3]"]}
+    assert not (data / "c0.txt").exists() and not list(data.glob(".*tmp"))
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "c0.png" in line] == [
+        "warning: no caption for c0.png: the model answered nothing for [IMAGE 1] [IMAGE 2] [IMAGE 3] "
+        "(check the image, or try another --model_id or prompt)"]
+    assert "wrote 0 caption(s); skipped 1; 1 left without one" in out
 
-    # --overwrite captions both, in another marker style; the result feeds the training check.
-    main([*argv, "--overwrite", "--marker_style", "position"])
-    for name in ("c0.txt", "c1.txt"):
+
+class Answers:
+    """Stands in for the VLM: 'answer N' to the N-th question, nothing to those in `silent`."""
+
+    def __init__(self, silent=()):
+        self.silent, self.asked = set(silent), 0
+
+    def ask(self, image, question, max_new_tokens):
+        self.asked += 1
+        return "" if self.asked in self.silent else f"answer {self.asked}"
+
+
+def test_caption_skips_a_composite_with_an_unanswered_panel_and_keeps_every_marker(tmp_path, capsys):
+    from iclora.prepare.caption import CaptionConfig, caption, report
+
+    data = tmp_path / "data"
+    composites(data, 3)
+    # Questions per composite: the summary, then panels 1-3. c0's panel 2 (question 3) and
+    # c1's summary (question 5) get no answer.
+    result = caption(CaptionConfig(data_dir=str(data), grid="1x3"), model=Answers(silent={3, 5}))
+    report(result)
+    assert [p.name for p in result.written] == ["c1.txt", "c2.txt"] and result.empty == {"c0.png": ["[IMAGE 2]"]}
+    assert not (data / "c0.txt").exists()
+    assert (data / "c1.txt").read_text().strip() == "[IMAGE 1] answer 6.; [IMAGE 2] answer 7.; [IMAGE 3] answer 8."
+    for name in ("c1.txt", "c2.txt"):
+        assert check_markers((data / name).read_text(), Grid(1, 3)) is None  # every slot filled, in order
+    out = capsys.readouterr().out
+    assert "warning: no caption for c0.png: the model answered nothing for [IMAGE 2]" in out
+
+    # --overwrite captions them all again, in another marker style.
+    caption(CaptionConfig(data_dir=str(data), grid="1x3", marker_style="position", overwrite=True), model=Answers())
+    for name in ("c0.txt", "c1.txt", "c2.txt"):
         assert find_markers((data / name).read_text()) == ["[LEFT]", "[CENTER]", "[RIGHT]"]
 
 

@@ -9,7 +9,9 @@ is asked once about the whole composite (--summary_prompt) and once about each p
 
     <summary>; [IMAGE 1] <panel 1>; [IMAGE 2] <panel 2>; ...
 
-so every caption carries every marker in order, whatever the model writes. Both prompts are
+so every caption carries every marker in order, whatever the model writes. A composite with a
+panel the model answers nothing for gets no caption (one warning line names it): a bare
+marker would train that panel on no words. Both prompts are
 templates: {grid}, {num_panels}, {rows}, {cols} and, in the panel prompt, {index} (from 1)
 and {marker} are filled in. Any chat-template model that `AutoModelForImageTextToText`
 loads works (Qwen2-VL / Qwen2.5-VL / Qwen3-VL, LLaVA / JoyCaption, Gemma 3, SmolVLM, ...);
@@ -93,7 +95,7 @@ class CaptionConfig:
 class CaptionResult:
     written: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # image name -> why
-    empty: list[str] = field(default_factory=list)  # captions where the model answered nothing somewhere
+    empty: dict[str, list[str]] = field(default_factory=dict)  # image name -> the markers the model left empty
 
 
 class VisionLanguageModel:
@@ -144,13 +146,16 @@ def clean(answer: str) -> str:
     return text.strip(" ,.") + ("." if text.strip(" ,.") else "")
 
 
-def caption_image(model, image: Image.Image, grid: Grid, markers: list[str], cfg: CaptionConfig) -> str:
+def caption_image(model, image: Image.Image, grid: Grid, markers: list[str], cfg: CaptionConfig) -> tuple[str, list[str]]:
+    """(the caption, the markers of panels the model answered nothing for). A caption with
+    an empty panel line is not written: a bare marker would train that panel on no words. An
+    empty summary is left out (the panel lines still say everything)."""
     fields = {"grid": str(grid), "num_panels": grid.num_panels, "rows": grid.rows, "cols": grid.cols}
     summary = clean(model.ask(image, cfg.summary_prompt.format(**fields, index=0, marker=""), cfg.max_new_tokens))
     panels = [clean(model.ask(panel, cfg.panel_prompt.format(**fields, index=i + 1, marker=markers[i]),
                               cfg.max_new_tokens))
               for i, panel in enumerate(split_panels(image, grid))]
-    return unified_caption(summary, panels, markers)
+    return unified_caption(summary, panels, markers), [m for m, text in zip(markers, panels) if not text]
 
 
 def caption(cfg: CaptionConfig, model=None) -> CaptionResult:
@@ -179,9 +184,10 @@ def caption(cfg: CaptionConfig, model=None) -> CaptionResult:
         except ValueError as error:
             result.skipped[path.name] = str(error)
             continue
-        text = caption_image(model, image, grid, markers, cfg)
-        if any(not part.strip() or part.strip() in markers for part in text.split("; ")):
-            result.empty.append(path.name)
+        text, empty = caption_image(model, image, grid, markers, cfg)
+        if empty:
+            result.empty[path.name] = empty
+            continue
         target = path.with_suffix(".txt")
         atomic_write(target, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
         result.written.append(target)
@@ -192,7 +198,8 @@ def caption(cfg: CaptionConfig, model=None) -> CaptionResult:
 def report(result: CaptionResult) -> None:
     for name, why in result.skipped.items():
         print(f"skipped {name}: {why}")
-    if result.empty:
-        print(f"the model left a summary or panel line empty in {len(result.empty)} caption(s) "
-              f"({', '.join(result.empty[:10])}): check them, or try another --model_id or prompt")
-    print(f"wrote {len(result.written)} caption(s); skipped {len(result.skipped)}")
+    for name, markers in result.empty.items():
+        print(f"warning: no caption for {name}: the model answered nothing for {' '.join(markers)} "
+              "(check the image, or try another --model_id or prompt)")
+    print(f"wrote {len(result.written)} caption(s); skipped {len(result.skipped)}"
+          + (f"; {len(result.empty)} left without one (the model answered nothing for a panel)" if result.empty else ""))
