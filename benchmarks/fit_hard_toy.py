@@ -37,6 +37,10 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 from fit_toy_base import TOY_VAE, draw_batch, fit_all_weights, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
 from hard_toy import caption, independent_pool, toy_arguments, toy_from_args  # noqa: E402

@@ -45,6 +45,10 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 from fit_toy_vae import PANEL_SIZE, independent_panels  # noqa: E402
 
 # make_base_model lives in the package: scripts/demo.sh builds the same base.

@@ -42,6 +42,10 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 from fit_toy_base import draw_batch, fit_all_weights  # noqa: E402
 from fit_toy_vae import independent_panels  # noqa: E402
 

@@ -44,8 +44,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
-from PIL import Image
+
+from iclora.logs import setup_logging
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
+from diffusers import AutoencoderKL  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from iclora.backends.tiny import LATENT_CHANNELS, VAE_BLOCKS
 from iclora.toy import BACKGROUND, PALETTE, SHAPES, make_sample, render_panel

@@ -46,6 +46,10 @@ if __package__ in (None, ""):  # run by path from a plain checkout
     sys.path.pop(0)
     ensure_package()
 
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLE = ROOT / "examples" / "flux_storyboard_3x1.yaml"

@@ -43,6 +43,10 @@ if __package__ in (None, ""):  # run by path from a plain checkout
     sys.path.pop(0)
     ensure_package()
 
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,6 +52,10 @@ if __package__ in (None, ""):  # run by path from a plain checkout
     sys.path.pop(0)
     ensure_package()
 
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 # benchmarks/ is no package: its modules import each other by name from this folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_models import CONDITIONING, pipeline_components, save_base, save_lora, stock_pipeline  # noqa: E402

@@ -27,6 +27,10 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 from fit_toy_flux import make_flux_base_model  # noqa: E402
 from hard_toy import PANEL_SIZE, caption  # noqa: E402
 from known_answer import complete, publish, train  # noqa: E402

@@ -44,6 +44,10 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 from fit_hard_toy import HARD_BASES  # noqa: E402
 from fit_toy_base import TOY_VAE, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402

@@ -52,6 +52,10 @@ if __package__ in (None, ""):  # run by path from a plain checkout
     sys.path.pop(0)
     ensure_package()
 
+from iclora.logs import setup_logging  # noqa: E402
+
+setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
+
 # benchmarks/ is no package: its modules import each other by name from this folder, which
 # is on sys.path when a script runs by path but not when the test loads this file by location.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -8,11 +8,13 @@ loggers (they do not propagate further), so a message the filters drop is never 
     pytest tests/test_quiet.py
 """
 
+import ast
 import io
 import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,5 +131,43 @@ def test_importing_bitsandbytes_offline_prints_nothing_after_setup_logging(tmp_p
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     code = "from iclora.logs import setup_logging; setup_logging(); import bitsandbytes"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert not [fragment for fragment in NOISE if fragment in run.stderr], run.stderr
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# What a benchmark may import before it quiets the stack: nothing that logs at import.
+QUIET_IMPORTS = {"__future__", "numpy", "torch", "PIL", "_bootstrap", "iclora.logs", *sys.stdlib_module_names}
+
+
+def _top_level(body):
+    """Module-level statements, those of `if` blocks (the run-by-path bootstrap) included."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.If):
+            yield from _top_level(node.body)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")
+                                          if 'if __name__ == "__main__"' in p.read_text()))
+def test_each_benchmark_script_quiets_the_stack_before_any_noisy_import(script):
+    """The benchmarks print what the CLIs print: setup_logging() before any import of
+    diffusers, peft, transformers, bitsandbytes or a sibling that does."""
+    nodes = list(_top_level(ast.parse((BENCHMARKS / script).read_text()).body))
+    calls = [i for i, node in enumerate(nodes) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+             and getattr(node.value.func, "id", None) == "setup_logging"]
+    assert calls, f"{script} never calls setup_logging()"
+    for node in nodes[:calls[0]]:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) else [])
+        for name in names:
+            assert name in QUIET_IMPORTS or name.split(".")[0] in QUIET_IMPORTS - {"iclora"}, (script, name)
+
+
+def test_a_benchmark_prints_none_of_the_noise_the_clis_filter():
+    """A fresh process (bitsandbytes logs once, at its import) loading the training benchmark."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = f"import runpy; runpy.run_path({str(BENCHMARKS / 'train_memory.py')!r}); import peft, bitsandbytes"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert not [fragment for fragment in NOISE if fragment in run.stderr], run.stderr
