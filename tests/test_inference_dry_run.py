@@ -153,3 +153,15 @@ def test_an_uncached_hub_id_fails_in_one_line(hub_cache, data_2x2, tmp_path, cap
                    "(HF_HUB_OFFLINE=1 is set); pass a local folder with the model, or unset HF_HUB_OFFLINE where "
                    "the hub is reachable to download it"]
     assert captured.out == "" and not (tmp_path / "o").exists()
+
+
+def test_training_dry_run_of_an_uncached_hub_id_fails_in_one_line(hub_cache, tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, n=2, panel_size=32)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(train_sdxl, ["--data_dir", str(data), "--model_id", "someone/not-downloaded", "--image_size", "64",
+                             "--dry_run"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --model_id someone/not-downloaded: not a local folder and not "
+                                               "in the Hugging Face cache")
