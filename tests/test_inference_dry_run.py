@@ -165,3 +165,14 @@ def test_training_dry_run_of_an_uncached_hub_id_fails_in_one_line(hub_cache, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --model_id someone/not-downloaded: not a local folder and not "
                                                "in the Hugging Face cache")
+
+
+def test_a_backend_without_measured_activations_gets_the_plan_and_no_estimate(data_2x2, tmp_path, capsys, no_loading):
+    from iclora.inference.flux2_ic_lora_inference import main as infer_flux2
+
+    report = infer_flux2(["--lora_path", "none", "--base_model", "tiny-flux2", "--image_size", "64",
+                          *_args(data_2x2 / "00000.png", tmp_path / "o")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert report.memory is None and len(report.calls) == 1
+    assert lines[-1] == "memory: no estimate: --backend flux2 has no measured activations yet"
+    assert not (tmp_path / "o").exists()

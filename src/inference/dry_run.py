@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import hub
 from ..backends import backend_class
 from ..backends.lora_files import resolve_lora_file
-from ..prepare.memory import Estimate, InferSettings, default_budget, inference_estimate, model_sizes
+from ..prepare.memory import Estimate, InferSettings, default_budget, estimable, inference_estimate, model_sizes
 from .config import InferConfig
 from .generation import pipeline_calls
 from .inpaint import vae_source
@@ -134,6 +134,9 @@ def dry_run(cfg: InferConfig) -> InferDryRun:
 def report(cfg: InferConfig, plan: Plan, source: str, s: InferSettings) -> Estimate | None:
     """Print the estimate per phase, the flags that would make it fit --gpu_memory_gib when
     it does not, and the memory line last."""
+    if not estimable(cfg.backend):
+        print(f"memory: no estimate: --backend {cfg.backend} has no measured activations yet")
+        return None
     try:
         sizes = model_sizes(cfg.backend, source, 1, plan.conditioning or "blend")
     except (OSError, ValueError) as error:

@@ -352,12 +352,17 @@ def default_budget() -> float:
     return 16.0
 
 
+def estimable(backend: str) -> bool:
+    """Whether measured activations exist for `backend` (what the estimate is fitted to)."""
+    return backend in {family for family, _ in ACTIVATIONS}
+
+
 def report(cfg, buckets) -> Estimate | None:
     """Print the estimate line for the dry run's largest bucket, and when it does not fit
     --gpu_memory_gib the flags that would; None when the model's configs cannot be read."""
     import torch
 
-    if cfg.backend not in {family for family, _ in ACTIVATIONS}:
+    if not estimable(cfg.backend):
         print(f"memory: no estimate: --backend {cfg.backend} has no measured activations yet")
         return None
     height, width = max(buckets, key=lambda hw: hw[0] * hw[1])
