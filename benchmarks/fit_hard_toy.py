@@ -2,6 +2,7 @@
 
     python benchmarks/fit_hard_toy.py --backend sdxl     # ~10 min on 2 CPU cores
     python benchmarks/fit_hard_toy.py --backend flux     # ~15 min
+    python benchmarks/fit_hard_toy.py --backend flux2    # FLUX.2 [klein] layout (fit_toy_flux2.py)
     python benchmarks/fit_hard_toy.py --backend sdxl --steps 20 --out /tmp/x   # smoke run
     python benchmarks/fit_hard_toy.py --backend sdxl --layers_per_block 2 --seed 1 \
         --background per_composite --object_scale 0.2,0.5 --out /tmp/y    # another base
@@ -12,9 +13,11 @@ As fit_toy_base.py / fit_toy_flux.py (same architectures, the same toy VAE, ever
 trained), but on composites of *independent* hard-toy panels (any RGB colour, shape, size
 and place per panel), half of the batches 2x2 (128 x 128) and half 1x3 (64 x 192), so the
 base draws any object anywhere in either layout and knows no relation between panels.
-The FLUX base has the FLUX.1-dev layout (blend and context conditioning).
+The FLUX base has the FLUX.1-dev layout (blend and context conditioning); the FLUX.2 base the
+[klein] base layout (32 -> here 4 latent channels patchified 2x2, batch-norm normalised by the
+toy VAE's measured statistics, the tiny Qwen3's stacked hidden states as text).
 
-Writes benchmarks/assets/toy_{sdxl_unet,flux_transformer}_hard/ (float16 weights).
+Writes benchmarks/assets/toy_{sdxl_unet,flux_transformer,flux2_transformer}_hard/ (float16 weights).
 """
 
 from __future__ import annotations
@@ -43,14 +46,16 @@ setup_logging()  # the stack's known noise filtered as in the CLIs, before the i
 
 from fit_toy_base import TOY_VAE, draw_batch, fit_all_weights, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
+from fit_toy_flux2 import make_flux2_base_model  # noqa: E402
 from hard_toy import caption, independent_pool, toy_arguments, toy_from_args  # noqa: E402
 
 from iclora.panels import Grid  # noqa: E402
 
-HARD_BASES = {"sdxl": HERE / "assets" / "toy_sdxl_unet_hard", "flux": HERE / "assets" / "toy_flux_transformer_hard"}
+HARD_BASES = {"sdxl": HERE / "assets" / "toy_sdxl_unet_hard", "flux": HERE / "assets" / "toy_flux_transformer_hard",
+              "flux2": HERE / "assets" / "toy_flux2_transformer_hard"}
 GRIDS = (Grid(2, 2), Grid(1, 3))
-DEFAULT_STEPS = {"sdxl": 4000, "flux": 2000}
-DEFAULT_BATCH = {"sdxl": 16, "flux": 8}
+DEFAULT_STEPS = {"sdxl": 4000, "flux": 2000, "flux2": 2000}
+DEFAULT_BATCH = {"sdxl": 16, "flux": 8, "flux2": 8}
 
 
 def fit(backend, pools: list[tuple[torch.Tensor, Grid]], steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
@@ -93,7 +98,7 @@ def make_sdxl_variant(folder: Path, layers_per_block: int, init_seed: int) -> No
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["sdxl", "flux"], required=True)
+    parser.add_argument("--backend", choices=["sdxl", "flux", "flux2"], required=True)
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/assets/toy_*_hard)")
     parser.add_argument("--vae", default=str(TOY_VAE))
     parser.add_argument("--steps", type=int, default=None, help=f"AdamW steps (default: {DEFAULT_STEPS})")
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--layers_per_block", type=int, default=1, help="SDXL: ResNet blocks per UNet stage")
-    parser.add_argument("--flux_blocks", default="2,4", help="FLUX: DOUBLE,SINGLE transformer block counts")
+    parser.add_argument("--flux_blocks", default="2,4", help="FLUX / FLUX.2: DOUBLE,SINGLE transformer block counts")
     toy_arguments(parser)
     args = parser.parse_args(argv)
     toy = toy_from_args(parser, args)
@@ -128,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.backend == "flux":
             folder = make_flux_base_model(work / "base", "blend", Path(args.vae), blocks=blocks, init_seed=args.seed)
+        elif args.backend == "flux2":
+            folder = make_flux2_base_model(work / "base", Path(args.vae), blocks=blocks, init_seed=args.seed)
         else:
             folder = make_base_model(work / "base", Path(args.vae), unet_dir=None)
             make_sdxl_variant(folder, args.layers_per_block, args.seed)
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"seconds": round(seconds, 1), "final_loss": float(np.mean(losses[-100:])), "steps": steps,
               "batch_size": batch_size, "pool": args.pool, "lr": args.lr, "seed": args.seed,
               "grids": [str(g) for g in GRIDS], "toy": asdict(toy),
-              **({"flux_blocks": list(blocks)} if args.backend == "flux" else {"layers_per_block": args.layers_per_block})}
+              **({"layers_per_block": args.layers_per_block} if args.backend == "sdxl" else {"flux_blocks": list(blocks)})}
     # Written under a temporary name, then renamed: a fit cut short leaves no half base behind.
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -115,9 +115,11 @@ def write_folder(folder: Path, images: dict[tuple[str, str], Image.Image]) -> li
 def train(model_dir: Path, data_dir: Path, out_dir: Path, mask_probability: float, args, grid: Grid = GRID,
           image_size: int = 2 * PANEL_SIZE) -> tuple[Path, float]:
     """One run of the training CLI, in-process. Returns (final_model dir, seconds)."""
-    from iclora.training import train_flux_ic_lora, train_sdxl_ic_lora
+    import importlib
 
-    train_main = train_flux_ic_lora.main if args.backend == "flux" else train_sdxl_ic_lora.main
+    from iclora.backends.registry import backend_spec
+
+    train_main = importlib.import_module(backend_spec(args.backend).train_script).main  # the backend's own script
 
     argv = [
         "--backend", args.backend, "--model_id", str(model_dir), "--data_dir", str(data_dir),

@@ -3,6 +3,8 @@ the visible panels when the object's place and size change from panel to panel?
 
     python benchmarks/known_answer_hard.py --backend sdxl --conditioning concat
     python benchmarks/known_answer_hard.py --backend flux --conditioning context --grid 1x3
+    python benchmarks/known_answer_hard.py --backend flux2 --conditioning context --mask_probability 1 \
+        --max_masked_panels 3 --guidance_scale 1
     python benchmarks/known_answer_hard.py --help
 
 The toy (hard_toy.py): one object of any RGB colour and one of four shapes in every panel,
@@ -51,6 +53,7 @@ setup_logging()  # the stack's known noise filtered as in the CLIs, before the i
 from fit_hard_toy import HARD_BASES  # noqa: E402
 from fit_toy_base import TOY_VAE, make_base_model  # noqa: E402
 from fit_toy_flux import make_flux_base_model  # noqa: E402
+from fit_toy_flux2 import make_flux2_base_model  # noqa: E402
 from hard_toy import BACKGROUND, Toy, caption, colour_error, composite, set_spread, toy_arguments, toy_from_args  # noqa: E402
 from known_answer import complete, picture, publish, train, vae_round_trip  # noqa: E402
 
@@ -156,7 +159,7 @@ def read_train_log(run_dir: Path, windows: int = 10) -> list[dict]:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["sdxl", "flux"], default="sdxl")
+    parser.add_argument("--backend", choices=["sdxl", "flux", "flux2"], default="sdxl")
     parser.add_argument("--conditioning", choices=["concat", "blend", "context"], default="concat")
     parser.add_argument("--context_timestep", choices=["zero", "shared"], default=None)
     parser.add_argument("--grid", default="2x2", help="2x2 or 1x3 (the layouts the bases were fitted on)")
@@ -195,6 +198,8 @@ def parse_args(argv):
     args.base = args.base or str(HARD_BASES[args.backend])
     if args.backend == "flux" and args.conditioning == "concat":
         parser.error("--conditioning concat on FLUX needs a Fill-layout hard-toy base, which is not fitted")
+    if args.backend == "flux2" and args.conditioning == "concat":
+        parser.error("--conditioning concat: FLUX.2 has no Fill layout (use context or blend)")
     return args
 
 
@@ -215,6 +220,8 @@ def main(argv=None) -> dict:
         work = Path(args.work_dir or tmp)
         if args.backend == "flux":
             model_dir = make_flux_base_model(work / "base", "blend", Path(args.vae), Path(args.base))
+        elif args.backend == "flux2":
+            model_dir = make_flux2_base_model(work / "base", Path(args.vae), Path(args.base))
         else:
             model_dir = make_base_model(work / "base", Path(args.vae), Path(args.base))
         write_set(work / "train", args.n_train, grid, args.seed, toy)
