@@ -33,9 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:  # the codec module imports diffusers
+    from .latents import LatentCodec
 
 
 CONDITIONINGS = ("concat", "blend", "context")
@@ -187,16 +190,23 @@ class Backend(Protocol):
         `encode_prompt` of one prompt (SDXL: zeros where the pipeline zeroes empty prompts,
         force_zeros_for_empty_prompt; FLUX: the encoding of ""). Caption dropout trains on it."""
 
+    @property
+    def codec(self) -> LatentCodec:
+        """The backend's latent codec around its VAE (iclora.backends.latents): pixels <->
+        the normalised latents the denoiser sees. Training, the latent cache, the context
+        pipelines and the visible resets encode and decode through it."""
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w): `codec.encode`
+        (latents.LatentMethods gives this and the next two from the codec)."""
 
     def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE posterior's parameters (B, 2C, h, w): mean and log-variance, unscaled. What
-        the latent cache stores; `encode_image` is `sample_latents(latent_distribution(x))`."""
+        """The VAE posterior's parameters (B, 2C, h, w): mean and log-variance, unscaled:
+        `codec.posterior`. What the latent cache stores."""
 
     def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
         """Draw scaled latents (B, C, h, w) from `latent_distribution`'s parameters, on their
-        device, from the global RNG (as the VAE's own sampling)."""
+        device, from the global RNG (as the VAE's own sampling): `codec.sample`."""
 
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
         """Latents of the image with the masked panels blanked, for 'concat'; None for

@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers import (
     AutoencoderKL,
     FluxFillPipeline,
@@ -57,7 +56,8 @@ from .base import TimestepSampling, visible_reset_callback
 from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .flux_context import CONTEXT_TIMESTEPS, ContextDenoiser, FluxContextPipeline, clean_token_mask, shift_mu
-from .flux_latents import fill_mask_channels, pack, scale_latents, unpack
+from .flux_latents import FluxLatents, fill_mask_channels, pack, unpack
+from .latents import LatentMethods
 from . import flux_lora
 from .flux_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
 from .flux_spec import SPEC
@@ -81,7 +81,7 @@ def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torc
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-class FluxBackend(Placement):
+class FluxBackend(LatentMethods, Placement):
     name = "flux"
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
@@ -270,28 +270,19 @@ class FluxBackend(Placement):
                 logger.warning("prompts longer than %d CLIP tokens: CLIP's pooled embedding reads their start, "
                                "T5 reads %d tokens (said once)", self.max_token_length, MAX_SEQUENCE_LENGTH)
 
+    @property
+    def codec(self) -> FluxLatents:
+        return FluxLatents(self.vae)
+
     def _scale(self, latents: torch.Tensor) -> torch.Tensor:
-        return scale_latents(latents, self.vae.config)
+        return self.codec.normalise(latents)
 
-    @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.sample_latents(self.latent_distribution(pixels))
-
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
-
-    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
-        return self._scale(DiagonalGaussianDistribution(parameters).sample())
-
-    @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
         if self.conditioning != "concat":
             return None
         # As FluxFillPipeline: binarized mask, masked pixels become 0 (mid-grey) in [-1, 1].
         # The posterior mean, not a sample (the pipeline samples; the FLUX VAE's std is tiny).
-        blanked = (pixels * (pixel_mask < 0.5)).to(self.vae.device, self.vae.dtype)
-        return self._scale(self.vae.encode(blanked).latent_dist.mode())
+        return self.codec.encode_mean(pixels * (pixel_mask < 0.5))
 
     def noise_latents(self, latents, noise, generator):
         sigmas = self.timestep_sampling.draw(latents.shape[0], generator)  # (B,); 1 = pure noise
@@ -359,9 +350,8 @@ class FluxBackend(Placement):
         device, dtype = pipe._execution_device, pipe.transformer.dtype
         height, width = masks.shape[-2:]
         pixels = pipe.image_processor.preprocess(images, height=height, width=width).to(device, pipe.vae.dtype)
-        with torch.no_grad():  # one input at a time, as the pipeline encodes them
-            clean = torch.cat([pipe.vae.encode(pixels[i : i + 1]).latent_dist.mode() for i in range(len(pixels))])
-        clean = scale_latents(clean, pipe.vae.config).to(dtype)  # (b, C, h, w)
+        # One input at a time, as the pipeline encodes them.
+        clean = FluxLatents(pipe.vae).encode_mean(pixels, one_at_a_time=True).to(dtype)  # (b, C, h, w)
         masked = latent_mask(masks.to(device), self.vae_scale_factor).to(dtype)  # (b, 1, h, w), soft
         masked = pack(masked.expand(-1, clean.shape[1], -1, -1))  # (b, N, 4C), as the latents' tokens
         clean = pack(clean)

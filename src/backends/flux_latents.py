@@ -1,5 +1,5 @@
-"""FLUX.1's latent layout: the VAE's shift and scale, the transformer's token sequence of
-2x2 latent patches, and FLUX.1-Fill's mask channels.
+"""FLUX.1's latent layout: its codec (the VAE's shift and scale), the transformer's token
+sequence of 2x2 latent patches, and FLUX.1-Fill's mask channels.
 
 The backend passes latents as (B, C, h, w); only the transformer's input and output are
 packed, one token per 2x2 patch with 4C channels (diffusers' `_pack_latents`).
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxPipeline
+
+from .latents import LatentCodec
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,29 @@ def unpack(tokens: torch.Tensor, h: int, w: int, vae_scale_factor: int) -> torch
 def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """The VAE's raw latents as the transformer sees them (FLUX's VAE has a shift as well as a scale)."""
     return (latents - vae_config.shift_factor) * vae_config.scaling_factor
+
+
+class FluxLatents(LatentCodec):
+    """FLUX.1's codec: shift and scale from the VAE's config; `pack` / `unpack` for the
+    transformer's token layout."""
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        return scale_latents(raw, self.vae.config)
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        return pack(latents)
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h/2 * w/2, 4C) -> (B, C, h, w), h and w in latent pixels."""
+        return unpack(tokens, h, w, self.vae_scale_factor)
 
 
 def fill_mask_channels(pixel_mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:

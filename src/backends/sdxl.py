@@ -18,7 +18,6 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -28,7 +27,9 @@ from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME  # noqa: F401 (callers import the file name from here)
 from .sdxl_lora import CONCAT_CHANNELS, SDXLLoraFiles, widen_conv_in
+from .latents import LatentMethods
 from .sdxl_context import SDXLContextPipeline
+from .sdxl_latents import SDXLLatents
 from .sdxl_spec import SPEC
 from .sdxl_prompt import DEFAULT_MAX_TOKEN_LENGTH, encode_long_prompt, token_count
 from .tiny import TINY_MODELS, is_tiny
@@ -40,7 +41,7 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.
 KOHYA_WEIGHT_NAME = COMFYUI_WEIGHT_NAME  # the kohya-key file; its name before it was written by default
 
 
-class SDXLBackend(SDXLLoraFiles, Placement):
+class SDXLBackend(LatentMethods, SDXLLoraFiles, Placement):
     name = "sdxl"
     vae_scale_factor = 8
     pixel_quantum = 8
@@ -209,24 +210,15 @@ class SDXLBackend(SDXLLoraFiles, Placement):
             if length > limit:
                 logger.warning("prompt of %d tokens is cut to --max_token_length %d: %.60s...", length, limit, prompt)
 
-    @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.sample_latents(self.latent_distribution(pixels))
+    @property
+    def codec(self) -> SDXLLatents:
+        return SDXLLatents(self.vae)
 
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
-
-    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
-        return DiagonalGaussianDistribution(parameters).sample() * self.vae.config.scaling_factor
-
-    @torch.no_grad()
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
         if self.conditioning != "concat":
             return None
         # As StableDiffusionXLInpaintPipeline: masked pixels become 0 (mid-grey) in [-1, 1].
-        latents = self.vae.encode((pixels * (pixel_mask < 0.5)).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
-        return latents * self.vae.config.scaling_factor
+        return self.codec.encode_mean(pixels * (pixel_mask < 0.5))
 
     def noise_latents(self, latents, noise, generator):
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -284,12 +276,8 @@ class SDXLBackend(SDXLLoraFiles, Placement):
         device, dtype = pipe._execution_device, pipe.unet.dtype
         height, width = masks.shape[-2:]
         pixels = pipe.image_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
-        vae_dtype = pipe.vae.dtype
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-        with torch.no_grad():  # one input at a time, as the pipeline encodes them
-            clean = torch.cat([pipe.vae.encode(pixels[i : i + 1]).latent_dist.mode() for i in range(len(pixels))])
-        pipe.vae.to(vae_dtype)
-        clean = (clean * pipe.vae.config.scaling_factor).to(dtype)  # (b, 4, h, w)
+        # One input at a time, as the pipeline encodes them.
+        clean = SDXLLatents(pipe.vae).encode_mean(pixels, one_at_a_time=True).to(dtype)  # (b, 4, h, w)
         masked = latent_mask(masks.to(device), self.vae_scale_factor).to(dtype)  # (b, 1, h, w), soft
         noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
                            for seed in seeds]).to(device, dtype)  # (B, 4, h, w)
