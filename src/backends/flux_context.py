@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-from diffusers.pipelines.flux.pipeline_flux_inpaint import FluxInpaintPipeline, retrieve_latents
+from diffusers.pipelines.flux.pipeline_flux_inpaint import FluxInpaintPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..panels import latent_mask
 from .base import repeat_to_batch
+from .flux_latents import FluxLatents, pack
 
 CONTEXT_TIMESTEPS = ("zero", "shared")
 
@@ -54,8 +54,7 @@ def shift_mu(scheduler_config, image_seq_len: int) -> float:
 def clean_token_mask(mask: torch.Tensor) -> torch.Tensor:
     """Latent mask (B, 1, h, w), 1 = masked -> (B, h/2 * w/2, 1) bool, True where a whole
     2x2 patch is visible (a token with any masked latent pixel is denoised)."""
-    b, _, h, w = mask.shape
-    tokens = FluxPipeline._pack_latents(mask, b, 1, h, w)  # (B, N, 4)
+    tokens = pack(mask)  # (B, N, 4)
     return tokens.amax(dim=-1, keepdim=True) < 0.5
 
 
@@ -217,16 +216,16 @@ class FluxContextPipeline(FluxInpaintPipeline):
         channels = self.transformer.config.in_channels // 4
         h, w = 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
 
+        codec = FluxLatents(self.vae)
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
-        # One input at a time, as the stock pipeline encodes a batch: the same memory as one image.
-        clean = torch.cat([retrieve_latents(self.vae.encode(pixels[i : i + 1]), sample_mode="argmax") for i in range(len(pixels))])
-        clean = ((clean - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(dtype)  # posterior mean
+        # The posterior mean, one input at a time as the stock pipeline encodes a batch: the same memory as one image.
+        clean = codec.encode_mean(pixels, one_at_a_time=True).to(dtype)
         clean = repeat_to_batch(clean, batch, "images")  # (B, C, h, w)
         pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
         mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (b, 1, h, w), 1 = masked
         mask = repeat_to_batch(mask, batch, "masks")  # (B, 1, h, w)
         clean_tokens = clean_token_mask(mask)  # (B, N, 1)
-        clean_packed = self._pack_latents(clean, batch, channels, h, w)  # (B, N, 4C)
+        clean_packed = codec.pack(clean)  # (B, N, 4C)
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = shift_mu(self.scheduler.config, h * w // 4)
@@ -235,7 +234,7 @@ class FluxContextPipeline(FluxInpaintPipeline):
 
         # One row per generator: image i draws what a one-image call with its generator draws.
         noise = randn_tensor((batch, channels, h, w), generator=generator, device=device, dtype=dtype)
-        latents = self._pack_latents(noise, batch, channels, h, w)  # (B, N, 4C)
+        latents = codec.pack(noise)  # (B, N, 4C)
         if strength < 1.0:  # SDEdit: the masked region starts from the noised input
             latents = self.scheduler.scale_noise(clean_packed, timesteps[:1].repeat(batch), latents)
         image_ids = self._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
@@ -264,11 +263,10 @@ class FluxContextPipeline(FluxInpaintPipeline):
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
         latents = torch.where(clean_tokens, clean_packed, latents)
-        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # (B, C, h, w)
+        latents = codec.unpack(latents, h, w)  # (B, C, h, w)
         if output_type == "latent":
             return FluxPipelineOutput(images=latents)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        decoded = codec.decode(latents)
         self.maybe_free_model_hooks()
         return FluxPipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..panels import latent_mask
 from .base import repeat_to_batch, with_clean_context
+from .sdxl_latents import SDXLLatents
 
 
 class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
@@ -65,12 +65,10 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = time_ids.repeat(2, 1)
 
+        codec = SDXLLatents(self.vae)
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
-        vae_dtype = self.vae.dtype
-        self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-        # One input at a time, as the stock pipeline encodes a batch: the same memory as one image.
-        clean = torch.cat([retrieve_latents(self.vae.encode(pixels[i : i + 1]), sample_mode="argmax") for i in range(len(pixels))])
-        clean = clean * self.vae.config.scaling_factor  # the posterior mean
+        # The posterior mean, one input at a time as the stock pipeline encodes a batch: the same memory as one image.
+        clean = codec.encode_mean(pixels, one_at_a_time=True)
         clean = repeat_to_batch(clean.to(dtype), batch, "images")  # (B, 4, h, w)
         pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
         mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (b, 1, h, w), 1 = masked
@@ -99,9 +97,7 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
 
         latents = with_clean_context(latents, clean, mask)
         if output_type == "latent":
-            self.vae.to(vae_dtype)
             return StableDiffusionXLPipelineOutput(images=latents)
-        decoded = self.vae.decode(latents.float() / self.vae.config.scaling_factor, return_dict=False)[0]
-        self.vae.to(vae_dtype)
+        decoded = codec.decode(latents)
         self.maybe_free_model_hooks()
         return StableDiffusionXLPipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
