@@ -159,7 +159,7 @@ class LatentCache:
                 if before_encoding is not None:
                     before_encoding()
                 pixels = dataset[index]["pixels"][None].to(device)  # (1, 3, H, W)
-                tensors = {POSTERIOR: backend.latent_distribution(pixels)[0]}
+                tensors = {POSTERIOR: backend.codec.posterior(pixels)[0]}
                 for subset in subsets:
                     mask = panel_mask(list(subset), grid, *pixels.shape[-2:])[None].to(device)  # (1, 1, H, W)
                     tensors[subset_name(subset)] = backend.masked_image_latents(pixels, mask)[0]
@@ -171,7 +171,7 @@ class LatentCache:
     def latents(self, backend, indices: list[int], device) -> torch.Tensor:
         """Latents drawn from the cached posteriors, on `device` (so the RNG draws match
         those of encoding there)."""
-        return backend.sample_latents(torch.stack([self._read(i, POSTERIOR) for i in indices]).to(device))
+        return backend.codec.sample(torch.stack([self._read(i, POSTERIOR) for i in indices]).to(device))
 
     def masked_latents(self, indices: list[int], subsets: list[tuple[int, ...]], device) -> torch.Tensor | None:
         if not self.concat:

@@ -267,7 +267,7 @@ class Trainer:
             masked_latents = self.latent_cache.masked_latents(indices, subsets, device)
         else:
             pixels = batch["pixels"].to(device)  # (B, 3, H, W)
-            latents = backend.encode_image(pixels).to(self.weight_dtype)  # (B, C, h, w)
+            latents = backend.codec.encode(pixels).to(self.weight_dtype)  # (B, C, h, w)
             pixel_mask = panel_masks(subsets, self.grid, height, width).to(device)  # (B, 1, H, W)
             masked_latents = backend.masked_image_latents(pixels, pixel_mask)
         return diffusion_loss(backend, latents, mask, masked_latents, embeds, batch, generator, cfg.visible_weight,
