@@ -186,6 +186,10 @@ class Flux2Backend(Placement):
                 logger.warning("prompt of %d Qwen3 tokens (chat template included) is cut to --max_token_length %d: "
                                "%.60s...", n, self.max_token_length, prompt)
 
+    @property
+    def codec(self) -> codec.Flux2Latents:
+        return codec.Flux2Latents(self.vae)
+
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.sample_latents(self.latent_distribution(pixels))

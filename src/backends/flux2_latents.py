@@ -17,6 +17,8 @@ import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .latents import LatentCodec
+
 PATCH = 2  # latent pixels per token side
 
 
@@ -38,6 +40,17 @@ def denormalize(latents: torch.Tensor, vae) -> torch.Tensor:
     """Inverse of `normalize`: (B, 4C, h/2, w/2) -> the VAE's raw latents (B, C, h, w)."""
     mean, std = _statistics(vae, latents)
     return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
+
+
+class Flux2Latents(LatentCodec):
+    """The codec object the caches and training call (iclora.backends.latents): this
+    module's normalisation around one VAE."""
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        return normalize(raw, self.vae)
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return denormalize(latents, self.vae)
 
 
 def posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
