@@ -155,6 +155,11 @@ class Backend(Protocol):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations of the denoiser's blocks in the backward pass."""
 
+    def shard_units(self) -> list[torch.nn.Module]:
+        """--distributed fsdp: the denoiser's repeated blocks, each sharded as one FSDP2 unit
+        (training/distributed.py; the rest of the denoiser is sharded as one more). Raises
+        ValueError, with the flag to change, where the backend's forward cannot run sharded."""
+
     def compile_blocks(self, **options: Any) -> Any:
         """--compile: torch.compile the denoiser's repeated blocks where they actually run
         (regional compilation, iclora.compiling), `options` passed to torch.compile; after

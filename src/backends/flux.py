@@ -197,6 +197,14 @@ class FluxBackend(LatentMethods, Placement):
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
+    def shard_units(self) -> list[torch.nn.Module]:
+        if self.context_timestep == "zero":
+            # FSDP2 gathers a block's weights in hooks of its forward, which the per-token forward
+            # never calls (flux_context.py).
+            raise ValueError("--distributed fsdp with --conditioning context needs --context_timestep shared: the "
+                             "'zero' forward runs the blocks outside their own forward, where FSDP2 gathers them")
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
     def compile_blocks(self, **options: Any) -> CompiledBlocks:
         if self.context_timestep == "zero":
             # The per-token forward never calls the blocks' own forward (flux_context.py).

@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention import BasicTransformerBlock
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -164,6 +165,10 @@ class SDXLBackend(LatentMethods, SDXLLoraFiles, Placement):
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        # The transformer blocks hold most of the UNet's weights and run one after another.
+        return [m for m in self.unet.modules() if isinstance(m, BasicTransformerBlock)]
 
     def compile_blocks(self, **options: Any) -> CompiledBlocks:
         # The UNet's forward calls its transformer blocks as modules (the context pipeline's

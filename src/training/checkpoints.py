@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..backends.lora_files import atomic_write_text, match_umask
 from ..backends.registry import ByBackend
+from .distributed import SHARDED_NAME, agree_on_error, load_sharded, save_sharded
 
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME = "trainable.safetensors"
@@ -34,6 +35,9 @@ FINAL_NAME = "final_model"
 # What accelerate's save_state writes for us (the denoiser itself is replaced by
 # TRAINABLE_NAME through a save hook), besides random_states_<process>.pkl.
 CHECKPOINT_FILES = (STATE_NAME, TRAINABLE_NAME, "optimizer.bin", "scheduler.bin")
+# --distributed fsdp: the trainable tensors and the optimizer as one sharded checkpoint
+# (distributed.save_sharded; its index is .metadata), the scheduler as accelerate writes it.
+SHARDED_CHECKPOINT_FILES = (STATE_NAME, f"{SHARDED_NAME}/.metadata", "scheduler.bin")
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 # LoRA parameters per unit of rank with our target modules, for the disk estimate made
@@ -60,7 +64,8 @@ def is_complete(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     processes = int(state.get("run", {}).get("num_processes", 1))
-    needed = [*CHECKPOINT_FILES, *(f"random_states_{i}.pkl" for i in range(processes))]
+    files = SHARDED_CHECKPOINT_FILES if state.get("run", {}).get("distributed") == "fsdp" else CHECKPOINT_FILES
+    needed = [*files, *(f"random_states_{i}.pkl" for i in range(processes))]
     return all((folder / name).is_file() for name in needed)
 
 
@@ -191,34 +196,72 @@ def _size(n: int) -> str:
     return f"{n} TB"
 
 
-def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None, extra_files=None) -> None:
-    """accelerate's save_state into `folder`.tmp, then `extra_files(tmp)` (main process), our
-    state last, one rename; then prune. Raises OSError with one line (and removes the
-    temporary folder) when writing fails."""
+def write_checkpoint(accelerator, folder: Path, state: dict, limit: int | None, extra_files=None,
+                     save_state=None) -> None:
+    """`save_state(tmp)` on every process into `folder`.tmp (default: accelerate's save_state),
+    then `extra_files(tmp)` (main process), our state last, one rename; then prune. Raises
+    OSError with one line, the same on every process (and removes the temporary folder), when
+    writing fails on any of them."""
     main = accelerator.is_main_process
     tmp = folder.with_name(folder.name + ".tmp")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        # Every rank writes its own RNG state into tmp: rename it only once all have.
-        accelerator.wait_for_everyone()
-        if main:
-            if extra_files is not None:
-                extra_files(tmp)
-            atomic_write_text(json.dumps(state), tmp / STATE_NAME)
-            match_umask(tmp)  # the LoRA files diffusers wrote are 0600 (safetensors' temporary file)
-            if folder.exists():
-                remove_folder(folder)
-            os.replace(tmp, folder)
-    except Exception as error:
+    # Every process writes its own RNG state (and with FSDP its shard) into tmp: rename it only
+    # once all have. A process that failed (its disk full) passes its error instead of waiting
+    # at a barrier the others never leave, and every process stops with it.
+    error = agree_on_error(accelerator, _attempt(save_state or (lambda path: accelerator.save_state(str(path))), tmp))
+    if error is None and main:
+        error = _attempt(_finish, tmp, folder, state, extra_files)
+    error = agree_on_error(accelerator, error)
+    if error is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write {folder} ({describe(error)})") from None
+        raise OSError(f"could not write {folder} ({error})")
     if main:
         prune(folder.parent.parent, limit)
     accelerator.wait_for_everyone()
+
+
+def _attempt(write, *args) -> str | None:
+    """None when `write(*args)` succeeds, else the reason in a few words."""
+    try:
+        write(*args)
+    except Exception as error:
+        return describe(error)
+    return None
+
+
+def _finish(tmp: Path, folder: Path, state: dict, extra_files) -> None:
+    if extra_files is not None:
+        extra_files(tmp)
+    atomic_write_text(json.dumps(state), tmp / STATE_NAME)
+    match_umask(tmp)  # the LoRA files diffusers wrote are 0600 (safetensors' temporary file)
+    if folder.exists():
+        remove_folder(folder)
+    os.replace(tmp, folder)
+
+
+def save_sharded_state(trainer, folder: Path) -> None:
+    """--distributed fsdp, every process: its shard of the trainable tensors and optimizer, then
+    what accelerate's save_state writes besides the model and optimizer (scheduler, this
+    process's RNG state)."""
+    from accelerate.checkpointing import save_accelerator_state
+
+    accelerator = trainer.accelerator
+    save_sharded(folder, trainer.backend.denoiser, trainer.optimizer)
+    save_accelerator_state(str(folder), [], [], [trainer.lr_scheduler], [trainer.dataloader], accelerator.process_index,
+                           accelerator.step, accelerator.scaler)
+
+
+def load_sharded_state(trainer, folder: Path) -> None:
+    """Inverse of `save_sharded_state`."""
+    from accelerate.checkpointing import load_accelerator_state
+
+    accelerator = trainer.accelerator
+    load_sharded(folder, trainer.backend.denoiser, trainer.optimizer)
+    load_accelerator_state(str(folder), [], [], [trainer.lr_scheduler], [trainer.dataloader], accelerator.process_index,
+                           accelerator.scaler, map_location="cpu")
 
 
 def describe(error: BaseException) -> str:

@@ -124,6 +124,10 @@ class TrainConfig:
     """Trade compute for memory in the denoiser."""
     compile: bool = False
     """torch.compile the denoiser's repeated blocks (regional compilation: SDXL's transformer blocks, FLUX's double and single blocks), with the LoRA and checkpointing in place; the first step compiles them (its seconds are logged and in train_log.jsonl)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (accelerate launch): 'ddp' keeps the whole denoiser on every GPU (fastest when the
+    base fits one card); 'fsdp' shards it over the GPUs with FSDP2, block by block (a base too large for one card),
+    training in bf16 unless --mixed_precision says otherwise, the LoRA in float32."""
     quantize: Optional[Literal["nf4", "int8"]] = None
     """Load the frozen denoiser quantized through bitsandbytes (QLoRA; CUDA only)."""
     save_precision: Optional[Literal["fp16", "bf16", "fp32"]] = None
@@ -220,6 +224,8 @@ class TrainConfig:
                              or f"--max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if self.compile and (problem := compile_unsupported(self.quantize, self.gradient_checkpointing)):
             raise ValueError(problem)
+        if self.distributed == "fsdp":
+            self._check_fsdp()
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise ValueError(f"--gpu_memory_gib must be positive, got {self.gpu_memory_gib}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -231,6 +237,17 @@ class TrainConfig:
         if self.conditioning not in spec.conditionings:
             raise ValueError(f"--conditioning {self.conditioning}: --backend {self.backend} trains "
                              f"{' | '.join(spec.conditionings)}")
+
+    def _check_fsdp(self) -> None:
+        if self.quantize:
+            raise ValueError(f"--distributed fsdp with --quantize {self.quantize}: bitsandbytes' quantized weights are not "
+                             "sharded (integer storage); a quantized base fits one card: use --distributed ddp")
+        if self.mixed_precision == "fp16":
+            raise ValueError("--distributed fsdp with --mixed_precision fp16: fp16 needs a gradient scaler that knows the "
+                             "shards; use bf16 (the default with fsdp) or no")
+        if self.compile:
+            raise ValueError("--distributed fsdp with --compile: compiling the sharded blocks is not supported; "
+                             "leave out --compile or use --distributed ddp")
 
     def _check_monitoring(self) -> None:
         for name in ["validation_every", "validation_inference_steps"]:

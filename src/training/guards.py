@@ -14,6 +14,7 @@ import torch
 
 from ..errors import RunStopped
 from .checkpoints import find_checkpoints
+from .distributed import count_non_finite
 
 RESUME_HINT = "continue with the same command and --resume_from_checkpoint latest"
 
@@ -77,6 +78,6 @@ def non_finite(step: int, what: str | float, output_dir: Path) -> NonFinite:
 
 def check_finite_weights(params, step: int, destination: Path) -> None:
     """Nothing is saved from weights holding a NaN or an infinity."""
-    bad = sum(not bool(torch.isfinite(p).all()) for p in params)
+    bad = count_non_finite(params)  # with a sharded denoiser, over every process's shards
     if bad:
         raise NonFinite(f"step {step}: {bad} trainable tensors are not finite; {destination} not written")

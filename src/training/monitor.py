@@ -176,10 +176,13 @@ class Monitor:
         """Sample sheets of the model as it is now, into samples/step_N/ (main process)."""
         step, accelerator = self.trainer.global_step, self.accelerator
         self.last_sampled = step
-        if self.main:
+        # A sharded denoiser runs only with every process at once: all render the same sheets
+        # (the same seeds), the main process writes them.
+        if self.main or self.trainer.sharded:
             folder = self.output_dir / SAMPLES / f"step_{step:06d}"
             start = time.monotonic()
             sheets = self._render(folder)
+        if self.main:
             self._write_progress()
             logger.info("samples at step %d: %s (%.1f s)", step, folder, time.monotonic() - start)
             if self.cfg.report_to:
@@ -216,7 +219,8 @@ class Monitor:
                     resolved = {"backend": backend.name, "base_model": plan.base_model, "grid": str(plan.grid),
                                 "conditioning": backend.conditioning, "panels": plan.panels,
                                 "size": list(plan.size), "global_step": trainer.global_step}
-                    write_outputs(plan, outputs, seeds, resolved)
+                    if self.main:
+                        write_outputs(plan, outputs, seeds, resolved)
                     sheets.append(comparison_image(plan, outputs, seeds))
                 trainer.record_memory("sample sheet")
         finally:

@@ -33,7 +33,7 @@ from ..backends.lora_files import SAVE_DTYPES
 from ..compiling import COMPILE_OPTIONS, check_compilable
 from ..cpu import set_cpu_threads
 from ..data import BucketBatchSampler, CompositeDataset, collate, scan_folder
-from . import checkpoints
+from . import checkpoints, distributed
 from .checkpoints import STATE_NAME
 from .cache import build_caches
 from .config import TrainConfig, without_cuda
@@ -52,13 +52,14 @@ RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
                "lora_dropout", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
                "visible_loss_weight", "caption_dropout",
-               "cache_latents", "max_token_length", "seed", "timestep_shift", "bucket_by")
+               "cache_latents", "max_token_length", "seed", "timestep_shift", "bucket_by", "distributed")
 # Run settings that checkpoints record only since they exist: a checkpoint without one was
 # trained with this value. A resumed run keeps the checkpoint's value unless its flag is set
 # (not 'auto'; then the two must agree), so a later change of default never changes a resumed run.
 UNRECORDED = {
     "timestep_shift": "none",
     "bucket_by": "longest",
+    "distributed": "ddp",
     # Internal choices without a flag, changed since; how the newer runs do it is in `setup`.
     "decay_fully_trained": True,  # AdamW's weight decay on conv_in too (see parameter_groups)
     "dropped_caption": "empty",  # a dropped caption trained as the encoding of "" (see Trainer.prompt_embeds)
@@ -92,7 +93,9 @@ def setup(trainer) -> None:
     model_source = hub.model_source(cfg.model_id)  # before anything is written: an id no one serves fails here
     vae_source = hub.model_source(cfg.pretrained_vae, "--pretrained_vae") if cfg.pretrained_vae else None
     trainer.monitor = Monitor(trainer, records)
-    mixed = cfg.mixed_precision or (backend_cls.preferred_mixed_precision if torch.cuda.is_available() else "no")
+    # FSDP trains in bf16 on a GPU: fp16 would need a gradient scaler that knows the shards.
+    preferred = "bf16" if cfg.distributed == "fsdp" else backend_cls.preferred_mixed_precision
+    mixed = cfg.mixed_precision or (preferred if torch.cuda.is_available() else "no")
     # accelerate keeps process-wide state that refuses a second in-process run with other
     # settings (e.g. mixed precision): start each run from a clean one, keeping the
     # distributed set-up (PartialState).
@@ -104,6 +107,8 @@ def setup(trainer) -> None:
         project_config=ProjectConfiguration(project_dir=str(trainer.output_dir), logging_dir=str(trainer.output_dir / "logs")),
         log_with=cfg.report_to,
     )
+    distributed.check_launch(trainer.accelerator, cfg.distributed)
+    trainer.sharded = cfg.distributed == "fsdp"
     set_seed(cfg.seed)
     set_cpu_threads(cfg.model_id, trainer.accelerator.device)
     trainer.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -165,6 +170,10 @@ def setup(trainer) -> None:
     if trainer.latent_cache is not None:  # the pixels are never used: do not decode them each step
         dataset = CompositeDataset(records, pixels=False)
 
+    if trainer.sharded:  # before the optimizer: sharding replaces the parameters
+        units = distributed.shard(trainer.backend, trainer.accelerator.device, trainer.weight_dtype)
+        logger.info("--distributed fsdp: the denoiser sharded over %d processes in %d blocks and the root",
+                    trainer.accelerator.num_processes, units)
     params = parameter_groups(trainer.backend, cfg, trainer.run_signature["decay_fully_trained"])
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb
@@ -186,13 +195,20 @@ def setup(trainer) -> None:
         cfg.lr_scheduler, optimizer,
         num_warmup_steps=cfg.lr_warmup_steps * processes, num_training_steps=trainer.max_train_steps * processes,
     )
-    trainer.backend.denoiser, trainer.optimizer, trainer.dataloader, trainer.lr_scheduler = trainer.accelerator.prepare(
-        trainer.backend.denoiser, optimizer, dataloader, lr_scheduler
-    )
-    trainer.accelerator.register_save_state_pre_hook(trainer._save_hook)
-    trainer.accelerator.register_load_state_pre_hook(trainer._load_hook)
+    if trainer.sharded:  # sharded already: accelerate would wrap it in DDP
+        trainer.optimizer, trainer.dataloader, trainer.lr_scheduler = trainer.accelerator.prepare(
+            optimizer, dataloader, lr_scheduler)
+    else:
+        trainer.backend.denoiser, trainer.optimizer, trainer.dataloader, trainer.lr_scheduler = trainer.accelerator.prepare(
+            trainer.backend.denoiser, optimizer, dataloader, lr_scheduler
+        )
+        trainer.accelerator.register_save_state_pre_hook(trainer._save_hook)
+        trainer.accelerator.register_load_state_pre_hook(trainer._load_hook)
     if trainer.resume_dir is not None:
-        trainer.accelerator.load_state(str(trainer.resume_dir))
+        if trainer.sharded:
+            checkpoints.load_sharded_state(trainer, trainer.resume_dir)
+        else:
+            trainer.accelerator.load_state(str(trainer.resume_dir))
         state = json.loads((trainer.resume_dir / STATE_NAME).read_text())
         trainer.global_step, trainer.micro_step = state["global_step"], state["micro_step"]
         trainer.epoch, trainer.batches_in_epoch = state["epoch"], state["batches_in_epoch"]

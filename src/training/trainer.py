@@ -20,6 +20,7 @@ replays an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -41,9 +42,10 @@ from ..backends.lora_files import METADATA_NAME, atomic_directory, atomic_save_f
 from ..errors import RunStopped
 from ..logs import progress_bar
 from ..panels import Grid, panel_masks, sample_masked_panels
-from . import checkpoints, run_setup
+from . import checkpoints, distributed, run_setup
 from .checkpoints import FINAL_NAME, TRAINABLE_NAME, find_checkpoints
 from .config import TrainConfig
+from .distributed import full_norm
 from .guards import RESUME_HINT, Interrupted, StopSignals, agree, check_finite_weights, non_finite
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, loss: torch.Tensor, max
         # that is bound by kernel launches (benchmarks/RESULTS.md).
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # max_norm inf clips nothing but still returns the norm to check.
-        norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        norm = full_norm(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
         if accelerator.scaler is None and norm is not None and not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"the gradient norm is {float(norm)}")
@@ -130,6 +132,7 @@ class Trainer:
         self.batches_in_epoch = 0  # micro-batches of self.epoch already trained
         self.first_step_seconds: float | None = None  # with --compile: this process's first step
         self.unconditional: dict[str, torch.Tensor] | None = None  # what a dropped caption is fed
+        self.sharded = cfg.distributed == "fsdp"  # the denoiser sharded over the processes (distributed.py)
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -299,10 +302,13 @@ class Trainer:
         check_finite_weights(self.backend.trainable_parameters(), self.global_step, folder)
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                  "batches_in_epoch": self.batches_in_epoch, "run": self.run_signature}
+        gathered = self.gathered_trainable_state()
+        save_state = (lambda tmp: checkpoints.save_sharded_state(self, tmp)) if self.sharded else None
         try:
             # Every checkpoint is a usable LoRA: the inference files go in beside the state.
             checkpoints.write_checkpoint(self.accelerator, folder, state, self.cfg.checkpoints_total_limit,
-                                         extra_files=self.save_inference_files)
+                                         extra_files=lambda tmp: self.save_inference_files(tmp, gathered),
+                                         save_state=save_state)
         except OSError as error:
             raise RunStopped(f"step {self.global_step}: {error}; training stopped") from None
         self.record_memory("checkpoint")
@@ -329,25 +335,38 @@ class Trainer:
                               "timestep_shift": self.run_signature["timestep_shift"]},
         }
 
-    def save_inference_files(self, folder: Path) -> None:
-        """The LoRA file(s), conv_in for concat and iclora_config.json (main process only)."""
-        self.backend.save_lora(folder, compat=self.cfg.output_kohya_format, dtype=self.save_dtype)
+    def gathered_trainable_state(self) -> dict | None:
+        """With a sharded denoiser, its trainable tensors whole on the main process (every
+        process must call this); None when each process holds them whole already."""
+        return distributed.full_trainable_state(self.backend.denoiser) if self.sharded else None
+
+    def save_inference_files(self, folder: Path, gathered: dict | None = None) -> None:
+        """The LoRA file(s), conv_in for concat and iclora_config.json (main process only);
+        `gathered`: the sharded denoiser's trainable tensors, from gathered_trainable_state."""
+        whole = contextlib.nullcontext() if gathered is None else distributed.gathered_into(self.backend.denoiser, gathered)
+        with whole:
+            self.backend.save_lora(folder, compat=self.cfg.output_kohya_format, dtype=self.save_dtype)
         atomic_write_text(json.dumps(self.metadata(), indent=2), folder / METADATA_NAME)
 
     def save_final(self) -> Path:
         final = self.output_dir / FINAL_NAME
         self.end_train_segment()
         check_finite_weights(self.backend.trainable_parameters(), self.global_step, final)
+        gathered = self.gathered_trainable_state()
         self.accelerator.wait_for_everyone()
+        error = None
         if self.accelerator.is_main_process:
             try:
                 with atomic_directory(final) as tmp:
-                    self.save_inference_files(tmp)
-            except Exception as error:
-                newest = find_checkpoints(self.output_dir)
-                hint = f"; {RESUME_HINT} after freeing space" if newest else ""
-                raise RunStopped(f"could not write {final} ({checkpoints.describe(error)}){hint}") from None
-        self.accelerator.wait_for_everyone()
+                    self.save_inference_files(tmp, gathered)
+            except Exception as failure:
+                error = checkpoints.describe(failure)
+        # The barrier carries the main process's failure: the others stop with it, not wait.
+        error = distributed.agree_on_error(self.accelerator, error)
+        if error is not None:
+            newest = find_checkpoints(self.output_dir)
+            hint = f"; {RESUME_HINT} after freeing space" if newest else ""
+            raise RunStopped(f"could not write {final} ({error}){hint}")
         self.record_memory("final save")
         return final
 

@@ -1,0 +1,123 @@
+"""--distributed fsdp: the denoiser sharded with FSDP2 over two CPU processes (gloo).
+
+accelerate does not shard on a CPU, but iclora calls torch's `fully_shard` itself, so these
+runs go through the same code a multi-GPU run does. Two processes come from accelerate's
+`debug_launcher` (forked, ~3 s to start) and call the training entry point in-process; each
+writes what it saw into a JSON file per rank for the test to judge.
+
+    pytest tests/test_fsdp.py
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import signal
+import traceback
+
+import pytest
+import torch
+from accelerate import debug_launcher
+from safetensors.torch import load_file
+
+from conftest import TINY_ARGS
+from iclora.cli import run_cli
+from iclora.training import checkpoints, train_flux_ic_lora, train_sdxl_ic_lora
+from iclora.training.config import TrainConfig
+
+LORA = "pytorch_lora_weights.safetensors"
+COMFYUI = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def _ranks(fn, *args) -> list[dict]:
+    """Run fn(rank_record, *args) in two processes; returns each rank's record (what fn put in
+    the dict it is given, plus the error line it stopped with, if any)."""
+    out = args[0]
+    debug_launcher(_rank_main, args=(fn, *args), num_processes=2)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _rank_main(fn, out, *args) -> None:
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    signal.alarm(240)  # a process left waiting at a barrier fails the test instead of hanging it
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's state is not distributed
+    record: dict = {}
+    try:
+        fn(record, out, *args)
+    except Exception as error:  # noqa: BLE001 - the test judges it
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["trace"] = traceback.format_exc()[-2000:]
+    finally:
+        signal.alarm(0)
+    rank = PartialState().process_index
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _sdxl_runs(record, out, data) -> None:
+    argv = ["--data_dir", str(data), *TINY_ARGS, "--learning_rate", "5e-3", "--save_every", "2", "--lora_alpha", "8"]
+    run = lambda name, *flags: train_sdxl_ic_lora.main([*argv, "--output_dir", str(out / name), *flags])  # noqa: E731
+    record["ddp"] = run("ddp", "--max_train_steps", "3").losses
+    # Sample sheets need every process (each holds part of every block): rendered by all.
+    record["straight"] = run("straight", "--max_train_steps", "3", "--distributed", "fsdp", "--validation_every", "3",
+                             "--validation_inference_steps", "2").losses
+    record["first"] = run("resumed", "--max_train_steps", "2", "--distributed", "fsdp").losses
+    record["resumed"] = run("resumed", "--max_train_steps", "3", "--distributed", "fsdp",
+                            "--resume_from_checkpoint", "latest").losses
+
+
+def test_fsdp_resumes_exactly_and_exports_the_ddp_lora(data_2x2_six, tmp_path):
+    """Tiny SDXL, concat (LoRA + the fully trained conv_in): FSDP2 over two processes trains as
+    DDP does, its checkpoint holds no frozen weight, and a resumed run is the uninterrupted one."""
+    ranks = _ranks(_sdxl_runs, tmp_path, data_2x2_six)
+    for rank in ranks:
+        assert "error" not in rank, rank.get("trace")
+    straight, resumed, ddp = ranks[0]["straight"], ranks[0]["first"] + ranks[0]["resumed"], ranks[0]["ddp"]
+    assert ranks[1]["straight"] == straight  # the loss gathered over both processes
+    assert resumed == straight  # bit for bit
+    assert straight == pytest.approx(ddp, rel=1e-5)
+    final = lambda name: tmp_path / name / "final_model"  # noqa: E731
+    for name in (LORA, COMFYUI, "conv_in.safetensors"):
+        a, b = load_file(final("straight") / name), load_file(final("resumed") / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        d = load_file(final("ddp") / name)
+        assert a.keys() == d.keys() and all(torch.allclose(a[k].float(), d[k].float(), atol=2e-3, rtol=1e-3) for k in a), name
+    # The checkpoint: the trainable tensors and the optimizer sharded, no frozen weight.
+    checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
+    assert checkpoints.is_complete(checkpoint)
+    assert not (checkpoint / checkpoints.TRAINABLE_NAME).exists() and not (checkpoint / "optimizer.bin").exists()
+    shards = sorted(p.name for p in (checkpoint / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(checkpoint / "sharded")).read_metadata().state_dict_metadata.keys()
+    model_keys = [k.removeprefix("model.") for k in keys if k.startswith("model.")]
+    assert model_keys and all("lora_" in k or k.startswith("conv_in.") for k in model_keys)
+    assert any(k.startswith("conv_in.") for k in model_keys)
+    lora = load_file(checkpoint / LORA)
+    assert len(lora) == len([k for k in model_keys if "lora_" in k])  # every LoRA tensor, whole
+    samples = tmp_path / "straight" / "samples"
+    assert sorted(p.name for p in samples.glob("step_*")) == ["step_000000", "step_000003"]
+    assert len(list((samples / "step_000003").glob("*.png"))) >= 1
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], "error: --distributed fsdp needs several processes"),
+    (["--compile"], "error: --distributed fsdp with --compile"),
+    (["--mixed_precision", "fp16"], "error: --distributed fsdp with --mixed_precision fp16"),
+])
+def test_fsdp_refusals_are_one_line(data_2x2, tmp_path, capsys, flags, expected):
+    with pytest.raises(SystemExit) as info:
+        run_cli(train_sdxl_ic_lora.main, ["--data_dir", str(data_2x2), "--output_dir", str(tmp_path / "out"),
+                                          *TINY_ARGS, "--distributed", "fsdp", *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "out" / "final_model").exists()
+
+
+def test_fsdp_with_quantize_is_refused():
+    with pytest.raises(ValueError, match="--distributed fsdp with --quantize nf4"):
+        TrainConfig(data_dir="d", backend="flux", distributed="fsdp", quantize="nf4")
