@@ -10,8 +10,9 @@ RUNS through the real CLI in its own process (so its peaks are its own): trainin
 output_dir/memory_phases.json (peak reserved / allocated GPU memory and host RSS per phase:
 load, caching, first step, sample sheet, checkpoint, final save), inference reports its
 process's peaks. Beside each phase: the estimate of `--dry_run` on the same command line.
-Then the training step against diffusers' reference step (memory_measure.run_setting). One
-JSON file holds it all; a markdown table of it is printed.
+Then the training step against diffusers' reference step (memory_measure.run_setting), and
+with two GPUs or more DDP against FSDP2 (--distributed fsdp) across them (gpu_suite_multi.py).
+One JSON file holds it all; a markdown table of it is printed.
 
 --tiny runs the same on the CPU with the tiny models, in-process, in well under a minute
 (tests/test_gpu_suite.py): no NF4 or 8-bit Adam there (CUDA only), no GPU figures.
@@ -51,6 +52,10 @@ from iclora.logs import setup_logging  # noqa: E402
 setup_logging()  # the stack's known noise filtered as in the CLIs, before the imports that print it
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import gpu_suite_multi  # noqa: E402
+
+sys.path.pop(0)
 ROOT = HERE.parent
 EXAMPLE = ROOT / "examples" / "flux_storyboard_3x1.yaml"
 GIB = 2**30
@@ -275,6 +280,7 @@ def render(report: dict) -> str:
             cells = [f"{x:.3f}" if isinstance(x, float) else str(x) for x in
                      (ours["s_per_step"], ref["s_per_step"], ours["peak_reserved_gib"], ref["peak_reserved_gib"])]
             lines.append(f"| {row['model']} | {row['size'][0]}×{row['size'][1]} | {row['nf4']} | " + " | ".join(cells) + " |")
+    lines += gpu_suite_multi.render(report.get("multi_gpu", {"skipped": "not measured"}))
     lines += ["", *report["goals"]]
     return "\n".join(lines)
 
@@ -286,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="the results file (JSON); its table goes beside it as .md")
     parser.add_argument("--only", nargs="+", help="run only the RUNS whose name contains one of these words")
     parser.add_argument("--no_reference", action="store_true", help="skip the reference-step comparison")
+    parser.add_argument("--processes", type=int,
+                        help="processes of the DDP / FSDP2 rows (default: every GPU; --tiny: 1, none run)")
     parser.add_argument("--child", choices=sorted(ENTRIES), help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -313,6 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
             report["runs"].append(run_one(spec, folders, work, args.tiny))
             if args.out:  # after each run: a suite cut short keeps what it measured
                 args.out.write_text(json.dumps(report, indent=1))
+        processes = args.processes or (1 if args.tiny else torch.cuda.device_count())
+        data = work / "data-square"
+        if not data.is_dir():
+            write_data(data, "square", args.tiny)
+        report["multi_gpu"] = gpu_suite_multi.measure(folders, data, work, processes, args.tiny)
     report["reference"] = [] if args.no_reference else reference_steps(args.tiny)
     report["goals"] = goals(report["runs"])
     table = render(report)

@@ -157,8 +157,9 @@ class Backend(Protocol):
 
     def shard_units(self) -> list[torch.nn.Module]:
         """--distributed fsdp: the denoiser's repeated blocks, each sharded as one FSDP2 unit
-        (training/distributed.py; the rest of the denoiser is sharded as one more). Raises
-        ValueError, with the flag to change, where the backend's forward cannot run sharded."""
+        (training/distributed.py; the rest of the denoiser is sharded as one more). FSDP2
+        gathers a unit's weights around its `forward`; a unit the backend runs through another
+        method names it in its `fsdp_forward_methods` attribute."""
 
     def compile_blocks(self, **options: Any) -> Any:
         """--compile: torch.compile the denoiser's repeated blocks where they actually run

@@ -199,10 +199,7 @@ class FluxBackend(LatentMethods, Placement):
 
     def shard_units(self) -> list[torch.nn.Module]:
         if self.context_timestep == "zero":
-            # FSDP2 gathers a block's weights in hooks of its forward, which the per-token forward
-            # never calls (flux_context.py).
-            raise ValueError("--distributed fsdp with --conditioning context needs --context_timestep shared: the "
-                             "'zero' forward runs the blocks outside their own forward, where FSDP2 gathers them")
+            self.denoiser.per_token_methods()  # the forward FSDP2 must also gather the blocks' weights for
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
     def compile_blocks(self, **options: Any) -> CompiledBlocks:

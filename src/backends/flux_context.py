@@ -26,6 +26,7 @@ graph serves every block of a kind, as with `compile_repeated_blocks`.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import numpy as np
@@ -141,7 +142,7 @@ def context_forward(
     double, single = blocks
     for stack, fn in ((transformer.transformer_blocks, double), (transformer.single_transformer_blocks, single)):
         for block in stack:
-            step = functools.partial(fn, block)
+            step = getattr(block, "per_token_forward", None) or functools.partial(fn, block)
             if checkpointing:
                 context, hidden = transformer._gradient_checkpointing_func(step, hidden, context, temb, temb_zero, clean_tokens, rotary)
             else:
@@ -171,6 +172,17 @@ class ContextDenoiser(torch.nn.Module):
     def compile_blocks(self, **options: Any) -> None:
         """torch.compile the per-token block forwards (see the module docstring)."""
         self.blocks = tuple(torch.compile(fn, **options) for fn in BLOCK_FORWARDS)
+
+    def per_token_methods(self) -> None:
+        """Give every block its per-token forward as a method (`per_token_forward`), which
+        `context_forward` then calls, and name it in `fsdp_forward_methods`: FSDP2 gathers a
+        sharded block's weights around its `forward` only, which this forward never calls
+        (training/distributed.py registers the method with it)."""
+        transformer = self.transformer
+        for stack, fn in ((transformer.transformer_blocks, _double_block), (transformer.single_transformer_blocks, _single_block)):
+            for block in stack:
+                block.per_token_forward = types.MethodType(fn, block)
+                block.fsdp_forward_methods = ("per_token_forward",)
 
     def forward(self, clean_tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor]:
         return (context_forward(self.transformer, clean_tokens, blocks=self.blocks, **kwargs),)  # as return_dict=False

@@ -245,6 +245,9 @@ class TrainConfig:
         if self.mixed_precision == "fp16":
             raise ValueError("--distributed fsdp with --mixed_precision fp16: fp16 needs a gradient scaler that knows the "
                              "shards; use bf16 (the default with fsdp) or no")
+        if self.use_8bit_adam:
+            raise ValueError("--distributed fsdp with --use_8bit_adam: bitsandbytes' optimizer does not update sharded "
+                             "weights; leave it out (each GPU holds 1/N of AdamW's float32 state)")
         if self.compile:
             raise ValueError("--distributed fsdp with --compile: compiling the sharded blocks is not supported; "
                              "leave out --compile or use --distributed ddp")
