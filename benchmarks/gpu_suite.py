@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = work / "data-square"
         if not data.is_dir():
             write_data(data, "square", args.tiny)
-        report["multi_gpu"] = gpu_suite_multi.measure(folders, data, work, processes, args.tiny)
+        report["multi_gpu"] = gpu_suite_multi.measure(folders, data, work, processes, args.tiny, args.only)
     report["reference"] = [] if args.no_reference else reference_steps(args.tiny)
     report["goals"] = goals(report["runs"])
     table = render(report)

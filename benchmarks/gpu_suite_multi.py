@@ -60,11 +60,13 @@ def run_one(spec: dict, folders: dict, data: Path, work: Path, processes: int, t
     return row
 
 
-def measure(folders: dict, data: Path, work: Path, processes: int, tiny: bool) -> dict:
-    """Every run of `runs` on `processes` processes, or why none ran."""
+def measure(folders: dict, data: Path, work: Path, processes: int, tiny: bool, only: list[str] | None = None) -> dict:
+    """Every run of `runs` (those whose name holds a word of `only`) on `processes` processes,
+    or why none ran."""
     if processes < 2:
         return {"skipped": f"{processes} GPU(s): DDP and FSDP2 need two or more", "rows": []}
-    return {"rows": [run_one(spec, folders, data, work, processes, tiny) for spec in runs(tiny)]}
+    specs = [s for s in runs(tiny) if not only or any(word in s["name"] for word in only)]
+    return {"rows": [run_one(spec, folders, data, work, processes, tiny) for spec in specs]}
 
 
 def render(section: dict) -> list[str]:

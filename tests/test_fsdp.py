@@ -6,6 +6,7 @@ runs go through the same code a multi-GPU run does. Two processes come from acce
 writes what it saw into a JSON file per rank for the test to judge.
 
     pytest tests/test_fsdp.py
+    pytest -m slow tests/test_fsdp.py      (a signal and a non-finite loss on sharded runs, ~1 min)
 """
 
 import os
@@ -193,3 +194,41 @@ def test_the_accelerate_examples_load_and_the_readme_launches_each():
     for rank in (0, 1):
         assert f"two_nodes.yaml --machine_rank {rank}" in readme
     assert "--distributed fsdp" in readme
+
+
+def _stopped(record, out, data, case) -> None:
+    flags = ["--max_train_steps", "4", "--save_every", "1"]
+    if case == "nan":
+        flags += ["--learning_rate", "1e6"]
+    else:  # SIGTERM reaches one process in its first step
+        from iclora.training import trainer
+
+        loss = trainer.diffusion_loss
+
+        def terminated_on_rank_one(*args, **kwargs):
+            if torch.distributed.get_rank() == 1 and not record.get("sent"):
+                record["sent"] = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss(*args, **kwargs)
+
+        trainer.diffusion_loss = terminated_on_rank_one
+    train_sdxl_ic_lora.main(["--data_dir", str(data), "--output_dir", str(out / "run"), *TINY_ARGS, *flags,
+                             "--distributed", "fsdp"])
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_process_saves_a_sharded_checkpoint_and_stops_both(data_2x2, tmp_path):
+    ranks = _ranks(_stopped, tmp_path, data_2x2, "sigterm")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    assert ranks[0]["error"] == ranks[1]["error"] == (
+        f"Interrupted: SIGTERM at step 1: saved {checkpoint}; continue with the same command and "
+        "--resume_from_checkpoint latest")
+    assert checkpoints.is_complete(checkpoint) and not (tmp_path / "run" / "final_model").exists()
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_both_sharded_processes_at_the_same_step(data_2x2, tmp_path):
+    ranks = _ranks(_stopped, tmp_path, data_2x2, "nan")
+    steps = [rank["error"].split(":")[1] for rank in ranks]
+    assert all(rank["error"].startswith("NonFinite: step ") for rank in ranks) and steps[0] == steps[1], ranks
+    assert not (tmp_path / "run" / "final_model").exists()

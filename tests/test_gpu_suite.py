@@ -7,6 +7,8 @@ reference-step comparison, into one results file.
 
 import json
 
+import pytest
+
 from conftest import load_benchmark
 
 
@@ -37,3 +39,18 @@ def test_tiny_suite_runs_every_phase_and_writes_one_results_file(tmp_path):
     assert [r["model"] for r in report["reference"]] == ["sdxl", "flux"]
     assert all(r["ours"]["s_per_step"] and r["reference"]["s_per_step"] for r in report["reference"])
     assert report["goals"] == []  # no GPU figure on the CPU: nothing claimed
+    assert report["multi_gpu"]["rows"] == [] and "need two or more" in report["multi_gpu"]["skipped"]
+    assert "multi-GPU rows: not run" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_rows_run_on_two_cpu_processes(tmp_path):
+    """The multi-GPU rows' launches (torchrun, as on GPUs), on two gloo processes: ~2-4 min."""
+    gpu_suite = load_benchmark("gpu_suite")
+    report = gpu_suite.main(["--tiny", "--workdir", str(tmp_path / "work"), "--only", "sdxl", "--no_reference",
+                             "--processes", "2"])
+    rows = report["multi_gpu"]["rows"]
+    assert [row["name"] for row in rows] == ["sdxl ddp", "sdxl fsdp"]
+    for row in rows:
+        assert "error" not in row, row["error"]
+        assert row["processes"] == 2 and row["s_per_step"] > 0 and row["rank0_host_peak_rss_gib"] > 0
