@@ -107,9 +107,9 @@ NON_DEFAULTS = {
 CONTEXT_NON_DEFAULTS = {**NON_DEFAULTS, "conditioning": "context", "context_timestep": "zero", "visible_loss_weight": 0.0,
                         "compile": True, "gradient_checkpointing": False}
 # conv_in_learning_rate needs SDXL concat, the one mode that trains conv_in in full.
-# --timestep_shift resolution is FLUX's. --distributed fsdp refuses --quantize.
+# --timestep_shift resolution is FLUX's. --distributed fsdp refuses --quantize and 8-bit Adam.
 CONCAT_NON_DEFAULTS = {**NON_DEFAULTS, "backend": "sdxl", "conditioning": "concat", "conv_in_learning_rate": 1e-3,
-                       "timestep_shift": "none", "distributed": "fsdp", "quantize": None}
+                       "timestep_shift": "none", "distributed": "fsdp", "quantize": None, "use_8bit_adam": False}
 
 
 def test_non_defaults_cover_every_flag():

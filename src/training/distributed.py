@@ -61,6 +61,9 @@ def shard(backend, device: torch.device, param_dtype: torch.dtype) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    if not hasattr(backend, "shard_units"):
+        raise ValueError(f"--distributed fsdp: --backend {backend.name} does not name the blocks to shard yet; "
+                         "use --distributed ddp")
     units = list(backend.shard_units())
     for module in [*units, backend.denoiser]:
         dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
