@@ -18,7 +18,7 @@ from conftest import load_benchmark
 def test_toy_base_folder_loads_in_the_stock_pipeline_with_the_toy_vae(tmp_path):
     from diffusers import AutoencoderKL, Flux2KleinPipeline
 
-    from iclora.backends import flux2_latents as codec
+    from iclora.backends.flux2_latents import Flux2Latents
 
     toy = load_benchmark("fit_toy_flux2")
     vae_test = load_benchmark("fit_toy_vae")
@@ -29,6 +29,6 @@ def test_toy_base_folder_loads_in_the_stock_pipeline_with_the_toy_vae(tmp_path):
         source = AutoencoderKL.from_pretrained(toy.TOY_VAE).encode(images).latent_dist.mode()
         raw = pipe.vae.encode(images).latent_dist.mode()
         torch.testing.assert_close(raw, source)
-        latents = codec.normalize(raw, pipe.vae)  # (32, 16, 8, 8)
+        latents = Flux2Latents(pipe.vae).normalise(raw)  # (32, 16, 8, 8)
     assert latents.mean().abs() < 0.1 and 0.8 < latents.std() < 1.2
     assert pipe.transformer.config.in_channels == latents.shape[1] and not pipe.transformer.config.guidance_embeds

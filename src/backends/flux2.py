@@ -41,6 +41,8 @@ from peft import LoraConfig
 
 from ..compiling import CompiledBlocks, compiled_block_counts
 from . import flux2_latents as codec
+from .flux2_latents import Flux2Latents
+from .latents import LatentMethods
 from . import flux2_lora
 from .base import TimestepSampling
 from .flux2_context import CONTEXT_TIMESTEPS, ContextDenoiser, Flux2ContextPipeline, clean_token_mask
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 SHIFT_STEPS = 50  # the pipeline's default step count, at which --timestep_shift resolution takes mu
 
 
-class Flux2Backend(Placement):
+class Flux2Backend(LatentMethods, Placement):
     name = "flux2"
     vae_scale_factor = 16  # pixels per contract latent pixel (a 2x2 patch of VAE latents)
     pixel_quantum = 16
@@ -187,19 +189,11 @@ class Flux2Backend(Placement):
                                "%.60s...", n, self.max_token_length, prompt)
 
     @property
-    def codec(self) -> codec.Flux2Latents:
-        return codec.Flux2Latents(self.vae)
-
-    @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.sample_latents(self.latent_distribution(pixels))
-
-    @torch.no_grad()
-    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
-        return codec.posterior(self.vae, pixels)  # (B, 2C, H/8, W/8): the VAE's own latent grid
-
-    def sample_latents(self, parameters: torch.Tensor) -> torch.Tensor:
-        return codec.sample(parameters, self.vae)  # (B, 4C, H/16, W/16)
+    def codec(self) -> Flux2Latents:
+        """The latent codec around the VAE (flux2_latents.py): (B, 4C, H/16, W/16) latents, the
+        posterior on the VAE's own grid (B, 2C, H/8, W/8). encode_image, latent_distribution and
+        sample_latents go through it (LatentMethods)."""
+        return Flux2Latents(self.vae)
 
     def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> None:
         return None  # no concat

@@ -141,7 +141,7 @@ class Flux2ContextPipeline(Flux2KleinPipeline):
 
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
         # One input at a time, as the stock pipeline encodes its references: the posterior mean.
-        clean = torch.cat([codec.encode_mode(self.vae, pixels[i : i + 1]) for i in range(len(pixels))]).to(dtype)
+        clean = codec.Flux2Latents(self.vae).encode_mean(pixels, one_at_a_time=True).to(dtype)
         clean = repeat_to_batch(clean, batch, "images")  # (B, 4C, h, w)
         pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
         mask = repeat_to_batch((latent_mask(pixel_mask, f) >= 0.5).to(dtype), batch, "masks")  # (B, 1, h, w)
@@ -173,7 +173,7 @@ class Flux2ContextPipeline(Flux2KleinPipeline):
         latents = torch.where(visible, clean, latents)
         if output_type == "latent":
             return Flux2PipelineOutput(images=latents)
-        decoded = codec.decode(self.vae, latents)
+        decoded = codec.Flux2Latents(self.vae).decode(latents)
         self.maybe_free_model_hooks()
         return Flux2PipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
 

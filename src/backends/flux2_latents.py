@@ -15,62 +15,34 @@ from __future__ import annotations
 
 import torch
 from diffusers import Flux2KleinPipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .latents import LatentCodec
 
 PATCH = 2  # latent pixels per token side
 
 
-def _statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's batch-norm running mean and std (1, 4C, 1, 1), as the pipeline reads them."""
-    mean = vae.bn.running_mean.view(1, -1, 1, 1)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
-
-
-def normalize(raw: torch.Tensor, vae) -> torch.Tensor:
-    """The VAE's raw latents (B, C, h, w) -> the transformer's (B, 4C, h/2, w/2)."""
-    patched = Flux2KleinPipeline._patchify_latents(raw)  # (B, 4C, h/2, w/2)
-    mean, std = _statistics(vae, patched)
-    return (patched - mean) / std
-
-
-def denormalize(latents: torch.Tensor, vae) -> torch.Tensor:
-    """Inverse of `normalize`: (B, 4C, h/2, w/2) -> the VAE's raw latents (B, C, h, w)."""
-    mean, std = _statistics(vae, latents)
-    return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
-
-
 class Flux2Latents(LatentCodec):
-    """The codec object the caches and training call (iclora.backends.latents): this
-    module's normalisation around one VAE."""
+    """FLUX.2's latent codec around `vae` (an AutoencoderKLFlux2): pixels <-> the normalised,
+    patchified latents (B, 4C, H/16, W/16) the transformer reads; encoding, sampling and
+    decoding are the shared codec's (iclora.backends.latents), the posterior on the VAE's own
+    grid (B, 2C, H/8, W/8)."""
+
+    def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's batch-norm running mean and std (1, 4C, 1, 1), as the pipeline reads them."""
+        mean = self.vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
-        return normalize(raw, self.vae)
+        """The VAE's raw latents (B, C, h, w) -> the transformer's (B, 4C, h/2, w/2)."""
+        patched = Flux2KleinPipeline._patchify_latents(raw)  # (B, 4C, h/2, w/2)
+        mean, std = self._statistics(patched)
+        return (patched - mean) / std
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
-        return denormalize(latents, self.vae)
-
-
-def posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> the VAE posterior's parameters (B, 2C, H/8, W/8), unscaled."""
-    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
-
-
-def sample(parameters: torch.Tensor, vae) -> torch.Tensor:
-    """A draw from `posterior`'s parameters (global RNG), normalised: (B, 4C, H/16, W/16)."""
-    return normalize(DiagonalGaussianDistribution(parameters).sample(), vae)
-
-
-def encode_mode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """The posterior mean, normalised (what the pipeline does with its reference images)."""
-    return normalize(DiagonalGaussianDistribution(posterior(vae, pixels)).mode(), vae)
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(B, 4C, H/16, W/16) -> pixels (B, 3, H, W) in about [-1, 1]."""
-    return vae.decode(denormalize(latents, vae).to(vae.dtype), return_dict=False)[0]
+        """Inverse of `normalise`: (B, 4C, h/2, w/2) -> the VAE's raw latents (B, C, h, w)."""
+        mean, std = self._statistics(latents)
+        return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
 
 
 def to_tokens(latents: torch.Tensor) -> torch.Tensor:
