@@ -112,9 +112,9 @@ def test_fsdp_resumes_exactly_and_exports_the_ddp_lora(data_2x2, tmp_path):
 
 
 def _flux_runs(record, out, data) -> None:
-    argv = ["--data_dir", str(data), "--model_id", "tiny-flux", "--image_size", "64", "--batch_size", "2",
-            "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "5e-3", "--max_train_steps", "2",
-            "--gradient_checkpointing"]
+    argv = ["--data_dir", str(data), "--model_id", "tiny-flux", "--image_size", "64", "--batch_size", "1",
+            "--gradient_accumulation_steps", "2", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "5e-3",
+            "--max_train_steps", "2", "--gradient_checkpointing"]
     record["ddp"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "ddp")]).losses
     record["fsdp"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "fsdp"), "--distributed", "fsdp"]).losses
 
@@ -122,7 +122,7 @@ def _flux_runs(record, out, data) -> None:
 def test_fsdp_runs_flux_per_token_forward(data_2x2, tmp_path):
     """FLUX's default, context with clean tokens at timestep 0, runs its blocks through a
     per-token forward, not their own: FSDP2 gathers their weights there too (recomputed under
-    checkpointing), and the LoRA is DDP's."""
+    checkpointing), and the LoRA is DDP's, gradients accumulated over two micro-batches too."""
     ranks = _ranks(_flux_runs, tmp_path, data_2x2)
     for rank in ranks:
         assert "error" not in rank, rank.get("trace")
@@ -232,3 +232,25 @@ def test_a_non_finite_loss_stops_both_sharded_processes_at_the_same_step(data_2x
     steps = [rank["error"].split(":")[1] for rank in ranks]
     assert all(rank["error"].startswith("NonFinite: step ") for rank in ranks) and steps[0] == steps[1], ranks
     assert not (tmp_path / "run" / "final_model").exists()
+
+
+def test_launches_and_models_fsdp_cannot_serve_are_one_line_refusals():
+    """accelerate's own FSDP / DeepSpeed (GPU-only settings, so the launch is faked) and
+    trainable weights of two dtypes in one block (FSDP2's own error names no flag)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from iclora.training.distributed import check_launch, shard
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"^accelerate is configured for {kind.value}: .*multi_gpu_fsdp.yaml"):
+            check_launch(SimpleNamespace(distributed_type=kind, num_processes=2), "ddp")
+    check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2), "fsdp")
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    backend = SimpleNamespace(name="sdxl", shard_units=lambda: [block], denoiser=torch.nn.Sequential(block))
+    with pytest.raises(ValueError, match=r"^--distributed fsdp: the trainable weights of Sequential mix dtypes "
+                                         r"\(bfloat16, float32\)"):
+        shard(backend, torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="^--distributed fsdp: --backend flux2 does not name the blocks to shard"):
+        shard(SimpleNamespace(name="flux2"), torch.device("cpu"), torch.bfloat16)

@@ -196,6 +196,8 @@ class Trainer:
                 if not running:  # an optimizer step begins
                     step_started = time.perf_counter()
                 with accelerator.accumulate(self.backend.denoiser):
+                    if self.sharded:  # reduce-scatter once per optimizer step, as DDP's no_sync does
+                        self.backend.denoiser.set_requires_gradient_sync(accelerator.sync_gradients)
                     self.loss_parts = {}
                     loss = self._loss_step(batch, self.micro_step)
                     for name, value in self.loss_parts.items():
