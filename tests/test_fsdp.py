@@ -106,6 +106,12 @@ def test_fsdp_resumes_exactly_and_exports_the_ddp_lora(data_2x2, tmp_path):
     lora = load_file(checkpoint / LORA)
     assert len(lora) == len([k for k in model_keys if "lora_" in k])  # every LoRA tensor, whole
     assert "run settings differ (distributed fsdp -> ddp)" in ranks[0]["switched"]
+    # Process r trains batches r, r + N, ... with noise drawn per (micro-batch, process): another
+    # process count would not continue the run, so it is refused.
+    with pytest.raises(ValueError, match=r"run settings differ \(num_processes 2 -> 1\)"):
+        train_sdxl_ic_lora.main(["--data_dir", str(data_2x2), *TINY_ARGS, "--learning_rate", "5e-3", "--save_every", "1",
+                                 "--lora_alpha", "8", "--output_dir", str(tmp_path / "ddp"), "--max_train_steps", "3",
+                                 "--resume_from_checkpoint", "latest"])
     samples = tmp_path / "straight" / "samples"
     assert sorted(p.name for p in samples.glob("step_*")) == ["step_000000", "step_000002"]
     assert len(list((samples / "step_000002").glob("*.png"))) >= 1
