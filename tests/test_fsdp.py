@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_ARGS
 from iclora.cli import run_cli
-from iclora.training import checkpoints, train_flux_ic_lora, train_sdxl_ic_lora
+from iclora.training import checkpoints, train_flux2_ic_lora, train_flux_ic_lora, train_sdxl_ic_lora
 from iclora.training.config import TrainConfig
 
 LORA = "pytorch_lora_weights.safetensors"
@@ -123,19 +123,27 @@ def _flux_runs(record, out, data) -> None:
             "--max_train_steps", "2", "--gradient_checkpointing"]
     record["ddp"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "ddp")]).losses
     record["fsdp"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "fsdp"), "--distributed", "fsdp"]).losses
+    flux2 = [*argv, "--model_id", "tiny-flux2"]  # its per-token modulation hooks the root, around stock blocks
+    record["flux2_ddp"] = train_flux2_ic_lora.main([*flux2, "--output_dir", str(out / "flux2_ddp")]).losses
+    record["flux2_fsdp"] = train_flux2_ic_lora.main([*flux2, "--output_dir", str(out / "flux2_fsdp"),
+                                                     "--distributed", "fsdp"]).losses
 
 
 def test_fsdp_runs_flux_per_token_forward(data_2x2, tmp_path):
     """FLUX's default, context with clean tokens at timestep 0, runs its blocks through a
     per-token forward, not their own: FSDP2 gathers their weights there too (recomputed under
-    checkpointing), and the LoRA is DDP's, gradients accumulated over two micro-batches too."""
+    checkpointing), and the LoRA is DDP's, gradients accumulated over two micro-batches too.
+    FLUX.2 [klein] likewise."""
     ranks = _ranks(_flux_runs, tmp_path, data_2x2)
     for rank in ranks:
         assert "error" not in rank, rank.get("trace")
-    assert ranks[0]["fsdp"] == pytest.approx(ranks[0]["ddp"], rel=1e-5)
-    for name in (LORA, COMFYUI):
-        a, d = load_file(tmp_path / "fsdp" / "final_model" / name), load_file(tmp_path / "ddp" / "final_model" / name)
-        assert a.keys() == d.keys() and all(torch.allclose(a[k].float(), d[k].float(), atol=2e-3, rtol=1e-3) for k in a)
+    for model in ("", "flux2_"):
+        assert ranks[0][f"{model}fsdp"] == pytest.approx(ranks[0][f"{model}ddp"], rel=1e-5)
+        for name in (LORA, COMFYUI):
+            a = load_file(tmp_path / f"{model}fsdp" / "final_model" / name)
+            d = load_file(tmp_path / f"{model}ddp" / "final_model" / name)
+            assert a.keys() == d.keys() and all(torch.allclose(a[k].float(), d[k].float(), atol=2e-3, rtol=1e-3)
+                                                for k in a), (model, name)
     meta = json.loads((tmp_path / "fsdp" / "final_model" / "iclora_config.json").read_text())
     assert meta["context_timestep"] == "zero" and meta["training_args"]["distributed"] == "fsdp"
 

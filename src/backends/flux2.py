@@ -142,6 +142,10 @@ class Flux2Backend(LatentMethods, Placement):
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
+    def shard_units(self) -> list[torch.nn.Module]:
+        # The stock blocks run in every mode (the per-token modulation hooks modules of the root).
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
     def compile_blocks(self, **options: Any) -> CompiledBlocks:
         # The per-token modulation hooks modules outside the blocks: the stock blocks run (and compile) in every mode.
         self.transformer.compile_repeated_blocks(**options)
