@@ -49,6 +49,11 @@ class Placement:
                 self.device = next(self.denoiser.parameters()).device
         return self._placed
 
+    def set_device(self, device: torch.device) -> None:
+        """Make `device` the one `place` moves parts onto, nothing moved (inference's plan)."""
+        self._on_device()  # the load's own placement, before the device is set
+        self.device = torch.device(device)
+
     def is_placed(self, part: str) -> bool:
         return self._on_device()[part]
 

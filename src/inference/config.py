@@ -83,7 +83,12 @@ class InferConfig:
     save_comparison: bool = False
     """Also write one side-by-side image: input | mask | outputs, with captions."""
     cpu_offload: bool = False
-    """Keep models on the CPU and move each to the GPU only while it runs (less GPU memory)."""
+    """diffusers' model offload: every model on the CPU, each moved to the GPU only while it runs. Not needed to keep
+    the text encoders and the denoiser apart (inference never has them on the GPU together); it lowers the peak
+    further, to the largest single model's, at the cost of moving the denoiser every pipeline call."""
+    memory_log: Optional[str] = None
+    """Write the run's memory plan to this JSON file: per phase (load, text encoding, then denoising and VAE decode
+    per pipeline call) where each model is and in which dtype, the peak GPU memory (CUDA) and the host RSS."""
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
     """Weights dtype (default on CUDA: the backend's own, float16 for SDXL and bfloat16 for FLUX; float32 on CPU)."""
     max_token_length: Optional[int] = None

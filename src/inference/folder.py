@@ -26,6 +26,7 @@ from .config import InferConfig
 from .generation import generate_all
 from .guards import warn_replacing
 from .inpaint import load_pipeline
+from .memory_plan import inference_log
 from .output_files import resolved_settings, write_outputs
 from .planning import Plan, check_inputs
 
@@ -89,10 +90,13 @@ def run_folder(cfg: InferConfig) -> list[Path]:
     plans = check_folder(cfg)
     warn_replacing(Path(cfg.output_dir), [p.stem for p in plans])
     start = time.monotonic()
+    memory = inference_log(cfg.memory_log)
     backend, pipe = load_pipeline(plans[0])
+    if memory is not None:
+        memory.record("load", backend, 0)
     load_seconds = time.monotonic() - start
     written, entries = {}, {}
-    for i, outputs, seeds, seconds in generate_all(plans, backend, pipe):  # each input as soon as it is made
+    for i, outputs, seeds, seconds in generate_all(plans, backend, pipe, memory):  # each input as soon as it is made
         plan, start = plans[i], time.monotonic()
         written[i] = write_outputs(plan, outputs, seeds, resolved_settings(plan, backend))
         entries[i] = {

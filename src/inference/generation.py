@@ -23,20 +23,21 @@ from PIL import Image
 
 from ..logs import progress_bar
 from .config import InferConfig
+from .memory_plan import call_records, denoiser_on_device, encode_prompts
 from .planning import Plan
 from .sizing import working_mask
 from .vae import apply_memory_settings, memory_settings
 
 
-def generate(plan: Plan, backend, pipe) -> tuple[list[Image.Image], list[int]]:
+def generate(plan: Plan, backend, pipe, memory=None) -> tuple[list[Image.Image], list[int]]:
     """One composite per seed, denoised at the working size and resized back to the input's
     size, visible pixels pasted back; the images made in pipeline calls of up to --batch_size
     each."""
-    [(_, outputs, seeds, _)] = generate_all([plan], backend, pipe)
+    [(_, outputs, seeds, _)] = generate_all([plan], backend, pipe, memory)
     return outputs, seeds
 
 
-def generate_all(plans: list[Plan], backend, pipe) -> Iterator[tuple[int, list[Image.Image], list[int], float]]:
+def generate_all(plans: list[Plan], backend, pipe, memory=None) -> Iterator[tuple[int, list[Image.Image], list[int], float]]:
     """Every plan's composites, in pipeline calls of up to --batch_size images that may span
     plans (`pipeline_calls`). Yields (plan index, composites, seeds, seconds) as soon as a
     plan's last image is made; its seconds are its share of the calls it was in (each call's
@@ -48,8 +49,14 @@ def generate_all(plans: list[Plan], backend, pipe) -> Iterator[tuple[int, list[I
     input's) with generator i for input i only: one input beside several generators would
     leave generators 1.. a draw short of what a one-image call draws, so their noise, and
     their images, would differ. With a copy each, image i of a batch is the image a batch of
-    one makes with its seed, up to the float rounding of batched kernels."""
+    one makes with its seed, up to the float rounding of batched kernels.
+
+    The models move as memory_plan.py plans: every prompt encoded first, the text encoders
+    then off the device, the denoiser and the VAE on it for the calls; `memory` (a
+    training.memory_log.MemoryLog) records each phase."""
     seeds = [_seeds(plan.cfg) for plan in plans]
+    encode_prompts(plans, backend, pipe, memory)
+    denoiser_on_device(backend, pipe)
     # What the images of one call must share: the working size, and whether there is an input.
     keys = [(plan.working.size, plan.image is None) for plan in plans]
     ready: dict[int, PipelineInput] = {}  # the inputs of unfinished plans, made when first needed
@@ -57,12 +64,13 @@ def generate_all(plans: list[Plan], backend, pipe) -> Iterator[tuple[int, list[I
     seconds = [0.0] * len(plans)
     total = sum(map(len, seeds))
     with progress_bar(total=total, desc="images", unit="image", disable=total < 2) as progress:
-        for call in pipeline_calls(keys, seeds, plans[0].cfg.batch_size):
+        for number, call in enumerate(pipeline_calls(keys, seeds, plans[0].cfg.batch_size), 1):
             start = time.monotonic()
             for i, _ in call:
                 if i not in ready:
                     ready[i] = pipeline_input(plans[i], backend)
-            results = call_pipeline(backend, pipe, [ready[i] for i, _ in call], [seed for _, seed in call])
+            with call_records(backend, pipe.vae, memory, number):
+                results = call_pipeline(backend, pipe, [ready[i] for i, _ in call], [seed for _, seed in call])
             for (i, _), result in zip(call, results, strict=True):
                 plan = plans[i]
                 outputs[i].append(composite(result.resize(plan.size, Image.Resampling.LANCZOS), plan.image, plan.mask))
@@ -103,7 +111,7 @@ class PipelineInput:
     plan: Plan
     image: Image.Image  # at the working size (mid-grey without an input)
     mask: torch.Tensor  # (1, 1, h, w) at the working size, soft
-    prompt: dict[str, Any]  # backend.pipeline_prompt's arguments
+    prompt: dict[str, Any]  # backend.encoded_pipeline_prompt's arguments (embeddings, on the host)
 
 
 def pipeline_input(plan: Plan, backend) -> PipelineInput:
@@ -113,24 +121,25 @@ def pipeline_input(plan: Plan, backend) -> PipelineInput:
     image = plan.image.resize(size, Image.Resampling.LANCZOS) if plan.image else blank
     hard_panels = None if cfg.mask_image or cfg.use_gradient_mask else plan.panels
     mask = working_mask(plan.mask, size, plan.grid, hard_panels)
-    prompt = plan.prompt_arguments
-    if prompt is None:
-        prompt = backend.pipeline_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance_scale)
-    return PipelineInput(plan, image, mask, prompt)
+    return PipelineInput(plan, image, mask, plan.prompt_arguments)
 
 
 def call_pipeline(backend, pipe, inputs: list[PipelineInput], seeds: list[int]) -> list[Image.Image]:
     """One pipeline call: image k from inputs[k] with seeds[k]. The images of one input share
-    its prompt and mask, passed once with num_images_per_prompt (a one-input run's call);
-    images of several inputs bring their own each, stacked image by image (the pipelines
-    repeat a shorter batch of masks or prompts, which would mix the inputs up)."""
+    its mask, passed once (a one-input run's call); images of several inputs bring their own
+    each, stacked image by image (the pipelines repeat a shorter batch of masks, which would
+    mix the inputs up). The prompt embeddings come one row per image, on the pipeline's
+    device (FLUX.1's pipelines neither repeat given embeddings per image nor move them)."""
     cfg = inputs[0].plan.cfg
     parts = inputs[:1] if all(x is inputs[0] for x in inputs) else inputs
     width, height = inputs[0].image.size
     mask = torch.cat([x.mask for x in parts])  # (1 or B, 1, H, W)
     accepted = inspect.signature(pipe.__call__).parameters
+    device = pipe._execution_device
+    prompts = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+               for k, v in stack_prompts([x.prompt for x in inputs]).items()}
     kwargs = {
-        **stack_prompts([x.prompt for x in parts]),
+        **prompts,
         "mask_image": mask, "height": height, "width": width,
         "strength": cfg.strength, "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale, "output_type": "pil",
@@ -142,8 +151,7 @@ def call_pipeline(backend, pipe, inputs: list[PipelineInput], seeds: list[int]) 
     apply_memory_settings(pipe.vae, memory_settings(cfg.vae_tiling, width, height, len(inputs)))
     visible = cfg.blend_visible and inputs[0].plan.image is not None
     reset = backend.visible_reset(pipe, [x.image for x in parts], mask, seeds) if visible else {}
-    return pipe(image=[x.image for x in inputs], generator=generators, num_images_per_prompt=len(inputs) // len(parts),
-                **kwargs, **reset).images
+    return pipe(image=[x.image for x in inputs], generator=generators, **kwargs, **reset).images
 
 
 def stack_prompts(prompts: list[dict[str, Any]]) -> dict[str, Any]:

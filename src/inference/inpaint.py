@@ -1,7 +1,7 @@
 """Shared panel-inpainting inference for every backend: one --input_image, its steps in order.
 
     check_inputs()   every user error, before any model is loaded or file written (planning.py)
-    load_pipeline()  the backend with the LoRA loaded, its inpaint pipeline on the device (here)
+    load_pipeline()  the backend with the LoRA loaded, its inpaint pipeline, the device set (here)
     generate()       the backend's diffusers inpaint pipeline at the working size (sizing.py),
                      --batch_size images a call, the VAE tiled or sliced as vae.py decides (generation.py)
     generate_all()   the same for many inputs (--input_dir), batched across inputs (generation.py)
@@ -37,6 +37,7 @@ from ..logs import pipeline_progress
 from .config import InferConfig
 from .generation import batches, composite, generate, generate_all, pipeline_calls
 from .guards import warn_replacing
+from .memory_plan import inference_log
 from .output_files import COMPARISON_GAP, comparison_image, resolved_settings, write_outputs
 from .planning import Plan, check_inputs
 
@@ -44,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(plan: Plan):
-    """The backend with the LoRA loaded, and its inpaint pipeline ready on the device."""
+    """The backend with the LoRA loaded, and its inpaint pipeline ready: every model in the
+    run's dtype on the host (a quantized denoiser on the GPU), the device set; generation
+    moves each onto it for its phase (memory_plan.py)."""
     from diffusers.image_processor import VaeImageProcessor
 
     from ..backends import load_backend
@@ -88,8 +91,10 @@ def load_pipeline(plan: Plan):
         pipe.to(dtype=dtype)
     if cfg.cpu_offload and cuda:
         pipe.enable_model_cpu_offload()
-    elif cuda:
-        pipe.to("cuda")
+    else:
+        # Nothing moves yet: generation places each part on the device for its phase
+        # (memory_plan.py), so the text encoders and the denoiser never share it.
+        backend.set_device(torch.device("cuda" if cuda else "cpu"))
     if cfg.compile:  # after the LoRA is loaded: the compiled blocks run its layers
         backend.compile_blocks(**COMPILE_OPTIONS)
     pipeline_progress(pipe, desc="denoising", leave=False)
@@ -115,8 +120,11 @@ def run(cfg: InferConfig) -> list[Path]:
         raise ValueError("--input_dir: a folder runs through iclora.inference.folder.run_folder")
     plan = check_inputs(cfg)
     warn_replacing(Path(cfg.output_dir), [plan.stem])
+    memory = inference_log(cfg.memory_log)
     backend, pipe = load_pipeline(plan)
-    outputs, seeds = generate(plan, backend, pipe)
+    if memory is not None:
+        memory.record("load", backend, 0)
+    outputs, seeds = generate(plan, backend, pipe, memory)
     return write_outputs(plan, outputs, seeds, resolved_settings(plan, backend))
 
 
