@@ -14,10 +14,12 @@ the run's memory plan (backends/placement.py, training/memory_log.py):
                   step's activations
     sample sheet  the same weights plus the VAE, and the sampler's activations
 
-Inference (inference/dry_run.py, `inference_estimate`) has its own phases: with every
-component on the GPU for the run, "denoising" (the sampler's activations, twice the batch
-under SDXL's classifier-free guidance) and "VAE decode" (one tile and one image at a time
-with --vae_tiling); with --cpu_offload each model alone, "text encoding" the larger encoder.
+Inference (inference/dry_run.py, `inference_estimate`) has its own phases, those of its
+memory plan (inference/memory_plan.py): "load" (a quantized denoiser), "text encoding" (the
+text encoders alone), "denoising" (the denoiser, the LoRA and the VAE, and the sampler's
+activations, twice the batch under SDXL's classifier-free guidance) and "VAE decode" (the
+same weights and the VAE's activations, one tile and one image at a time with
+--vae_tiling); with --cpu_offload each model alone, "text encoding" the larger encoder.
 
 Activations per latent pixel (SDXL) or token (FLUX, text tokens included) and a fixed
 allocator overhead are fitted to the peak reserved memory measured on an H100
@@ -261,13 +263,15 @@ class InferSettings:
     context_timestep: str | None
 
 
+TEXT_ACTIVATIONS = 0.1  # GiB: encoding one prompt (as training's caching phase counts it)
 VAE_TILE_PIXELS = 1024 * 1024  # the SDXL and FLUX.1 VAEs' sample_size squared (diffusers' tiles)
 
 
 def inference_estimate(sizes: ModelSizes, s: InferSettings) -> Estimate:
-    """Peak GPU memory per phase of one inference run, and its host RAM. Every component is
-    on the GPU for the whole run (pipe.to), unless --cpu_offload moves each there only while
-    it runs; the denoiser's activations are a sample sheet's (a forward, no gradients)."""
+    """Peak GPU memory per phase of one inference run, and its host RAM, as the memory plan
+    places the models (inference/memory_plan.py): the text encoders alone while every
+    prompt is encoded, then the denoiser and the VAE; with --cpu_offload each model only
+    while it runs. The denoiser's activations are a sample sheet's (a forward, no gradients)."""
     half = 4 if s.precision == "no" else 2
     w = _weights(sizes, Settings(s.height, s.width, 1, 1, sizes.rank, s.precision, None, True, False, False,
                                  False, s.conditioning or "blend", s.context_timestep, False))
@@ -288,9 +292,14 @@ def inference_estimate(sizes: ModelSizes, s: InferSettings) -> Estimate:
         gpu = {"text encoding": max(n * half for n in sizes.text_encoders) / GIB,
                "denoising": w["denoiser"] + lora + denoise_act, "VAE decode": w["vae"] + vae_act}
     else:
-        resident = w["denoiser"] + lora + w["text_encoders"] + w["vae"]
-        gpu = {"denoising": resident + denoise_act, "VAE decode": resident + vae_act}
-    host = HOST_BASELINE + w["text_encoders"] + w["vae"] + lora + (0.0 if s.quantize else w["denoiser"])
+        # A quantized denoiser loads onto the GPU and leaves it while the prompts are encoded.
+        resident = w["denoiser"] + lora + w["vae"]
+        gpu = {"load": w["denoiser"] if s.quantize else 0.0, "text encoding": w["text_encoders"] + TEXT_ACTIVATIONS,
+               "denoising": resident + denoise_act, "VAE decode": resident + vae_act}
+    # The host holds every model but a quantized denoiser, and that one too while it waits
+    # for the text encoding (not with --cpu_offload: it never leaves the GPU then).
+    waits = s.quantize and not s.cpu_offload
+    host = HOST_BASELINE + w["text_encoders"] + w["vae"] + lora + (0.0 if s.quantize and not waits else w["denoiser"])
     return Estimate({k: round(v + ALLOCATOR_OVERHEAD, 2) for k, v in gpu.items()}, host)
 
 
