@@ -8,7 +8,8 @@ Full size: SDXL and FLUX.1-dev pipeline folders at their public configs (inferen
 the models drawn on the GPU and saved: ~7 GB + ~34 GB under --workdir), then each run of
 RUNS through the real CLI in its own process (so its peaks are its own): training writes
 output_dir/memory_phases.json (peak reserved / allocated GPU memory and host RSS per phase:
-load, caching, first step, sample sheet, checkpoint, final save), inference reports its
+load, caching, first step, sample sheet, checkpoint, final save), inference writes its own
+(--memory_log: load, text encoding, then denoising and VAE decode per pipeline call) and its
 process's peaks. Beside each phase: the estimate of `--dry_run` on the same command line.
 Then the training step against diffusers' reference step (memory_measure.run_setting), and
 with two GPUs or more DDP against FSDP2 (--distributed fsdp) across them (gpu_suite_multi.py).
@@ -162,15 +163,29 @@ def call(kind: str, argv: list[str], stats: Path, in_process: bool) -> dict:
     return json.loads(stats.read_text())
 
 
-def dry_run(model: str, argv: list[str]):
+def dry_run(kind: str, argv: list[str]):
     """The estimate `--dry_run` prints for this command line (prepare/memory.py's Estimate)."""
     import contextlib
     import io
     import importlib
 
     with contextlib.redirect_stdout(io.StringIO()):
-        report = importlib.import_module(ENTRIES[f"train-{model}"]).main([*argv, "--dry_run"])
+        report = importlib.import_module(ENTRIES[kind]).main([*argv, "--dry_run"])
     return report.memory
+
+
+def inference_row(model: str, argv: list[str], log: Path, work: Path, tiny: bool) -> dict:
+    """One inference run: its process's peaks, and per phase of its memory plan (load, text
+    encoding, then denoising and VAE decode per pipeline call; --memory_log) the peaks beside
+    the dry run's estimate of that phase."""
+    estimate = dry_run(f"infer-{model}", argv)
+    row = call(f"infer-{model}", [*argv, "--memory_log", str(log)], work / "stats.json", tiny)
+    row["estimate"] = {"gpu": estimate.gpu, "host_gib": round(estimate.host, 2), "line": estimate.line()}
+    row["phases"] = json.loads(log.read_text()) if log.is_file() else []
+    for record in row["phases"]:
+        record["estimate_gib"] = estimate.gpu.get(record["phase"])
+        del record["models"]  # where each model was: tests/test_inference_memory_plan.py checks it
+    return row
 
 
 def run_one(spec: dict, folders: dict, work: Path, tiny: bool) -> dict:
@@ -182,7 +197,7 @@ def run_one(spec: dict, folders: dict, work: Path, tiny: bool) -> dict:
     argv = ["--data_dir", str(data), "--output_dir", str(out), "--overwrite_output_dir", "--backend", model,
             "--model_id", str(folders[model]), *spec["flags"]]
     print(f"[{name}] python src/training/train_{model}_ic_lora.py {shlex.join(argv)}", file=sys.stderr, flush=True)
-    estimate = dry_run(model, argv)
+    estimate = dry_run(f"train-{model}", argv)
     result = {"name": name, "model": model, "argv": argv,
               "estimate": {"gpu": estimate.gpu, "host_gib": round(estimate.host, 2), "line": estimate.line()}}
     process = call(f"train-{model}", argv, work / "stats.json", tiny)
@@ -203,7 +218,7 @@ def run_one(spec: dict, folders: dict, work: Path, tiny: bool) -> dict:
                  "--output_dir", str(out / f"infer_bs{batch}"), "--base_model", str(folders[model])]
         if model == "flux" and not tiny:
             infer += ["--quantize", "nf4"]
-        row = call(f"infer-{model}", infer, work / "stats.json", tiny)
+        row = inference_row(model, infer, out / f"infer_bs{batch}_memory.json", work, tiny)
         result["inference"].append({"batch_size": batch, **row})
     return result
 
@@ -237,7 +252,9 @@ def goals(results: list[dict]) -> list[str]:
     """The whole-run goals, each PASS / FAIL on what was measured (nothing on the CPU)."""
     lines = []
     for run in results:
-        peaks = [r["gpu_peak_reserved_gib"] for r in run["phases"] if "gpu_peak_reserved_gib" in r]
+        # Every phase of the run: training's, and those of the inference after it.
+        phases = [*run["phases"], *(r for row in run["inference"] for r in row.get("phases", []))]
+        peaks = [r["gpu_peak_reserved_gib"] for r in phases if "gpu_peak_reserved_gib" in r]
         if not peaks:
             continue
         limit = GOALS[run["model"]]
@@ -251,7 +268,7 @@ def goals(results: list[dict]) -> list[str]:
             lines.append(f"{run['name']}: host RAM ≤ {HOST_GOAL_GB:g} GB: {host:.1f} GB "
                          f"{'PASS' if host <= HOST_GOAL_GB else 'FAIL'}")
         off = [abs(r["estimate_gib"] - r["gpu_peak_reserved_gib"]) / r["gpu_peak_reserved_gib"]
-               for r in run["phases"] if r.get("estimate_gib") and r.get("gpu_peak_reserved_gib")]
+               for r in phases if r.get("estimate_gib") and r.get("gpu_peak_reserved_gib")]
         if off:
             lines.append(f"{run['name']}: estimate within 10 % of each phase's peak: worst {max(off):.0%} "
                          f"{'PASS' if max(off) <= 0.10 else 'FAIL'}")
@@ -267,9 +284,14 @@ def render(report: dict) -> str:
             lines.append(f"| {run['name']} | {r['phase']} | {r['step']} | {'—' if gpu is None else f'{gpu:.2f}'} | "
                          f"{r['estimate_gib']} | {r['host_rss_gib']:.1f} ({r['host_peak_rss_gib']:.1f}) |")
         for row in run["inference"]:
+            for r in row.get("phases", []):  # the step column: the pipeline call
+                gpu = r.get("gpu_peak_reserved_gib")
+                lines.append(f"| {run['name']} | inference bs {row['batch_size']}: {r['phase']} | {r['step']} | "
+                             f"{'—' if gpu is None else f'{gpu:.2f}'} | {r['estimate_gib']} | "
+                             f"{r['host_rss_gib']:.1f} ({r['host_peak_rss_gib']:.1f}) |")
             gpu = row.get("gpu_peak_reserved_gib")
-            lines.append(f"| {run['name']} | inference bs {row['batch_size']} | — | {'—' if gpu is None else gpu} | — | "
-                         f"({row.get('host_peak_rss_gib', row.get('error'))}) |")
+            lines.append(f"| {run['name']} | inference bs {row['batch_size']} (process) | — | {'—' if gpu is None else gpu} "
+                         f"| — | ({row.get('host_peak_rss_gib', row.get('error'))}) |")
         if "error" in run["process"]:
             lines.append(f"| {run['name']} | error | — | {run['process']['error']} | | |")
     if report.get("reference"):

@@ -33,9 +33,15 @@ def test_tiny_suite_runs_every_phase_and_writes_one_results_file(tmp_path):
     inference = {run["name"]: [row["batch_size"] for row in run["inference"] if "error" not in row]
                  for run in report["runs"] if run["inference"]}
     assert inference == {"sdxl concat bs1": [1, 4], "flux context nf4 1024²": [1, 4]}
-    for run in report["runs"]:  # the composites each inference wrote
+    for run in report["runs"]:  # the composites each inference wrote, and its phases beside their estimates
         for row in run["inference"]:
             assert row["seconds"] > 0
+            assert [r["phase"] for r in row["phases"]] == ["load", "text encoding", "denoising", "VAE decode"]
+            for r in row["phases"]:
+                assert r["estimate_gib"] is not None and 0 < r["estimate_gib"] < 2, r
+                assert r["host_peak_rss_gib"] > 0
+            assert row["estimate"]["line"].startswith("memory: peak ")
+    assert "inference bs 4: denoising" in out.with_suffix(".md").read_text()
     assert [r["model"] for r in report["reference"]] == ["sdxl", "flux"]
     assert all(r["ours"]["s_per_step"] and r["reference"]["s_per_step"] for r in report["reference"])
     assert report["goals"] == []  # no GPU figure on the CPU: nothing claimed
