@@ -166,6 +166,21 @@ def test_sdxl_text_encoders_leave_before_the_unet_runs(tmp_path):
         assert _on(r, "unet") and _on(r, "vae") and not _on(r, "text_encoder") and not _on(r, "text_encoder_2")
 
 
+def test_a_memory_log_that_cannot_be_written_is_refused_before_loading(tmp_path, capsys):
+    from iclora.cli import run_cli
+
+    inputs = _inputs(tmp_path / "inputs")
+    (tmp_path / "file").write_text("")
+    for target, says in [(tmp_path, "a folder; give the JSON file to write"), (tmp_path / "file" / "m.json", "is a file")]:
+        argv = ["--lora_path", "none", "--base_model", "tiny-sdxl", "--input_image", str(inputs / "in0.png"),
+                "--prompt", "a set", "--output_dir", str(tmp_path / "out"), "--memory_log", str(target)]
+        with pytest.raises(SystemExit):
+            run_cli(_cli("sdxl").main, argv)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --memory_log") and says in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/test_inference_memory_plan.py --write")

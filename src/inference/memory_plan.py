@@ -38,6 +38,7 @@ def inference_log(path: str | None) -> MemoryLog | None:
     models load: the load's GPU peak is the first record's."""
     if path is None:
         return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     log = MemoryLog(Path(path).parent, torch.device("cuda" if torch.cuda.is_available() else "cpu"), main=True)
     log.path = Path(path)
     return log

@@ -129,6 +129,7 @@ def check_inputs(cfg: InferConfig) -> Plan:
     else:
         mask = inpaint_mask(panels, grid, height, width, cfg.gradient_width if cfg.use_gradient_mask else 0)
     _check_output_dir(Path(cfg.output_dir))
+    _check_memory_log(cfg.memory_log)
     if cfg.compile:
         check_compilable("cuda" if torch.cuda.is_available() else "cpu")
     working = working_size(cfg, meta, size, grid, backend_cls.pixel_quantum, backend_cls.native_image_size)
@@ -136,13 +137,21 @@ def check_inputs(cfg: InferConfig) -> Plan:
                 max_token_length=max_token_length, working=working, pretrained_vae=pretrained_vae)
 
 
-def _check_output_dir(folder: Path) -> None:
+def _check_output_dir(folder: Path, flag: str = "--output_dir") -> None:
     """Fail before any model loads if the outputs could not be written."""
     existing = next(p for p in [folder, *folder.parents] if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"--output_dir {folder}: {existing} is a file, not a folder")
+        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
-        raise ValueError(f"--output_dir {folder}: {existing} is not writable")
+        raise ValueError(f"{flag} {folder}: {existing} is not writable")
+
+
+def _check_memory_log(path: str | None) -> None:
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ValueError(f"--memory_log {path}: a folder; give the JSON file to write")
+    _check_output_dir(Path(path).absolute().parent, f"--memory_log {path}: its folder")
 
 
 def _box_max(mask: torch.Tensor, grid: Grid, index: int) -> float:
