@@ -10,8 +10,8 @@
                    encoded by the VAE, then the denoising steps (recorded as the decode starts)
     VAE decode     per pipeline call: the result decoded
 
-The VAE stays on the device from the first pipeline call on: its weights are small (0.16 GiB
-for FLUX.1's in bf16, 0.31 GiB for SDXL's in float32) beside the denoiser's, its activations
+The VAE stays on the device from the first pipeline call on: its weights are small (84M
+parameters, 0.16 GiB in 16-bit, for SDXL's and FLUX.1's) beside the denoiser's, its activations
 come while the denoiser's are freed, and diffusers' pipelines encode the input and decode
 the result inside one call. So the text encoders (T5-XXL: ~9 GiB in bf16) and the denoiser
 are never on the device together, and the peak is the larger of the two phases rather than
