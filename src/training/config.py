@@ -20,7 +20,6 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 # are drawn, whether --timestep_shift auto moves them, the visible panels' loss weight with concat.
 TIMESTEP_SAMPLING_DEFAULTS = ByBackend("timestep_sampling")
 TIMESTEP_SHIFT_DEFAULTS = ByBackend("timestep_shift")
-MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices: 1, 2 or 3 CLIP chunks of 75 tokens
 CONCAT_VISIBLE_LOSS_WEIGHT = ByBackend("concat_visible_loss_weight")
 
 
