@@ -4,8 +4,9 @@ code before it gave, for fixed seeds on the tiny models.
 tests/data/latent_codec_reference.safetensors holds those outputs. It was written by
 `python tests/test_latent_codec.py --write` on the code before the codec existed (scaling,
 shift and packing written out in each backend, its context pipeline and its visible reset;
-torch 2.13 CPU, float32), and is not to be rewritten by the code under test: a change that
-moves these outputs must say why. Float outputs; compared at float32 rounding, so that another
+torch 2.13 CPU, float32), and checked bit for bit against the same command on each change
+since (the codec; the context pipelines' shared loop). It is not to be rewritten by the
+code under test: a change that moves these outputs must say why. Float outputs; compared at float32 rounding, so that another
 CPU's summation order does not fail the test.
 """
 
@@ -64,6 +65,14 @@ def reference_outputs() -> dict[str, torch.Tensor]:
         out[f"{name}_context_latents"] = pipe(
             image=_image(), mask_image=_mask(), guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
             **{**call, "output_type": "latent"}).images
+        # Part way (SDEdit), two images of one call; SDXL without guidance, FLUX with the shared timestep.
+        if name == "flux":
+            backend = load_backend(name, model, "context", context_timestep="shared")
+            pipe = backend.inpaint_pipeline()
+        out[f"{name}_context_strength"] = pipe(
+            image=_image(), mask_image=_mask(), guidance_scale=1.0 if name == "sdxl" else guidance, strength=0.6,
+            num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (4, 9)],
+            **{**call, "num_inference_steps": 5, "output_type": "latent"}).images
     for name, model, guidance in (("sdxl", "tiny-sdxl-inpaint", 5.0), ("flux", "tiny-flux-fill", 30.0)):
         backend = load_backend(name, model, "concat")
         pipe = backend.inpaint_pipeline()
@@ -83,7 +92,9 @@ def outputs() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("key", [
     "sdxl_posterior", "sdxl_sample", "sdxl_encode_image", "sdxl_context_image", "sdxl_context_latents",
+    "sdxl_context_strength",
     "flux_posterior", "flux_sample", "flux_encode_image", "flux_context_image", "flux_context_latents",
+    "flux_context_strength",
     "sdxl_masked_latents", "sdxl_concat_image", "flux_masked_latents", "flux_concat_image",
 ])
 def test_latents_and_images_are_the_earlier_codes(outputs, key):
