@@ -37,7 +37,7 @@ def _mask() -> torch.Tensor:
 
 
 def _pixels() -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(_image())).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    pixels = torch.from_numpy(np.array(_image())).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
     return pixels * 2 - 1  # in [-1, 1]
 
 

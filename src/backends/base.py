@@ -233,7 +233,9 @@ class Backend(Protocol):
         batch: dict[str, Any],
     ) -> torch.Tensor:
         """The denoiser's prediction (B, C, h, w), comparable to the loss target. `batch`
-        carries per-sample extras (SDXL micro-conditioning: original size, crop)."""
+        carries per-sample extras (SDXL micro-conditioning: original size, crop; FLUX.1's
+        distilled guidance at inference). Training calls it, and so does inference's context
+        loop (context_loop.complete_in_context), which runs the model exactly as trained."""
 
     def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
         """Write the trained weights into `directory`, in `dtype` (lora_files.cast_lora):

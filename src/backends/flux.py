@@ -139,8 +139,9 @@ class FluxBackend(LatentMethods, Placement):
             module.requires_grad_(False)
         pipeline = {"concat": FluxFillPipeline, "blend": FluxInpaintPipeline, "context": FluxContextPipeline}[conditioning]
         self._pipe = pipeline(**self._components())
-        if conditioning == "context":
+        if conditioning == "context":  # its loop runs training's prediction
             self._pipe.context_timestep = self.context_timestep
+            self._pipe.predict = self.predict
             if self.context_timestep == "zero":
                 self._pipe.context_denoiser = self.denoiser
         self._checked_prompts: set[str] = set()
@@ -311,7 +312,8 @@ class FluxBackend(LatentMethods, Placement):
         text = prompt_embeds["prompt_embeds"].to(device, dtype)  # (B, T, D)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
+            # Inference's context loop gives the distilled guidance value in `batch`.
+            guidance = torch.full((b,), batch.get("guidance", TRAIN_GUIDANCE), device=device, dtype=torch.float32)
         extra = {}
         if self.context_timestep == "zero":  # clean tokens modulated as timestep 0
             extra["clean_tokens"] = clean_token_mask(mask)  # (B, N, 1)

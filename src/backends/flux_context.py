@@ -13,8 +13,9 @@ Two ways to tell the transformer which tokens are clean (`context_timestep`):
             .forward block for block; with no clean token it reproduces it exactly.
 
 `FluxContextPipeline` is the inference side: the visible tokens stay clean at every step
-(never re-noised), the masked ones are denoised by the model's own flow-matching scheduler.
-In `zero` mode training and inference both call the transformer through `ContextDenoiser`.
+(never re-noised), the masked ones are denoised by the model's own flow-matching scheduler,
+in the backends' shared loop (context_loop.py) that calls the backend's training `predict`:
+training and inference run the same transformer call (in `zero` mode through `ContextDenoiser`).
 
 --compile (iclora.compiling) in `zero` mode: `context_forward` runs each block through
 `_double_block` / `_single_block`, never through the block's own forward, which is what
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.flux.pipeline_flux_inpaint import FluxInpaintPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
@@ -38,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..panels import latent_mask
 from .base import repeat_to_batch
+from .context_loop import Schedule, complete_in_context
 from .flux_latents import FluxLatents, pack
 
 CONTEXT_TIMESTEPS = ("zero", "shared")
@@ -197,7 +201,8 @@ class FluxContextPipeline(FluxInpaintPipeline):
     `image` / `mask_image` either one for every image or one per image."""
 
     context_timestep: str = "zero"
-    context_denoiser: ContextDenoiser | None = None  # the backend's (one is made on the fly without)
+    predict: Callable | None = None  # the backend's training prediction (set by the backend)
+    context_denoiser: ContextDenoiser | None = None  # what `predict` runs in 'zero' mode: the backend's denoiser
 
     @torch.no_grad()
     def __call__(
@@ -218,7 +223,7 @@ class FluxContextPipeline(FluxInpaintPipeline):
     ) -> FluxPipelineOutput:
         device = self._execution_device
         dtype = self.transformer.dtype
-        prompt_embeds, pooled, text_ids = self.encode_prompt(
+        prompt_embeds, pooled, _ = self.encode_prompt(
             prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=512, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
         )
@@ -236,46 +241,32 @@ class FluxContextPipeline(FluxInpaintPipeline):
         pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
         mask = (latent_mask(pixel_mask, self.vae_scale_factor) >= 0.5).to(dtype)  # (b, 1, h, w), 1 = masked
         mask = repeat_to_batch(mask, batch, "masks")  # (B, 1, h, w)
-        clean_tokens = clean_token_mask(mask)  # (B, N, 1)
-        clean_packed = codec.pack(clean)  # (B, N, 4C)
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = shift_mu(self.scheduler.config, h * w // 4)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
-
         # One row per generator: image i draws what a one-image call with its generator draws.
         noise = randn_tensor((batch, channels, h, w), generator=generator, device=device, dtype=dtype)
-        latents = codec.pack(noise)  # (B, N, 4C)
-        if strength < 1.0:  # SDEdit: the masked region starts from the noised input
-            latents = self.scheduler.scale_noise(clean_packed, timesteps[:1].repeat(batch), latents)
-        image_ids = self._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
-
-        per_token = None
+        schedule = Schedule(
+            timesteps,
+            noised=lambda x, n, t: self.scheduler.scale_noise(x, t, n),
+            step=lambda velocity, t, x: self.scheduler.step(velocity, t, x, return_dict=False)[0],
+        )
+        conditions = {}
+        if self.transformer.config.guidance_embeds:  # FLUX.1-dev's distilled guidance
+            conditions["guidance"] = guidance_scale
         if self.context_timestep == "zero":
-            per_token = self.context_denoiser if self.context_denoiser is not None else ContextDenoiser(self.transformer)
             hook = getattr(self.transformer, "_hf_hook", None)
             if hook is not None:
                 # Model CPU offload moves the transformer when its forward is called, which the
                 # per-token forward bypasses (it calls the blocks): move it here instead.
                 hook.pre_forward(self.transformer)
-        for t in self.progress_bar(timesteps):
-            inputs = dict(
-                hidden_states=torch.where(clean_tokens, clean_packed, latents),
-                timestep=t.expand(batch).to(dtype) / 1000, guidance=guidance, pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
-            )
-            if per_token is not None:
-                velocity = per_token(clean_tokens, **inputs)[0]
-            else:
-                velocity = self.transformer(**inputs, return_dict=False)[0]
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-
-        latents = torch.where(clean_tokens, clean_packed, latents)
-        latents = codec.unpack(latents, h, w)  # (B, C, h, w)
+        prompt = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+        # A token is denoised when any of its 2x2 latent pixels is masked (clean_token_mask).
+        context = F.max_pool2d(mask, 2).repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # (B, 1, h, w)
+        latents = complete_in_context(self.predict, schedule, clean, mask, noise, prompt, conditions=conditions,
+                                      strength=strength, context=context, progress=self.progress_bar)
         if output_type == "latent":
             return FluxPipelineOutput(images=latents)
         decoded = codec.decode(latents)

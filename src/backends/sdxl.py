@@ -105,6 +105,8 @@ class SDXLBackend(LatentMethods, SDXLLoraFiles, Placement):
             module.requires_grad_(False)
         pipeline = SDXLContextPipeline if conditioning == "context" else StableDiffusionXLInpaintPipeline
         self._prompt_pipe = pipeline(**self._components())
+        if conditioning == "context":  # its loop runs training's prediction
+            self._prompt_pipe.predict = self.predict
         self._checked_prompts: set[str] = set()
 
     @classmethod

@@ -5,10 +5,13 @@ The UNet has one global timestep, so the clean panels are modulated with the cur
 (FLUX.1 Kontext's way). In the UNet's input space (DDPM's x_t, what
 `scheduler.scale_model_input` returns for every scheduler) a clean latent is x_0 itself, so
 the model input is `where(masked, scale_model_input(latents, t), clean)`: exactly what
-training feeds (iclora.backends.base.with_clean_context).
+training feeds (iclora.backends.base.with_clean_context). The loop is the backends' shared
+one (context_loop.py), calling the backend's training `predict`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
@@ -16,7 +19,8 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffus
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..panels import latent_mask
-from .base import repeat_to_batch, with_clean_context
+from .base import repeat_to_batch
+from .context_loop import Schedule, complete_in_context
 from .sdxl_latents import SDXLLatents
 
 
@@ -27,6 +31,8 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
     Batches as the stock pipeline does: `num_images_per_prompt` images per prompt, one
     generator per image (each draws its image's noise, in a one-image call's order), and
     `image` / `mask_image` either one for every image or one per image."""
+
+    predict: Callable | None = None  # the backend's training prediction (set by the backend)
 
     @torch.no_grad()
     def __call__(
@@ -59,11 +65,8 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
         batch = embeds.shape[0]  # prompts x num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for a batch of {batch} images")
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)
-        time_ids = time_ids.repeat(batch, 1)  # (B, 6)
-        if cfg:
-            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
-            time_ids = time_ids.repeat(2, 1)
+        size = torch.tensor([[height, width]], device=device).repeat(batch, 1)  # (B, 2)
+        conditions = {"original_size": size, "crop_top_left": torch.zeros_like(size)}  # SDXL's micro-conditioning
 
         codec = SDXLLatents(self.vae)
         pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
@@ -77,25 +80,18 @@ class SDXLContextPipeline(StableDiffusionXLInpaintPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)  # a row per generator
-        if strength < 1.0:  # SDEdit: the masked region starts from the noised input
-            latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
-        else:
-            latents = noise * self.scheduler.init_noise_sigma
         step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
-
-        for t in self.progress_bar(timesteps):
-            model_input = with_clean_context(self.scheduler.scale_model_input(latents, t), clean, mask)
-            model_input = torch.cat([model_input] * 2) if cfg else model_input
-            noise_pred = self.unet(
-                model_input, t, encoder_hidden_states=embeds,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
-            )[0]
-            if cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (text - uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-
-        latents = with_clean_context(latents, clean, mask)
+        schedule = Schedule(
+            timesteps,
+            noised=self.scheduler.add_noise,
+            step=lambda prediction, t, x: self.scheduler.step(prediction, t, x, **step_kwargs, return_dict=False)[0],
+            model_input=self.scheduler.scale_model_input,
+            init_noise_sigma=self.scheduler.init_noise_sigma,
+        )
+        prompt = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        uncond = {"prompt_embeds": negative, "pooled_prompt_embeds": negative_pooled} if cfg else None
+        latents = complete_in_context(self.predict, schedule, clean, mask, noise, prompt, uncond, guidance_scale,
+                                      conditions, strength, progress=self.progress_bar)
         if output_type == "latent":
             return StableDiffusionXLPipelineOutput(images=latents)
         decoded = codec.decode(latents)
