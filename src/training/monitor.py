@@ -208,6 +208,10 @@ class Monitor:
         moved = [part for part in needed if not backend.is_placed(part)]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         sheets = []
+        # The context pipelines predict through backend.denoiser, which training may have put
+        # in a distributed wrapper; the main process renders alone, so the sheets run the module itself.
+        wrapped = backend.denoiser
+        backend.denoiser = accelerator.unwrap_model(wrapped)
         try:
             with torch.random.fork_rng(devices=cuda), torch.no_grad(), accelerator.autocast():
                 for part in moved:
@@ -224,6 +228,7 @@ class Monitor:
                     sheets.append(comparison_image(plan, outputs, seeds))
                 trainer.record_memory("sample sheet")
         finally:
+            backend.denoiser = wrapped
             for part in moved:
                 backend.place(part, False)
             for module, training in modes:
