@@ -208,8 +208,9 @@ class Monitor:
         moved = [part for part in needed if not backend.is_placed(part)]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         sheets = []
-        # The context pipelines predict through backend.denoiser, which training may have put
-        # in a distributed wrapper; the main process renders alone, so the sheets run the module itself.
+        # The context pipelines predict through backend.denoiser, which training may have put in
+        # a DDP wrapper, whose forward would wait for processes that do not render: the sheets run
+        # the module itself (a sharded one, rendered on every process, gathers its own weights).
         wrapped = backend.denoiser
         backend.denoiser = accelerator.unwrap_model(wrapped)
         try:
