@@ -101,6 +101,19 @@ def test_a_nan_loss_stops_training_in_one_line(data, tmp_path, monkeypatch, caps
     assert not (tmp_path / "final_model").exists()
 
 
+def test_reference_training_with_cached_latents_and_its_completion(data, tmp_path):
+    result = _train(data, tmp_path / "run", "--max_train_steps", "2", "--conditioning", "reference", "--cache_latents")
+    assert result.global_step == 2 and all(np.isfinite(result.losses))
+    assert json.loads((result.final_dir / "iclora_config.json").read_text())["conditioning"] == "reference"
+    source = data / "00003.png"
+    infer.main(["--lora_path", str(result.final_dir), "--input_image", str(source), "--prompt", "a set",
+                "--panels_to_inpaint", "3", "--seed", "2", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out")])
+    out = tmp_path / "out" / "00003_0.png"
+    for kept, given in zip(_panels(out, [0, 1, 2]), _panels(source, [0, 1, 2])):
+        assert np.array_equal(kept, given)
+    assert not np.array_equal(_panels(out, [3])[0], _panels(source, [3])[0])
+
+
 def test_concat_is_refused_in_one_line(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(train.main, ["--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--model_id", "tiny-flux2",

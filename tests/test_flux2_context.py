@@ -149,3 +149,33 @@ def test_resolution_shift_moves_sigmas_as_the_pipeline_schedule(backend):
     expected = np.exp(mu) / (np.exp(mu) + (1 / sigma - 1))  # the scheduler's exponential time shift
     torch.testing.assert_close(shifted / 1000, expected.float(), rtol=1e-5, atol=1e-6)
     assert (shifted > plain).all()
+
+
+def test_reference_mode_feeds_the_blanked_composite_in_the_editing_layout():
+    """'reference': [noisy composite, masked-image tokens] with the reference at the pipeline's
+    own image ids (t = 10); the masked panels' pixels never reach the model."""
+    backend = Flux2Backend.from_pretrained("tiny-flux2", conditioning="reference")
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    pixel_mask = torch.zeros(1, 1, 64, 64)
+    pixel_mask[..., 32:, 32:] = 1  # panel 3 of a 2x2 grid
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2:, 2:] = 1
+    noisy = torch.randn(1, backend.transformer.config.in_channels, 4, 4, generator=g)
+    t, embeds = torch.tensor([600.0]), backend.encode_prompt(["a set"])
+    reference = backend.masked_image_latents(pixels, pixel_mask)
+    pred = backend.predict(noisy, t, embeds, mask, reference, {})
+
+    text = embeds["prompt_embeds"]
+    stock = backend.transformer(
+        hidden_states=torch.cat([Flux2KleinPipeline._pack_latents(noisy), Flux2KleinPipeline._pack_latents(reference)], 1),
+        img_ids=torch.cat([Flux2KleinPipeline._prepare_latent_ids(noisy), Flux2KleinPipeline._prepare_image_ids([reference])], 1),
+        encoder_hidden_states=text, txt_ids=Flux2KleinPipeline._prepare_text_ids(text), timestep=t / 1000,
+        return_dict=False)[0][:, :16]
+    torch.testing.assert_close(pred, codec.from_tokens(stock, 4, 4))
+
+    other = pixels.clone()
+    other[..., 32:, 32:] = -other[..., 32:, 32:]  # the masked panel changed: nothing the model sees changes
+    assert torch.equal(backend.predict(noisy, t, embeds, mask, backend.masked_image_latents(other, pixel_mask), {}), pred)
+    other[..., :32, :32] = -other[..., :32, :32]  # a visible panel changed
+    assert (backend.predict(noisy, t, embeds, mask, backend.masked_image_latents(other, pixel_mask), {}) - pred).abs().max() > 1e-4

@@ -27,6 +27,10 @@ Conditioning on the visible panels ("conditioning" attribute):
             panels. Inference keeps the visible panels clean at every step, never
             re-noised. 4-channel bases, LoRA only. How the clean tokens are modulated
             (`context_timestep`: the shared t, or timestep 0 per token) is the backend's.
+    reference  The whole composite is noisy; the masked-image latents (the composite with
+            its masked panels blanked, as for concat) enter as separate reference tokens
+            beside it, as editing models take reference images (FLUX.2 [klein]); the loss is
+            on the masked panels.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ if TYPE_CHECKING:  # the codec module imports diffusers
     from .latents import LatentCodec
 
 
-CONDITIONINGS = ("concat", "blend", "context")
+CONDITIONINGS = ("concat", "blend", "context", "reference")
 
 
 def with_clean_context(noisy: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ Conditioning:
              sample (flux2_context.py). 'shared' context_timestep: clean tokens at t.
     blend    the whole composite noisy; inference resets the visible region to the input
              noised to the next sigma after every step.
+    reference  the editing layout: the whole composite noisy, and the composite with its
+             masked panels blanked (the masked-image latents, posterior mean) appended as
+             reference tokens with RoPE t = 10, as Flux2KleinPipeline feeds a reference image;
+             one shared t for all tokens, as that pipeline. Twice the image tokens.
     concat   refused: there is no FLUX.2 Fill model (no mask input channels).
 
 Training choices: sigma drawn logit-normal as FLUX.1; with --timestep_shift resolution moved
@@ -54,6 +58,7 @@ from .trainable import load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
 
+REFERENCE_T = 10  # RoPE t of the first reference image (Flux2KleinPipeline._prepare_image_ids: scale 10)
 SHIFT_STEPS = 50  # the pipeline's default step count, at which --timestep_shift resolution takes mu
 
 
@@ -74,9 +79,9 @@ class Flux2Backend(LatentMethods, Placement):
         conditioning = conditioning or "blend"  # a bare base or a foreign LoRA: stock latent blending
         if conditioning == "concat":
             raise ValueError("--conditioning concat: FLUX.2 [klein] has no Fill model (no mask input channels); "
-                             "use --conditioning context or blend")
-        if conditioning not in ("blend", "context"):
-            raise ValueError(f"--conditioning: expected context or blend, got {conditioning!r}")
+                             "use --conditioning context, blend or reference")
+        if conditioning not in ("blend", "context", "reference"):
+            raise ValueError(f"--conditioning: expected context, blend or reference, got {conditioning!r}")
         if context_timestep is not None and (conditioning != "context" or context_timestep not in CONTEXT_TIMESTEPS):
             raise ValueError(f"--context_timestep {context_timestep}: expected one of {', '.join(CONTEXT_TIMESTEPS)}, "
                              "with --conditioning context")
@@ -199,8 +204,14 @@ class Flux2Backend(LatentMethods, Placement):
         sample_latents go through it (LatentMethods)."""
         return Flux2Latents(self.vae)
 
-    def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> None:
-        return None  # no concat
+    @torch.no_grad()
+    def masked_image_latents(self, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor | None:
+        """'reference': the composite with its masked panels blanked to mid-grey (0 in [-1, 1],
+        as FLUX.1-Fill's masked image), the posterior mean, normalised: (B, 4C, h, w)."""
+        if self.conditioning != "reference":
+            return None
+        blanked = pixels * (pixel_mask.to(pixels.device) < 0.5)
+        return self.codec.encode_mean(blanked)
 
     def noise_latents(self, latents, noise, generator):
         sigmas = self.timestep_sampling.draw(latents.shape[0], generator)  # (B,); 1 = pure noise
@@ -224,11 +235,15 @@ class Flux2Backend(LatentMethods, Placement):
             txt_ids=codec.text_ids(text),
             guidance=None,  # [klein]: no guidance embedding, as the pipeline calls it
         )
+        if self.conditioning == "reference":  # [composite, reference] as the editing pipeline lays them out
+            reference = masked_latents.to(device, dtype)  # (B, 4C, h, w)
+            inputs["hidden_states"] = torch.cat([inputs["hidden_states"], codec.to_tokens(reference)], dim=1)
+            inputs["img_ids"] = torch.cat([inputs["img_ids"], codec.image_ids(reference, t=REFERENCE_T)], dim=1)
         if self.context_timestep == "zero":
             out = self.denoiser(clean_token_mask(mask), **inputs)[0]
         else:
             out = self.denoiser(**inputs, return_dict=False)[0]
-        return codec.from_tokens(out, h, w)  # (B, 4C, h, w)
+        return codec.from_tokens(out[:, : h * w], h, w)  # (B, 4C, h, w): the composite's tokens
 
     # ---- weights -------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -145,6 +145,11 @@ class Flux2ContextPipeline(Flux2KleinPipeline):
         clean = repeat_to_batch(clean, batch, "images")  # (B, 4C, h, w)
         pixel_mask = self.mask_processor.preprocess(mask_image, height=height, width=width).to(device)  # (b, 1, H, W)
         mask = repeat_to_batch((latent_mask(pixel_mask, f) >= 0.5).to(dtype), batch, "masks")  # (B, 1, h, w)
+        reference = None
+        if self.conditioning == "reference":  # the masked panels blanked, as training's masked-image latents
+            blanked = pixels * repeat_to_batch(pixel_mask < 0.5, len(pixels), "masks").to(pixels.dtype)
+            reference = codec.Flux2Latents(self.vae).encode_mean(blanked, one_at_a_time=True).to(dtype)
+            reference = repeat_to_batch(reference, batch, "images")  # (B, 4C, h, w)
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = compute_empirical_mu(image_seq_len=h * w, num_steps=num_inference_steps)
@@ -159,18 +164,19 @@ class Flux2ContextPipeline(Flux2KleinPipeline):
         if strength < 1.0:  # SDEdit: the masked region starts from the noised input
             latents = self.scheduler.scale_noise(clean, timesteps[:1].repeat(batch), noise)
         blend = self.conditioning == "blend"
+        in_place = self.conditioning == "context"  # visible tokens clean in the composite itself
         visible = mask < 0.5
         for i, t in enumerate(self.progress_bar(timesteps)):
-            x = latents if blend else torch.where(visible, clean, latents)
+            x = torch.where(visible, clean, latents) if in_place else latents
             step = t.expand(batch).to(dtype)
-            velocity = self.predict(x, step, {"prompt_embeds": embeds}, mask, None, {})
+            velocity = self.predict(x, step, {"prompt_embeds": embeds}, mask, reference, {})
             if cfg:
-                uncond = self.predict(x, step, {"prompt_embeds": negative}, mask, None, {})
+                uncond = self.predict(x, step, {"prompt_embeds": negative}, mask, reference, {})
                 velocity = uncond + guidance_scale * (velocity - uncond)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
             if blend and i + 1 < len(timesteps):  # the visible region on the input's noised trajectory
                 latents = torch.where(visible, self.scheduler.scale_noise(clean, timesteps[i + 1 : i + 2], noise), latents)
-        latents = torch.where(visible, clean, latents)
+        latents = torch.where(visible, clean, latents)  # the input's own latents where it is kept
         if output_type == "latent":
             return Flux2PipelineOutput(images=latents)
         decoded = codec.Flux2Latents(self.vae).decode(latents)

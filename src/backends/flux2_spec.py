@@ -112,7 +112,7 @@ SPEC = register(BackendSpec(
     timestep_sampling="logit_normal",
     timestep_shift="none",
     resolution_shift=True,
-    conditionings=("context", "blend"),  # no Fill model: concat is refused
+    conditionings=("context", "blend", "reference"),  # no Fill model: concat is refused
     # Qwen3 tokens, chat template included; the first is the pipeline's own (the default).
     max_token_lengths=(MAX_SEQUENCE_LENGTH, 256, 128),
     caption_tokenizers=caption_tokenizers,

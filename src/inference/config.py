@@ -58,7 +58,7 @@ class InferConfig:
     """Weight variant of the base model (e.g. fp16)."""
     grid: Optional[str] = None
     """Panel layout ROWSxCOLS (default: the LoRA's recorded grid, else 2x2)."""
-    conditioning: Optional[Literal["concat", "blend", "context"]] = None
+    conditioning: Optional[Literal["concat", "blend", "context", "reference"]] = None
     """How the visible panels condition the model (default: the LoRA's recorded mode)."""
     context_timestep: Optional[Literal["zero", "shared"]] = None
     """With context conditioning: how clean panels are modulated (default: the LoRA's recorded choice)."""

@@ -148,8 +148,8 @@ class LatentCache:
     def __init__(self, folder: Path, cfg, backend, records: list[Record], dataset: CompositeDataset, grid: Grid,
                  device, before_encoding=None):
         store, settings = _Store(folder / "latents"), model_settings(cfg, backend, text=False)
-        # blend has no masked-image input: its entries (and keys) hold the posterior only.
-        self.concat = backend.conditioning == "concat"
+        # Only concat and reference take a masked-image input: other entries (and keys) hold the posterior only.
+        self.concat = backend.conditioning in ("concat", "reference")
         subsets = panel_subsets(grid, cfg.mask_probability, cfg.max_masked_panels) if self.concat else []
         self.entries: list[Path] = []
         for index, record in enumerate(records):

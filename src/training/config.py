@@ -79,9 +79,10 @@ class TrainConfig:
     """Panel layout ROWSxCOLS (2x2, 1x2, 1x3, 2x1, ...)."""
     allow_crop: bool = False
     """Train composites whose shape differs so much from the grid that fitting them crops more than 5% of a side."""
-    conditioning: Literal["concat", "blend", "context"] = "concat"
+    conditioning: Literal["concat", "blend", "context", "reference"] = "concat"
     """concat: mask + masked-image latents as extra input channels; blend: latent blending (LoRA only);
-    context: visible panels enter the denoiser clean, masked ones noisy (LoRA only, 4-channel bases)."""
+    context: visible panels enter the denoiser clean, masked ones noisy (LoRA only, 4-channel bases);
+    reference (FLUX.2): the masked-image latents as reference tokens beside the noisy composite (LoRA only)."""
     context_timestep: Optional[Literal["zero", "shared"]] = None
     """With --conditioning context: modulate the clean panels' tokens as timestep 0 ('zero', FLUX only;
     its default) or with the shared current timestep ('shared', SDXL's only choice)."""

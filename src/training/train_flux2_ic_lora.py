@@ -7,8 +7,9 @@
 The base models train: black-forest-labs/FLUX.2-klein-base-4B (the default, Apache-2.0) in
 bf16, black-forest-labs/FLUX.2-klein-base-9B (non-commercial licence) with --quantize int8 or
 nf4 (CUDA only). --conditioning context (the default: visible panels enter the transformer
-clean, modulated as timestep 0 per token, masked ones noisy) or blend (LoRAs for latent-blend
-inpainting); there is no FLUX.2 Fill model, so no concat. --max_token_length counts Qwen3
+clean, modulated as timestep 0 per token, masked ones noisy), blend (LoRAs for latent-blend
+inpainting) or reference (the masked image as reference tokens, the editing layout); there is
+no FLUX.2 Fill model, so no concat. --max_token_length counts Qwen3
 tokens with the chat template (default 512, the pipeline's).
 """
 
