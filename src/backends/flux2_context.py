@@ -17,9 +17,9 @@ the forward is the stock one exactly; the compiled blocks (--compile) are the st
 `context_timestep` 'shared' feeds the clean tokens with the shared t (the stock forward).
 
 `Flux2ContextPipeline` is the inference side: Flux2KleinPipeline's components and prompt
-handling, a denoising loop that calls the backend's training `predict`, so training and
-inference run the same model math by construction. The visible tokens stay clean at every
-step ('context'), or are reset to the input noised to the next sigma after every step
+handling, denoising that calls the backend's training `predict`, so training and inference
+run the same model math by construction. The visible tokens stay clean at every step
+('context': the loop every backend's context completion shares, context_loop.py), or are reset to the input noised to the next sigma after every step
 ('blend', as diffusers' inpaint pipelines); with every panel masked the loop is the stock
 text -> image loop (the same noise, sigmas, mu and CFG).
 """
@@ -40,6 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..panels import latent_mask
 from . import flux2_latents as codec
 from .base import repeat_to_batch
+from .context_loop import Schedule, complete_in_context
 
 CONTEXT_TIMESTEPS = ("zero", "shared")
 
@@ -160,28 +161,41 @@ class Flux2ContextPipeline(Flux2KleinPipeline):
 
         # The stock pipeline's draw: (B, 4C, h, w), one row per generator.
         noise = randn_tensor((batch, channels, h, w), generator=generator, device=device, dtype=dtype)
-        latents = noise
-        if strength < 1.0:  # SDEdit: the masked region starts from the noised input
-            latents = self.scheduler.scale_noise(clean, timesteps[:1].repeat(batch), noise)
-        blend = self.conditioning == "blend"
-        in_place = self.conditioning == "context"  # visible tokens clean in the composite itself
-        visible = mask < 0.5
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            x = torch.where(visible, clean, latents) if in_place else latents
-            step = t.expand(batch).to(dtype)
-            velocity = self.predict(x, step, {"prompt_embeds": embeds}, mask, reference, {})
-            if cfg:
-                uncond = self.predict(x, step, {"prompt_embeds": negative}, mask, reference, {})
-                velocity = uncond + guidance_scale * (velocity - uncond)
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-            if blend and i + 1 < len(timesteps):  # the visible region on the input's noised trajectory
-                latents = torch.where(visible, self.scheduler.scale_noise(clean, timesteps[i + 1 : i + 2], noise), latents)
-        latents = torch.where(visible, clean, latents)  # the input's own latents where it is kept
+        prompt, unconditional = {"prompt_embeds": embeds}, ({"prompt_embeds": negative} if cfg else None)
+        schedule = Schedule(
+            timesteps,
+            noised=lambda x, n, t: self.scheduler.scale_noise(x, t, n),
+            step=lambda velocity, t, x: self.scheduler.step(velocity, t, x, return_dict=False)[0],
+        )
+        if self.conditioning == "context":  # the loop every backend's context completion shares
+            latents = complete_in_context(self.predict, schedule, clean, mask, noise, prompt, unconditional,
+                                          guidance_scale, strength=strength, progress=self.progress_bar)
+        else:
+            latents = self._denoise_whole(schedule, clean, mask, noise, prompt, unconditional, guidance_scale,
+                                          strength, reference)
         if output_type == "latent":
             return Flux2PipelineOutput(images=latents)
         decoded = codec.Flux2Latents(self.vae).decode(latents)
         self.maybe_free_model_hooks()
         return Flux2PipelineOutput(images=self.image_processor.postprocess(decoded, output_type=output_type))
+
+    def _denoise_whole(self, schedule, clean, mask, noise, prompt, unconditional, guidance_scale, strength, reference):
+        """'blend' and 'reference': the whole composite is denoised, through the backend's
+        `predict` (with the reference latents as its masked-image input). 'blend' resets the
+        visible region to the input noised to the next sigma after every step (diffusers'
+        inpaint pipelines); both end with the input's own latents where it is kept."""
+        timesteps, visible = schedule.timesteps, mask < 0.5
+        latents = schedule.noised(clean, noise, timesteps[:1].repeat(len(clean))) if strength < 1.0 else noise
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            step = t.expand(len(latents)).to(latents.dtype)
+            velocity = self.predict(latents, step, prompt, mask, reference, {})
+            if unconditional is not None:
+                uncond = self.predict(latents, step, unconditional, mask, reference, {})
+                velocity = uncond + guidance_scale * (velocity - uncond)
+            latents = schedule.step(velocity, t, latents)
+            if self.conditioning == "blend" and i + 1 < len(timesteps):
+                latents = torch.where(visible, schedule.noised(clean, noise, timesteps[i + 1 : i + 2]), latents)
+        return torch.where(visible, clean, latents)
 
 
 __all__ = ["CONTEXT_TIMESTEPS", "ContextDenoiser", "Flux2ContextPipeline", "clean_token_mask"]
