@@ -123,6 +123,9 @@ def _flux_runs(record, out, data) -> None:
             "--max_train_steps", "2", "--gradient_checkpointing"]
     record["ddp"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "ddp")]).losses
     record["fsdp"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "fsdp"), "--distributed", "fsdp"]).losses
+    record["bf16"] = train_flux_ic_lora.main([*argv, "--output_dir", str(out / "bf16"), "--distributed", "fsdp",
+                                              "--mixed_precision", "bf16", "--max_train_steps", "1",
+                                              "--save_every", "1"]).losses
     flux2 = [*argv, "--model_id", "tiny-flux2"]  # its per-token modulation hooks the root, around stock blocks
     record["flux2_ddp"] = train_flux2_ic_lora.main([*flux2, "--output_dir", str(out / "flux2_ddp")]).losses
     record["flux2_fsdp"] = train_flux2_ic_lora.main([*flux2, "--output_dir", str(out / "flux2_fsdp"),
@@ -144,6 +147,16 @@ def test_fsdp_runs_flux_per_token_forward(data_2x2, tmp_path):
             d = load_file(tmp_path / f"{model}ddp" / "final_model" / name)
             assert a.keys() == d.keys() and all(torch.allclose(a[k].float(), d[k].float(), atol=2e-3, rtol=1e-3)
                                                 for k in a), (model, name)
+    # bf16 (a GPU's default with fsdp): the sharded base in bf16, the LoRA and AdamW's state in float32.
+    import torch.distributed.checkpoint as dcp
+
+    assert all(loss == loss for loss in ranks[0]["bf16"])
+    phases = json.loads((tmp_path / "bf16" / "memory_phases.json").read_text())
+    assert phases[-1]["models"]["transformer"]["dtype"] == "bfloat16"
+    stored = dcp.FileSystemReader(str(tmp_path / "bf16" / "checkpoints" / "checkpoint-1" / "sharded")).read_metadata()
+    tensors = {k: m.properties.dtype for k, m in stored.state_dict_metadata.items() if hasattr(m, "properties")}
+    assert any(k.startswith("model.") for k in tensors) and any(k.startswith("optimizer.state.") for k in tensors)
+    assert set(tensors.values()) == {torch.float32}, tensors
     meta = json.loads((tmp_path / "fsdp" / "final_model" / "iclora_config.json").read_text())
     assert meta["context_timestep"] == "zero" and meta["training_args"]["distributed"] == "fsdp"
 
@@ -191,6 +204,33 @@ def test_a_full_disk_on_one_process_stops_every_process_with_the_same_line(data_
         f"RunStopped: step 1: could not write {checkpoint} (No space left on device); training stopped")
     assert not (tmp_path / "run" / "final_model").exists()
     assert not any((tmp_path / "run" / "checkpoints").iterdir())  # nothing half-written stays
+
+
+def _final_save_fails_on_rank_zero(record, out, data) -> None:
+    import contextlib
+
+    from iclora.training import trainer
+
+    whole = trainer.atomic_directory
+
+    @contextlib.contextmanager
+    def no_space_on_rank_zero(final):  # the main process writes final_model/ alone
+        if torch.distributed.get_rank() == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        with whole(final) as tmp:
+            yield tmp
+
+    trainer.atomic_directory = no_space_on_rank_zero
+    train_sdxl_ic_lora.main(["--data_dir", str(data), "--output_dir", str(out / "run"), *TINY_ARGS,
+                             "--max_train_steps", "1", "--distributed", "fsdp"])
+
+
+def test_a_failed_final_save_stops_the_processes_that_did_not_write(data_2x2, tmp_path):
+    """The main process writes the final model; the others used to wait at the barrier after it."""
+    ranks = _ranks(_final_save_fails_on_rank_zero, tmp_path, data_2x2)
+    final = tmp_path / "run" / "final_model"
+    assert ranks[0]["error"] == ranks[1]["error"] == f"RunStopped: could not write {final} (No space left on device)"
+    assert not final.exists()
 
 
 def test_the_accelerate_examples_load_and_the_readme_launches_each():
