@@ -33,20 +33,13 @@ from .backends.lora_files import (
     read_metadata,
     resolve_lora_file,
 )
-from .backends.lora_formats import (
-    flux_comfyui_state,
-    guess_backend,
-    peft_modules,
-    peft_scale,
-    read_lora_file,
-    sdxl_kohya_state,
-)
+from .backends.lora_formats import guess_backend, peft_modules, peft_scale, read_lora_file
+from .backends.registry import backend_names, backend_spec
 from .hub import model_source
 
 logger = logging.getLogger(__name__)
 TRAINABLE_NAME, STATE_NAME = "trainable.safetensors", "trainer_state.json"  # a training checkpoint's
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SDXL_LAYERS_PER_BLOCK = 2  # stabilityai/stable-diffusion-xl-base-1.0 and its inpainting model
 
 
 @dataclass
@@ -63,6 +56,8 @@ class ConvertConfig:
     """SDXL concat: also write unet/, the base UNet with the LoRA merged in and the trained 9-channel conv_in (StableDiffusionXLInpaintPipeline, ComfyUI's Load Diffusion Model)."""
     unet_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Weights dtype of the exported unet/."""
+    backend: Optional[str] = None
+    """The backend the LoRA is for (default: the one recorded in iclora_config.json, else told from its keys)."""
     save_precision: Optional[Literal["fp16", "bf16", "fp32"]] = None
     """Dtype of the LoRA files written (default: that of the LoRA read; from a checkpoint's trainable weights, fp16, or bf16
     when it trained in bf16)."""
@@ -84,13 +79,16 @@ def convert(cfg: ConvertConfig) -> list[Path]:
     if cfg.export_unet:
         _check_exportable(meta)
     state, header = read_lora_file(lora_file)
-    backend = meta.get("backend") or guess_backend(state)
+    if cfg.backend and cfg.backend not in backend_names():
+        raise ValueError(f"--backend: unknown backend {cfg.backend!r} (choose from {', '.join(backend_names())})")
+    backend = cfg.backend or meta.get("backend") or guess_backend(state, f"--lora_path {lora_file}")
     if backend is None:
         raise ValueError(
             f"--lora_path {lora_file}: no diffusers-format keys (unet.* / transformer.*): already in another "
             "program's format?"
         )
-    prefix = "unet" if backend == "sdxl" else "transformer"
+    spec = backend_spec(backend)
+    prefix = spec.lora_prefix
     scale = peft_scale(header, prefix)
     if scale is None:  # what diffusers assumes for a file without adapter metadata: alpha = rank
         logger.warning("%s records no LoRA alpha: written at scale 1 (alpha = rank), as diffusers loads it", lora_file)
@@ -102,10 +100,7 @@ def convert(cfg: ConvertConfig) -> list[Path]:
     if base:  # before anything is written: an id the hub cannot serve fails here, in one line
         base = model_source(base, "--base_model" if cfg.base_model else f"--lora_path {cfg.lora_path}: its base model")
     concat = meta.get("conditioning") == "concat" or (lora_file.parent / CONV_IN_WEIGHT_NAME).is_file()
-    if backend == "sdxl":
-        out = _sdxl_state(modules, scale, base, concat, lora_file)
-    else:
-        out = flux_comfyui_state(modules, scale)
+    out = spec.comfyui_file(modules, scale, base=base, concat=concat, lora_file=lora_file)
 
     folder = Path(cfg.output_dir) if cfg.output_dir else lora_file.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,40 +142,6 @@ def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None, prec
     for path in written:
         match_umask(path)  # diffusers' safetensors file is 0600
     return written
-
-
-def _sdxl_state(modules, scale: float, base: str | None, concat: bool, lora_file: Path) -> dict[str, torch.Tensor]:
-    unet = _base_unet(base, config_only=not concat) if base else None
-    layers = SDXL_LAYERS_PER_BLOCK if unet is None else unet["config"]["layers_per_block"]
-    conv_diff = None
-    if concat:
-        if unet is None:
-            raise ValueError(f"--lora_path {lora_file}: a concat LoRA; name its base with --base_model")
-        if unet["config"]["in_channels"] == 9:
-            trained = read_lora_file(lora_file.parent / CONV_IN_WEIGHT_NAME)[0]
-            conv_diff = (trained["conv_in.weight"].float() - unet["conv_in.weight"].float(),
-                         trained["conv_in.bias"].float() - unet["conv_in.bias"].float())
-        else:
-            logger.warning(
-                "%s: a concat LoRA on a 4-channel base; no LoRA file carries its 9-channel conv_in into ComfyUI "
-                "(use --export_unet)", lora_file,
-            )
-    return sdxl_kohya_state(modules, scale, layers, conv_diff)
-
-
-def _base_unet(base: str, config_only: bool) -> dict:
-    """The base UNet's config and (unless config_only) its conv_in weights."""
-    from diffusers import UNet2DConditionModel
-
-    from .backends.tiny import TINY_MODELS, is_tiny
-
-    if is_tiny(base):
-        unet = TINY_MODELS[base]()["unet"]
-    elif config_only:
-        return {"config": UNet2DConditionModel.load_config(base, subfolder="unet")}
-    else:
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    return {"config": dict(unet.config), "conv_in.weight": unet.conv_in.weight.detach(), "conv_in.bias": unet.conv_in.bias.detach()}
 
 
 def _check_exportable(record: dict) -> None:

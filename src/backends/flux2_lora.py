@@ -103,8 +103,14 @@ def comfyui_state(transformer) -> dict[str, torch.Tensor]:
         raise ValueError("LoRAs with per-layer rank or alpha patterns are not converted")
     scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     lora = get_peft_model_state_dict(transformer)
+    return comfyui_file(peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer"), scale)
+
+
+def comfyui_file(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, **_) -> dict[str, torch.Tensor]:
+    """The ComfyUI file's tensors from a diffusers-format LoRA's {module: (lora_A, lora_B)}
+    at `scale` (what comfyui_state writes, and `iclora convert` from a diffusers file)."""
     grouped: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for module, factors in peft_modules({f"transformer.{k}": v for k, v in lora.items()}, "transformer").items():
+    for module, factors in modules.items():
         name, part = bfl_module(module)
         grouped.setdefault(name, {})[part] = factors
     out: dict[str, torch.Tensor] = {}

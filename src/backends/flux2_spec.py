@@ -118,4 +118,7 @@ SPEC = register(BackendSpec(
     caption_tokenizers=caption_tokenizers,
     max_token_length_refusal=f"--max_token_length: FLUX.2 reads {MAX_SEQUENCE_LENGTH}, 256 or 128 Qwen3 tokens "
                              "(chat template included)",
+    # Single blocks with one fused q/k/v/MLP projection; feed-forwards with linear_in / linear_out.
+    lora_markers=r"single_transformer_blocks\.\d+\.attn\.(?:to_qkv_mlp_proj|to_out)\b|\.ff(?:_context)?\.linear_",
+    comfyui_converter="iclora.backends.flux2_lora:comfyui_file",
 ))

@@ -61,4 +61,7 @@ SPEC = register(BackendSpec(
     max_token_length_refusal="--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)",
     caption_tokenizers=caption_tokenizers,
     inference_hint=fill_guidance_hint,
+    # Single blocks with separate q/k/v and an MLP of their own; feed-forwards in diffusers' FeedForward.
+    lora_markers=r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out|attn\.to_[qkv])\b|\.ff(?:_context)?\.net\.",
+    comfyui_converter="iclora.backends.lora_formats:flux_comfyui_file",
 ))

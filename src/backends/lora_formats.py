@@ -8,9 +8,13 @@ What each program reads (ComfyUI: comfy/lora.py `model_lora_keys_unet` + `load_l
            `.lora_up` and `.alpha`, the module named in the original (SGM) UNet layout that
            kohya sd-scripts trains SDXL on and A1111/Forge name their layers by
            (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`). Scale = alpha / rank.
-    FLUX   ComfyUI maps `transformer.<module>.lora_A/B` keys (q/k/v into slices of its fused
+    FLUX.1 ComfyUI maps `transformer.<module>.lora_A/B` keys (q/k/v into slices of its fused
            qkv) but reads the scale only from a `<module>.alpha` key, never from safetensors
            metadata; diffusers refuses a file holding both, so this is a separate file.
+    FLUX.2 kohya keys of the original layout with `.alpha` (backends/flux2_lora.py).
+
+Each backend's spec names its writer (BackendSpec.comfyui_converter) and the layer names that
+tell its files from another backend's (lora_markers): `iclora convert` reads them, not names.
 
 Same-shape full-weight differences travel as `<module>.diff` / `.diff_b` (ComfyUI, A1111):
 that is how a trained 9-channel conv_in on the 9-channel SDXL inpainting base gets there.
@@ -128,10 +132,74 @@ def flux_comfyui_state(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], sc
     return out
 
 
-def guess_backend(state: dict[str, Any]) -> str | None:
-    """'sdxl' or 'flux' from a diffusers-format file's key prefixes (None if neither)."""
-    if any(k.startswith("unet.") for k in state):
-        return "sdxl"
-    if any(k.startswith("transformer.") for k in state):
-        return "flux"
-    return None
+def flux_comfyui_file(modules, scale: float, **_) -> dict[str, torch.Tensor]:
+    """FLUX.1's ComfyUI file for `iclora convert` (see BackendSpec.comfyui_converter)."""
+    return flux_comfyui_state(modules, scale)
+
+
+def sdxl_comfyui_file(modules, scale: float, *, base: str | None, concat: bool, lora_file: Path,
+                      **_) -> dict[str, torch.Tensor]:
+    """SDXL's kohya file for `iclora convert`: the layout of the base UNet (its layers per
+    block), and for a concat LoRA on the 9-channel base its trained conv_in as a difference."""
+    import logging
+
+    from .lora_files import CONV_IN_WEIGHT_NAME
+
+    unet = _base_unet(base, config_only=not concat) if base else None
+    layers = SDXL_LAYERS_PER_BLOCK if unet is None else unet["config"]["layers_per_block"]
+    conv_diff = None
+    if concat:
+        if unet is None:
+            raise ValueError(f"--lora_path {lora_file}: a concat LoRA; name its base with --base_model")
+        if unet["config"]["in_channels"] == 9:
+            trained = read_lora_file(lora_file.parent / CONV_IN_WEIGHT_NAME)[0]
+            conv_diff = (trained["conv_in.weight"].float() - unet["conv_in.weight"].float(),
+                         trained["conv_in.bias"].float() - unet["conv_in.bias"].float())
+        else:
+            logging.getLogger(__name__).warning(
+                "%s: a concat LoRA on a 4-channel base; no LoRA file carries its 9-channel conv_in into ComfyUI "
+                "(use --export_unet)", lora_file,
+            )
+    return sdxl_kohya_state(modules, scale, layers, conv_diff)
+
+
+SDXL_LAYERS_PER_BLOCK = 2  # stabilityai/stable-diffusion-xl-base-1.0 and its inpainting model
+
+
+def _base_unet(base: str, config_only: bool) -> dict:
+    """The base UNet's config and (unless config_only) its conv_in weights."""
+    from diffusers import UNet2DConditionModel
+
+    from .tiny import TINY_MODELS, is_tiny
+
+    if is_tiny(base):
+        unet = TINY_MODELS[base]()["unet"]
+    elif config_only:
+        return {"config": UNet2DConditionModel.load_config(base, subfolder="unet")}
+    else:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    return {"config": dict(unet.config), "conv_in.weight": unet.conv_in.weight.detach(), "conv_in.bias": unet.conv_in.bias.detach()}
+
+
+# ---- which backend a file is for -------------------------------------------------------------
+
+def guess_backend(state: dict[str, Any], where: str) -> str | None:
+    """The backend of a diffusers-format file from its keys: the one whose layer prefix it
+    uses, or among several with that prefix the one whose own module names it has
+    (BackendSpec.lora_markers); None when no backend's prefix is there. A file that fits
+    several is an error naming `where` (the flag and file)."""
+    from .registry import backend_names, backend_spec
+
+    specs = [backend_spec(name) for name in backend_names()]
+    candidates = [spec for spec in specs if any(k.startswith(spec.lora_prefix + ".") for k in state)]
+    if len(candidates) > 1:
+        prefixes = {spec.lora_prefix for spec in candidates}
+        modules = [k for p in prefixes for k in peft_modules(state, p)]
+        marked = [spec for spec in candidates if spec.lora_markers
+                  and any(re.search(spec.lora_markers, m) for m in modules)]
+        if len(marked) != 1:
+            labels = " or ".join(spec.label for spec in (marked or candidates))
+            raise ValueError(f"{where}: its layers fit {labels}: convert it from its output folder (with "
+                             "iclora_config.json) or pass --backend")
+        candidates = marked
+    return candidates[0].name if candidates else None

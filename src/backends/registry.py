@@ -64,11 +64,24 @@ class BackendSpec:
     dry run counts each caption with. Loads tokenizers only."""
     inference_hint: Callable[[Any, Any, float], str | None] | None = field(default=None, compare=False)
     """(backend, pipeline, guidance_scale) -> a warning line for settings that give poor images, or None."""
+    lora_prefix: str = "transformer"
+    """The key prefix of the denoiser's layers in a diffusers-format LoRA file ('unet.' / 'transformer.')."""
+    lora_markers: str = ""
+    """A regex found (re.search) in the LoRA module names only this backend's denoiser has: tells a LoRA file
+    of this backend from another's under the same prefix (`iclora convert` without a recorded backend)."""
+    comfyui_converter: str = ""
+    """'module:function' writing the ComfyUI file from a diffusers-format LoRA (imported when converting):
+    (modules {name: (lora_A, lora_B)}, scale, *, base, concat, lora_file) -> state dict."""
 
     @property
     def default_model(self) -> str:
         """The base model of training's --model_id and of inference without a recorded base."""
         return self.train_defaults["model_id"]
+
+    def comfyui_file(self, modules, scale: float, **context) -> dict:
+        """The ComfyUI file's tensors for a diffusers-format LoRA of this backend (see comfyui_converter)."""
+        module, _, function = self.comfyui_converter.partition(":")
+        return getattr(importlib.import_module(module), function)(modules, scale, **context)
 
     def load(self) -> type:
         """The backend class (imports its module: diffusers and the model code)."""

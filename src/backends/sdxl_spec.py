@@ -46,4 +46,6 @@ SPEC = register(BackendSpec(
     concat_visible_loss_weight=0.5,
     concat_trains_conv_in=True,
     caption_tokenizers=caption_tokenizers,
+    lora_prefix="unet",
+    comfyui_converter="iclora.backends.lora_formats:sdxl_comfyui_file",
 ))
