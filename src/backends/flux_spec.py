@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import BackendSpec, register
+from .registry import BackendSpec, MemoryProfile, register
 from .sdxl_spec import tokenizer_pair
 
 T5_TOKENS = 511  # FLUX.1-dev's 512 T5 positions, minus EOS
@@ -25,6 +25,25 @@ def caption_tokenizers(model_id: str, max_token_length: int | None) -> list[tupl
     # CLIP gives only the pooled vector; T5 carries the caption.
     first, second = tokenizer_pair(model_id)
     return [("text_encoder (CLIP, pooled)", first, 75), ("text_encoder_2 (T5)", second, T5_TOKENS)]
+
+
+def memory_parts() -> dict:
+    """The models the memory estimate builds on the meta device (prepare/memory.py)."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from .flux import LORA_TARGET_MODULES
+
+    def shape(transformer, parameters: int) -> tuple[float, dict]:
+        cfg = transformer.config
+        blocks = {"double": cfg.num_layers, "single": cfg.num_single_layers,
+                  "width": cfg.num_attention_heads * cfg.attention_head_dim}
+        # A transformer's activations per token grow with its width times its depth (FLUX.1-dev's).
+        return blocks["width"] * (blocks["double"] + blocks["single"]) / (3072 * 57), blocks
+
+    return {"denoiser": ("transformer", FluxTransformer2DModel),
+            "text_encoders": [("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel)],
+            "lora_targets": LORA_TARGET_MODULES, "extra_lora": lambda transformer, conditioning: 0, "shape": shape}
 
 
 SPEC = register(BackendSpec(
@@ -61,6 +80,11 @@ SPEC = register(BackendSpec(
     max_token_length_refusal="--max_token_length is for --backend sdxl: FLUX reads 75 CLIP tokens (and 512 T5 tokens)",
     caption_tokenizers=caption_tokenizers,
     inference_hint=fill_guidance_hint,
+    # Activations per token (image tokens of 2x2 latent patches plus T5's 512): FLUX.1-dev bf16
+    # 1024² (4608 tokens), 26.69 GiB; NF4 1024² -> 1024x1536 (+2048 tokens), 11.51 -> 13.71 GiB.
+    # Guidance is distilled into one pass; bitsandbytes loading is this backend's.
+    memory=MemoryProfile(memory_parts, activations=7.2e-4, quantized_activations=1.074e-3, text_tokens=512,
+                         per_token_modulation=True, suggest_quantize=True),
     # Single blocks with separate q/k/v and an MLP of their own; feed-forwards in diffusers' FeedForward.
     lora_markers=r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out|attn\.to_[qkv])\b|\.ff(?:_context)?\.net\.",
     comfyui_converter="iclora.backends.lora_formats:flux_comfyui_file",

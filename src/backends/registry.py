@@ -24,6 +24,33 @@ _SPECS: dict[str, "BackendSpec"] = {}
 
 
 @dataclass(frozen=True)
+class MemoryProfile:
+    """What the memory estimate (prepare/memory.py) knows of a backend: its models and the
+    activations fitted to the peaks measured on an H100 (benchmarks/RESULTS.md)."""
+
+    parts: Callable[[], dict[str, Any]] = field(compare=False)
+    """() -> {"denoiser": (subfolder, class), "text_encoders": [(subfolder, class)], "lora_targets": the LoRA's
+    target modules, "extra_lora": (denoiser, conditioning) -> parameters trained in full, "shape": (denoiser,
+    parameters) -> (its activations against the fitted model's, {blocks})}. Imports the model code."""
+    activations: float
+    """GiB of a training step's activations per unit (see text_tokens) per sample, 16-bit, checkpointed."""
+    unchecked_activations: float | None = None
+    """The same without gradient checkpointing (None: unmeasured, activations x NO_CHECKPOINTING_FACTOR)."""
+    quantized_activations: float | None = None
+    """The same with a quantized denoiser (None: as activations)."""
+    text_tokens: int | None = None
+    """None: the unit is a latent pixel; else a token, 2x2 latent patches plus this many text tokens."""
+    per_token_modulation: bool = False
+    """Whether context conditioning at t = 0 adds per-token modulation tensors (blocks 'double', 'single', 'width')."""
+    vae_float32: bool = False
+    """Whether the VAE stays float32 whatever the precision."""
+    guidance_doubles_batch: bool = False
+    """Whether classifier-free guidance runs the denoiser on twice the batch at inference."""
+    suggest_quantize: bool = False
+    """Whether --quantize nf4 is among the flags suggested to fit a memory budget."""
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     name: str
     """The --backend value."""
@@ -64,6 +91,8 @@ class BackendSpec:
     dry run counts each caption with. Loads tokenizers only."""
     inference_hint: Callable[[Any, Any, float], str | None] | None = field(default=None, compare=False)
     """(backend, pipeline, guidance_scale) -> a warning line for settings that give poor images, or None."""
+    memory: MemoryProfile | None = None
+    """What the memory estimates read (None: no measured activations, no estimate)."""
     lora_prefix: str = "transformer"
     """The key prefix of the denoiser's layers in a diffusers-format LoRA file ('unet.' / 'transformer.')."""
     lora_markers: str = ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import hub
-from ..backends import backend_class
+from ..backends import backend_class, backend_spec
 from ..backends.lora_files import resolve_lora_file
 from ..prepare.memory import Estimate, InferSettings, default_budget, estimable, inference_estimate, model_sizes
 from .config import InferConfig
@@ -82,7 +82,7 @@ def fit(sizes, s: InferSettings, budget: float) -> tuple[list[str], Estimate]:
         steps.append(("--vae_tiling on", lambda s: replace(s, tiling=True, slicing=True)))
     if s.batch > 1:
         steps.append(("--batch_size 1", lambda s: replace(s, batch=1, slicing=True)))
-    if sizes.backend == "flux" and not s.quantize:  # bitsandbytes loading is the FLUX backend's
+    if backend_spec(sizes.backend).memory.suggest_quantize and not s.quantize:  # a backend bitsandbytes loads
         steps.append(("--quantize nf4", lambda s: replace(s, quantize="nf4")))
     if not s.cpu_offload:
         steps.append(("--cpu_offload", lambda s: replace(s, cpu_offload=True)))

@@ -37,14 +37,8 @@ from dataclasses import dataclass, replace
 
 GIB = 2**30
 ALLOCATOR_OVERHEAD = 0.22  # GiB reserved beyond what the terms count (both families' fits agree)
-# GiB of activations per latent pixel (SDXL) / per token (FLUX) per sample, 16-bit.
-ACTIVATIONS = {
-    ("sdxl", True): 0.97 / 16384,  # 1024² batch 1 -> 4: 7.53 -> 10.44 GiB reserved
-    ("sdxl", False): 9.74 / 16384,  # 1024² bf16, no checkpointing: 15.36 GiB
-    ("flux", True): 7.2e-4,  # FLUX.1-dev bf16 1024² (4608 tokens): 26.69 GiB
-    ("flux-quantized", True): 1.074e-3,  # NF4: 1024² -> 1024x1536 (+2048 tokens): 11.51 -> 13.71 GiB
-}
-SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0's UNet, whose rows the fit is of
+# GiB of activations per latent pixel (SDXL) / per token (FLUX) per sample, 16-bit: each
+# backend's spec (BackendSpec.memory, backends/*_spec.py) with the rows they are fitted to.
 SDXL_VAE_PARAMS = 83_653_863  # its VAE (FLUX.1's is the same size), whose activations VAE_BYTES_PER_PIXEL is of
 NO_CHECKPOINTING_FACTOR = 10.0  # SDXL's measured ratio, applied to FLUX (no row measured)
 SAMPLING_SHARE = 0.25  # the sampler's activations against a checkpointed training step's (estimate)
@@ -93,6 +87,12 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _profile(backend: str):
+    from ..backends.registry import backend_spec
+
+    return backend_spec(backend).memory
+
+
 def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> ModelSizes:
     """Parameter counts from the configs of `model_id` (a local diffusers folder, a hub id whose
     configs are in the local cache, or a tiny id), the models built on the meta device.
@@ -101,46 +101,24 @@ def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> Mo
 
     from ..backends.tiny import TINY_MODELS, is_tiny
 
-    if backend == "flux":
-        from diffusers import FluxTransformer2DModel as Denoiser
-        from transformers import T5EncoderModel as Second
-
-        from ..backends.flux import LORA_TARGET_MODULES as targets
-        key = "transformer"
-    else:
-        from diffusers import UNet2DConditionModel as Denoiser
-        from transformers import CLIPTextModelWithProjection as Second
-
-        from ..backends.sdxl import CONCAT_CHANNELS
-        from ..backends.sdxl import LORA_TARGET_MODULES as targets
-        key = "unet"
+    parts = _profile(backend).parts()  # the backend's model classes and LoRA targets
+    key, Denoiser = parts["denoiser"]
     from diffusers import AutoencoderKL
-    from transformers import AutoConfig, CLIPTextModel
+    from transformers import AutoConfig
 
     if is_tiny(model_id):
         models = TINY_MODELS[model_id]()  # a few MB, built in code
         denoiser, vae = models[key], models["vae"]
-        encoders = [models["text_encoder"], models["text_encoder_2"]]
+        encoders = [models[sub] for sub, _ in parts["text_encoders"]]
     else:
         with torch.device("meta"):
             denoiser = Denoiser.from_config(Denoiser.load_config(model_id, subfolder=key))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_id, subfolder="vae"))
             encoders = [cls._from_config(AutoConfig.from_pretrained(model_id, subfolder=sub))
-                        for cls, sub in ((CLIPTextModel, "text_encoder"), (Second, "text_encoder_2"))]
-    lora = _lora_params(denoiser, targets, rank)
-    if backend == "sdxl" and conditioning == "concat":
-        conv = denoiser.conv_in
-        lora += conv.out_channels * (CONCAT_CHANNELS * conv.kernel_size[0] * conv.kernel_size[1] + 1)
-    blocks = {}
+                        for sub, cls in parts["text_encoders"]]
+    lora = _lora_params(denoiser, parts["lora_targets"], rank) + parts["extra_lora"](denoiser, conditioning)
     params = _count(denoiser)
-    if backend == "flux":
-        cfg = denoiser.config
-        blocks = {"double": cfg.num_layers, "single": cfg.num_single_layers,
-                  "width": cfg.num_attention_heads * cfg.attention_head_dim}
-        # A transformer's activations per token grow with its width times its depth.
-        scale = blocks["width"] * (blocks["double"] + blocks["single"]) / (3072 * 57)
-    else:  # a UNet's with its channel widths: about the square root of its parameters
-        scale = (params / SDXL_UNET_PARAMS) ** 0.5
+    scale, blocks = parts["shape"](denoiser, params)
     linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
     return ModelSizes(backend, params, linear, lora, rank, [_count(e) for e in encoders], _count(vae), blocks, scale)
 
@@ -191,7 +169,7 @@ def _weights(sizes: ModelSizes, s: Settings) -> dict[str, float]:
         denoiser = sizes.denoiser_linear * packed + (sizes.denoiser - sizes.denoiser_linear) * 4
     else:
         denoiser = sizes.denoiser * half
-    vae_bytes = 4 if sizes.backend == "sdxl" or s.precision != "bf16" else 2  # SDXL's VAE stays float32
+    vae_bytes = 4 if _profile(sizes.backend).vae_float32 or s.precision != "bf16" else 2  # SDXL's VAE stays float32
     return {"denoiser": denoiser / GIB, "text_encoders": sum(sizes.text_encoders) * half / GIB,
             "vae": sizes.vae * vae_bytes / GIB, "vae_bytes": vae_bytes}
 
@@ -199,24 +177,23 @@ def _weights(sizes: ModelSizes, s: Settings) -> dict[str, float]:
 def _activations(sizes: ModelSizes, s: Settings) -> float:
     """GiB of one training step's activations."""
     latent_pixels = (s.height // 8) * (s.width // 8)
-    if sizes.backend == "sdxl":
-        units, key = latent_pixels, ("sdxl", s.checkpointing)
+    profile = _profile(sizes.backend)
+    if profile.text_tokens is None:
+        units = latent_pixels
     else:
-        units = latent_pixels // 4 + 512  # image tokens (2x2 patches) + T5's 512
-        per = ACTIVATIONS[("flux-quantized" if s.quantize else "flux", True)]
-        if not s.checkpointing:
-            per *= NO_CHECKPOINTING_FACTOR
-        extra = 0.0
-        if s.conditioning == "context" and s.context_timestep in (None, "zero"):
-            # Per-token modulation: (B, N, width) tensors, 6 per double block and 3 per single
-            # block; with checkpointing one block's, held ~3x through its backward.
-            b = sizes.blocks
-            tensor = s.batch_size * (latent_pixels // 4) * b["width"] * 2 / GIB
-            extra = tensor * (6 * 3 if s.checkpointing else 6 * b["double"] + 3 * b["single"])
-        factor = 2 if s.precision == "no" else 1
-        return (per * sizes.scale * units * s.batch_size + extra) * factor
+        units = latent_pixels // 4 + profile.text_tokens  # image tokens (2x2 patches) + the text's
+    per = profile.quantized_activations if s.quantize and profile.quantized_activations else profile.activations
+    if not s.checkpointing:
+        per = profile.unchecked_activations or per * NO_CHECKPOINTING_FACTOR
+    extra = 0.0
+    if profile.per_token_modulation and s.conditioning == "context" and s.context_timestep in (None, "zero"):
+        # Per-token modulation: (B, N, width) tensors, 6 per double block and 3 per single
+        # block; with checkpointing one block's, held ~3x through its backward.
+        b = sizes.blocks
+        tensor = s.batch_size * (latent_pixels // 4) * b["width"] * 2 / GIB
+        extra = tensor * (6 * 3 if s.checkpointing else 6 * b["double"] + 3 * b["single"])
     factor = 2 if s.precision == "no" else 1
-    return ACTIVATIONS[key] * sizes.scale * units * s.batch_size * factor
+    return (per * sizes.scale * units * s.batch_size + extra) * factor
 
 
 def estimate(sizes: ModelSizes, s: Settings) -> Estimate:
@@ -281,7 +258,7 @@ def inference_estimate(sizes: ModelSizes, s: InferSettings) -> Estimate:
     lora = s.lora * half / GIB
     # SDXL's classifier-free guidance runs the denoiser on twice the batch; FLUX.1's guidance
     # is distilled into one pass.
-    batch = s.batch * (2 if sizes.backend == "sdxl" and s.guidance_scale > 1 else 1)
+    batch = s.batch * (2 if _profile(sizes.backend).guidance_doubles_batch and s.guidance_scale > 1 else 1)
     step = Settings(s.height, s.width, batch, 1, sizes.rank, s.precision, s.quantize, True, False, True, True,
                     s.conditioning or "blend", s.context_timestep, True)
     denoise_act = _activations(sizes, step) * SAMPLING_SHARE
@@ -319,7 +296,8 @@ CHANGES = [
     ("--use_8bit_adam", lambda s, b: not s.adam8bit, lambda s: replace(s, adam8bit=True)),
     ("--cache_text_embeddings", lambda s, b: not s.cache_text, lambda s: replace(s, cache_text=True)),
     ("--cache_latents", lambda s, b: not s.cache_latents, lambda s: replace(s, cache_latents=True)),
-    ("--quantize nf4", lambda s, b: b == "flux" and not s.quantize, lambda s: replace(s, quantize="nf4")),
+    ("--quantize nf4", lambda s, b: _profile(b).suggest_quantize and not s.quantize,
+     lambda s: replace(s, quantize="nf4")),
 ]
 
 
@@ -363,7 +341,9 @@ def default_budget() -> float:
 
 def estimable(backend: str) -> bool:
     """Whether measured activations exist for `backend` (what the estimate is fitted to)."""
-    return backend in {family for family, _ in ACTIVATIONS}
+    from ..backends.registry import backend_names
+
+    return backend in backend_names() and _profile(backend) is not None
 
 
 def report(cfg, buckets) -> Estimate | None:
