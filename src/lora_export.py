@@ -25,7 +25,6 @@ from .backends.lora_files import (
     LORA_WEIGHT_NAME,
     METADATA_NAME,
     SAVE_DTYPES,
-    atomic_directory,
     atomic_save_file,
     atomic_write_text,
     cast_lora,
@@ -145,23 +144,18 @@ def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None, prec
 
 
 def _check_exportable(record: dict) -> None:
-    if (record.get("backend"), record.get("conditioning")) != ("sdxl", "concat"):
-        raise ValueError("--export_unet is for SDXL concat LoRAs (FLUX.1-Fill and blend LoRAs load as LoRA files)")
+    """--export_unet: a concat LoRA of a backend that merges one into its denoiser (SDXL's 9-channel UNet)."""
+    backend = record.get("backend")
+    if not (backend in backend_names() and backend_spec(backend).merged_export and record.get("conditioning") == "concat"):
+        labels = " / ".join(backend_spec(name).label for name in backend_names() if backend_spec(name).merged_export)
+        raise ValueError(f"--export_unet is for {labels} concat LoRAs (FLUX.1-Fill and blend LoRAs load as LoRA files)")
 
 
 def export_unet(lora_path: str, base: str | None, folder: Path, dtype: torch.dtype) -> Path:
-    """<folder>/unet/: the base UNet with the LoRA merged in and the trained 9-channel
-    conv_in, a diffusers UNet folder with in_channels 9."""
-    from .backends.sdxl import SDXLBackend
-
-    _check_exportable(read_metadata(lora_path))
+    """<folder>/unet/: the base denoiser with the concat LoRA merged in and its trained
+    conv_in (the backend's merged_export)."""
+    record = read_metadata(lora_path)
+    _check_exportable(record)
     if not base:
         raise ValueError(f"--lora_path {lora_path}: no base model recorded; give --base_model")
-    backend = SDXLBackend.from_pretrained(base, conditioning="concat")
-    backend.load_lora(Path(lora_path))
-    pipe = backend.inpaint_pipeline()
-    pipe.fuse_lora(components=["unet"])
-    pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
-    with atomic_directory(folder / "unet") as tmp:
-        backend.unet.to(dtype).save_pretrained(tmp)
-    return folder / "unet"
+    return backend_spec(record["backend"]).export_merged(lora_path, base, folder, dtype)

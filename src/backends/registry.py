@@ -98,6 +98,9 @@ class BackendSpec:
     lora_markers: str = ""
     """A regex found (re.search) in the LoRA module names only this backend's denoiser has: tells a LoRA file
     of this backend from another's under the same prefix (`iclora convert` without a recorded backend)."""
+    merged_export: str = ""
+    """'module:function' writing the base denoiser with a concat LoRA merged in (`iclora convert --export_unet`):
+    (lora_path, base model, output folder, dtype) -> the folder written; '' where the backend has none."""
     comfyui_converter: str = ""
     """'module:function' writing the ComfyUI file from a diffusers-format LoRA (imported when converting):
     (modules {name: (lora_A, lora_B)}, scale, *, base, concat, lora_file) -> state dict."""
@@ -111,6 +114,11 @@ class BackendSpec:
         """The ComfyUI file's tensors for a diffusers-format LoRA of this backend (see comfyui_converter)."""
         module, _, function = self.comfyui_converter.partition(":")
         return getattr(importlib.import_module(module), function)(modules, scale, **context)
+
+    def export_merged(self, lora_path: str, base: str, folder, dtype) -> Any:
+        """Write the base denoiser with a concat LoRA merged in (see merged_export)."""
+        module, _, function = self.merged_export.partition(":")
+        return getattr(importlib.import_module(module), function)(lora_path, base, folder, dtype)
 
     def load(self) -> type:
         """The backend class (imports its module: diffusers and the model code)."""

@@ -78,4 +78,5 @@ SPEC = register(BackendSpec(
                          vae_float32=True, guidance_doubles_batch=True),
     lora_prefix="unet",
     comfyui_converter="iclora.backends.lora_formats:sdxl_comfyui_file",
+    merged_export="iclora.backends.sdxl_export:export_unet",
 ))
