@@ -114,3 +114,27 @@ def test_the_sdxl_command_line_never_imports_flux_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_shared_code_compares_no_backend_names():
+    """What differs per backend lives in its spec: outside backends/ and the per-backend
+    command shells, no code compares against a backend's name or imports its module."""
+    from pathlib import Path
+
+    import iclora
+
+    src = Path(iclora.__file__).parent
+    names = "|".join(re.escape(n) for n in backend_names())
+    quoted = rf"[\"'](?:{names})[\"']"
+    compared = re.compile(rf"(?:==|!=|\bin)\s*[(\[{{]?\s*{quoted}|{quoted}\s*[,)\]}}]*\s*(?:==|!=)")
+    imported = re.compile(rf"backends\.(?:{names})(?:_[a-z]+)?\s+import|from \.(?:{names}) import")
+    shells = re.compile(r"train_\w+_ic_lora\.py|\w+_ic_lora_inference\.py")
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        relative = path.relative_to(src)
+        if relative.parts[0] == "backends" or shells.fullmatch(path.name):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if compared.search(line) or imported.search(line):
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
