@@ -136,8 +136,12 @@ def test_flux_inference_on_cuda_runs_in_bfloat16(data, tmp_path):
 
     plan = check_inputs(InferConfig(lora_path=str(trained.final_dir), prompt="a set", backend="flux",
                                     input_image=str(data / "00001.png")))
-    _, pipe = load_pipeline(plan)
-    assert pipe.transformer.dtype == torch.bfloat16 and pipe.transformer.device.type == "cuda"
+    from iclora.inference.memory_plan import denoiser_on_device
+
+    backend, pipe = load_pipeline(plan)
+    assert pipe.transformer.dtype == torch.bfloat16 and backend.device.type == "cuda"
+    denoiser_on_device(backend, pipe)  # as generation places it for the pipeline calls
+    assert pipe.transformer.device.type == "cuda" and pipe.text_encoder_2.device.type == "cpu"
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -177,6 +181,24 @@ def test_quantized_run_keeps_t5_and_the_transformer_apart(data, tmp_path):
         assert not (r["models"]["text_encoder_2"]["on_device"] and r["models"]["transformer"]["on_device"]), r["phase"]
         assert r["gpu_peak_reserved_gib"] > 0
     assert {"first step", "sample sheet", "checkpoint", "final save"} <= {r["phase"] for r in records}
+
+
+def test_quantized_inference_keeps_t5_and_the_nf4_transformer_apart(data, tmp_path):
+    """The memory plan with a real NF4 transformer: it leaves the GPU while T5 encodes and
+    comes back for the denoising; each phase's record says so, with GPU peaks."""
+    trained = _flux_train(data, tmp_path / "lora", "--max_train_steps", "2", "--quantize", "nf4")
+    log = tmp_path / "memory.json"
+    flux_infer.main(["--lora_path", str(trained.final_dir), "--input_image", str(data / "00001.png"),
+                     "--prompt", "a set", "--panels_to_inpaint", "3", "--num_inference_steps", "2", "--quantize", "nf4",
+                     "--output_dir", str(tmp_path / "out"), "--memory_log", str(log)])
+    records = json.loads(log.read_text())
+    assert [r["phase"] for r in records] == ["load", "text encoding", "denoising", "VAE decode"]
+    on = lambda r, m: r["models"][m]["on_device"]  # noqa: E731
+    for r in records:
+        assert not (on(r, "text_encoder_2") and on(r, "transformer")), r["phase"]
+        assert r["gpu_peak_reserved_gib"] > 0
+    assert on(records[0], "transformer") and on(records[1], "text_encoder_2") and on(records[2], "transformer")
+    assert records[2]["models"]["transformer"]["dtype"].startswith("nf4+")
 
 
 def test_quantized_inference_computes_in_bfloat16(data, tmp_path):

@@ -68,7 +68,7 @@ def generate_all(plans: list[Plan], backend, pipe, memory=None) -> Iterator[tupl
             start = time.monotonic()
             for i, _ in call:
                 if i not in ready:
-                    ready[i] = pipeline_input(plans[i], backend)
+                    ready[i] = pipeline_input(plans[i])
             with call_records(backend, pipe.vae, memory, number):
                 results = call_pipeline(backend, pipe, [ready[i] for i, _ in call], [seed for _, seed in call])
             for (i, _), result in zip(call, results, strict=True):
@@ -114,7 +114,7 @@ class PipelineInput:
     prompt: dict[str, Any]  # backend.encoded_pipeline_prompt's arguments (embeddings, on the host)
 
 
-def pipeline_input(plan: Plan, backend) -> PipelineInput:
+def pipeline_input(plan: Plan) -> PipelineInput:
     cfg = plan.cfg
     size = plan.working.size  # (width, height)
     blank = Image.new("RGB", size, (127, 127, 127))
