@@ -100,6 +100,9 @@ def test_a_seed_makes_the_images_it_made_before_the_plan(name, tmp_path):
     records = json.loads((tmp_path / "memory.json").read_text())
     phases = [r["phase"] for r in records]
     assert phases == ["load", "text encoding", "denoising", "VAE decode"], phases  # two images, one call
+    for r in records:  # every backend (FLUX.2's one Qwen3 encoder too), by the parts its models make up
+        on = {m["part"] for m in r["models"].values() if m["on_device"]}
+        assert on == {"load": set(), "text encoding": {"text_encoders"}}.get(r["phase"], {"denoiser", "vae"}), r
 
 
 def _on(record: dict, model: str) -> bool:
