@@ -32,7 +32,7 @@ def memory_parts() -> dict:
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from .flux import LORA_TARGET_MODULES
+    from .flux_lora import LORA_TARGET_MODULES
 
     def shape(transformer, parameters: int) -> tuple[float, dict]:
         cfg = transformer.config

@@ -27,7 +27,7 @@ from .base import TimestepSampling, visible_reset_callback
 from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME  # noqa: F401 (callers import the file name from here)
-from .sdxl_lora import CONCAT_CHANNELS, SDXLLoraFiles, widen_conv_in
+from .sdxl_lora import CONCAT_CHANNELS, LORA_TARGET_MODULES, SDXLLoraFiles, widen_conv_in
 from .latents import LatentMethods
 from .sdxl_context import SDXLContextPipeline
 from .sdxl_latents import SDXLLatents
@@ -38,7 +38,6 @@ from .trainable import load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 KOHYA_WEIGHT_NAME = COMFYUI_WEIGHT_NAME  # the kohya-key file; its name before it was written by default
 
 

@@ -32,6 +32,7 @@ from .lora_files import (
 )
 from .lora_formats import CONV_IN_DIFF_KEYS, peft_modules, read_lora_file, sdxl_kohya_state
 
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 CONCAT_CHANNELS = 9  # 4 noisy latent + 1 mask + 4 masked-image latent
 
 

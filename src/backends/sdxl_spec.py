@@ -36,7 +36,7 @@ def memory_parts() -> dict:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .sdxl import CONCAT_CHANNELS, LORA_TARGET_MODULES
+    from .sdxl_lora import CONCAT_CHANNELS, LORA_TARGET_MODULES
 
     def extra_lora(unet, conditioning: str) -> int:  # concat trains the widened conv_in in full
         if conditioning != "concat":
