@@ -192,9 +192,26 @@ def test_training_dry_run_of_an_uncached_hub_id_fails_in_one_line(hub_cache, tmp
                                                "in the Hugging Face cache")
 
 
-def test_a_backend_without_measured_activations_gets_the_plan_and_no_estimate(data_2x2, tmp_path, capsys, no_loading):
+def test_flux2_gets_an_estimate_marked_extrapolated(data_2x2, tmp_path, capsys, no_loading):
     from iclora.inference.flux2_ic_lora_inference import main as infer_flux2
 
+    report = infer_flux2(["--lora_path", "none", "--base_model", "tiny-flux2", "--image_size", "64",
+                          *_args(data_2x2 / "00000.png", tmp_path / "o")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert report.memory is not None and len(report.calls) == 1
+    assert lines[-1] == (f"memory: peak ~{report.memory.peak:.1f} GiB on the GPU ({report.memory.peak_phase}), "
+                         f"{report.memory.host:.0f} GiB host RAM (activations extrapolated from FLUX.1)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_backend_without_a_memory_profile_gets_the_plan_and_no_estimate(data_2x2, tmp_path, capsys, no_loading,
+                                                                          monkeypatch):
+    from dataclasses import replace
+
+    from iclora.backends import registry
+    from iclora.inference.flux2_ic_lora_inference import main as infer_flux2
+
+    monkeypatch.setitem(registry._SPECS, "flux2", replace(registry.backend_spec("flux2"), memory=None))
     report = infer_flux2(["--lora_path", "none", "--base_model", "tiny-flux2", "--image_size", "64",
                           *_args(data_2x2 / "00000.png", tmp_path / "o")])
     lines = capsys.readouterr().out.strip().splitlines()

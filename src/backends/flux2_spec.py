@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .registry import BackendSpec, register
+from .registry import BackendSpec, MemoryProfile, register
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's default: Qwen3 tokens, chat template included
 # The [klein] model cards' sampling for the step-distilled models (is_distilled in the
@@ -66,6 +66,37 @@ def caption_tokenizers(model_id: str, max_token_length: int | None) -> list[tupl
     return [(f"text_encoder (Qwen3; the chat template takes {count.template} more)", count, limit)]
 
 
+def memory_parts() -> dict:
+    """The models the memory estimate builds on the meta device (prepare/memory.py): the
+    transformer, Qwen3 as the backend loads it (the causal LM, lm_head included) and the VAE."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    from .flux2_lora import LORA_TARGET_MODULES
+    from .flux_spec import shard_units
+
+    def shape(transformer, parameters: int) -> tuple[float, dict]:
+        cfg = transformer.config
+        blocks = {"double": cfg.num_layers, "single": cfg.num_single_layers,
+                  "width": cfg.num_attention_heads * cfg.attention_head_dim}
+        # No FLUX.2 row is measured: FLUX.1-dev's activations per token (19 double + 38 single
+        # blocks, width 3072) scaled by width x blocks, as a checkpointed step keeps one hidden
+        # state per block and recomputes one block at a time. base-4B (5 + 20, 3072): 0.44 of
+        # FLUX.1-dev's; base-9B (8 + 24, 4096): 0.75.
+        return blocks["width"] * (blocks["double"] + blocks["single"]) / (3072 * 57), blocks
+
+    return {"denoiser": ("transformer", Flux2Transformer2DModel), "text_encoders": [("text_encoder", Qwen3ForCausalLM)],
+            "vae": AutoencoderKLFlux2, "lora_targets": LORA_TARGET_MODULES,
+            "extra_lora": lambda transformer, conditioning: 0, "shape": shape, "shard_units": shard_units}
+
+
+def _modulation_tensors(blocks: dict, checkpointing: bool) -> float:
+    """FLUX.2 computes its modulation once for all blocks (flux2_context.py): per-token, one
+    (B, N, 6 x width) tensor for the double blocks' image stream and one (B, N, 3 x width) for
+    the single blocks, held through the whole step, checkpointed or not."""
+    return 6 + 3
+
+
 def base_model_of(argv: list[str]) -> str:
     """The base model an inference command line runs on: its --base_model, else the one its
     --lora_path records, else the default (a bad flag is reported by the command's parser)."""
@@ -118,6 +149,13 @@ SPEC = register(BackendSpec(
     caption_tokenizers=caption_tokenizers,
     max_token_length_refusal=f"--max_token_length: FLUX.2 reads {MAX_SEQUENCE_LENGTH}, 256 or 128 Qwen3 tokens "
                              "(chat template included)",
+    # Parameters, LoRA and optimizer state from the configs; activations per token (2x2 latent
+    # patches plus the 512 Qwen3 tokens) are FLUX.1's fitted figures (flux_spec.py: bf16
+    # 7.2e-4 GiB, quantized 1.074e-3) scaled by `memory_parts`' shape (width x blocks), not
+    # measured. True CFG runs the uncond pass apart (flux2_context.py): the batch is not doubled.
+    memory=MemoryProfile(memory_parts, activations=7.2e-4, quantized_activations=1.074e-3, text_tokens=MAX_SEQUENCE_LENGTH,
+                         per_token_modulation=True, modulation_tensors=_modulation_tensors, suggest_quantize=True,
+                         extrapolated="activations extrapolated from FLUX.1"),
     # Single blocks with one fused q/k/v/MLP projection; feed-forwards with linear_in / linear_out.
     lora_markers=r"single_transformer_blocks\.\d+\.attn\.(?:to_qkv_mlp_proj|to_out)\b|\.ff(?:_context)?\.linear_",
     comfyui_converter="iclora.backends.flux2_lora:comfyui_file",

@@ -27,6 +27,11 @@ def caption_tokenizers(model_id: str, max_token_length: int | None) -> list[tupl
     return [("text_encoder (CLIP, pooled)", first, 75), ("text_encoder_2 (T5)", second, T5_TOKENS)]
 
 
+def shard_units(transformer) -> list:
+    """The blocks --distributed fsdp shards one by one (FluxBackend.shard_units; FLUX.2's too)."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
 def memory_parts() -> dict:
     """The models the memory estimate builds on the meta device (prepare/memory.py)."""
     from diffusers import FluxTransformer2DModel
@@ -43,7 +48,8 @@ def memory_parts() -> dict:
 
     return {"denoiser": ("transformer", FluxTransformer2DModel),
             "text_encoders": [("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel)],
-            "lora_targets": LORA_TARGET_MODULES, "extra_lora": lambda transformer, conditioning: 0, "shape": shape}
+            "lora_targets": LORA_TARGET_MODULES, "extra_lora": lambda transformer, conditioning: 0, "shape": shape,
+            "shard_units": shard_units}
 
 
 SPEC = register(BackendSpec(

@@ -31,7 +31,8 @@ class MemoryProfile:
     parts: Callable[[], dict[str, Any]] = field(compare=False)
     """() -> {"denoiser": (subfolder, class), "text_encoders": [(subfolder, class)], "lora_targets": the LoRA's
     target modules, "extra_lora": (denoiser, conditioning) -> parameters trained in full, "shape": (denoiser,
-    parameters) -> (its activations against the fitted model's, {blocks})}. Imports the model code."""
+    parameters) -> (its activations against the fitted model's, {blocks}), "shard_units": denoiser -> the blocks
+    --distributed fsdp shards one by one; optionally "vae": the VAE's class (AutoencoderKL)}. Imports the model code."""
     activations: float
     """GiB of a training step's activations per unit (see text_tokens) per sample, 16-bit, checkpointed."""
     unchecked_activations: float | None = None
@@ -42,6 +43,12 @@ class MemoryProfile:
     """None: the unit is a latent pixel; else a token, 2x2 latent patches plus this many text tokens."""
     per_token_modulation: bool = False
     """Whether context conditioning at t = 0 adds per-token modulation tensors (blocks 'double', 'single', 'width')."""
+    modulation_tensors: Callable[[dict, bool], float] | None = field(default=None, compare=False)
+    """({blocks}, checkpointing) -> how many (B, N, width) 16-bit per-token modulation tensors a step holds (None:
+    FLUX.1's, 6 per double block and 3 per single block, one block's ~3x with checkpointing)."""
+    extrapolated: str = ""
+    """Where the activation figures come from when no row of this backend was measured ('' : measured); the
+    memory line then says so ('activations extrapolated from FLUX.1') and marks its peak '~'."""
     vae_float32: bool = False
     """Whether the VAE stays float32 whatever the precision."""
     guidance_doubles_batch: bool = False

@@ -34,6 +34,7 @@ SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0's U
 def memory_parts() -> dict:
     """The models the memory estimate builds on the meta device (prepare/memory.py)."""
     from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .sdxl_lora import CONCAT_CHANNELS, LORA_TARGET_MODULES
@@ -50,7 +51,8 @@ def memory_parts() -> dict:
 
     return {"denoiser": ("unet", UNet2DConditionModel),
             "text_encoders": [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)],
-            "lora_targets": LORA_TARGET_MODULES, "extra_lora": extra_lora, "shape": shape}
+            "lora_targets": LORA_TARGET_MODULES, "extra_lora": extra_lora, "shape": shape,
+            "shard_units": lambda unet: [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]}
 
 
 SPEC = register(BackendSpec(

@@ -25,20 +25,21 @@ Activations per latent pixel (SDXL) or token (FLUX, text tokens included) and a 
 allocator overhead are fitted to the peak reserved memory measured on an H100
 (benchmarks/RESULTS.md, "GPU memory and speed"): SDXL fp16 1024² batch 1 and 4 with
 checkpointing, SDXL bf16 without; FLUX.1-dev NF4 at 1024² and 1024x1536 and bf16, with
-checkpointing. What no measured row covers is extrapolated and named so in ESTIMATED:
-FLUX without checkpointing, per-token modulation (context 'zero'), the VAE's and the
-sampler's activations, and host memory.
+checkpointing. What no measured row covers is extrapolated and named so in ESTIMATED; a
+backend with no row of its own (FLUX.2: FLUX.1's activations scaled, flux2_spec.py) marks
+its line `peak ~N.N GiB ... (activations extrapolated from FLUX.1)`. With --distributed fsdp
+the denoiser's parts are per process (`fsdp over N`, N from WORLD_SIZE).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 
 GIB = 2**30
 ALLOCATOR_OVERHEAD = 0.22  # GiB reserved beyond what the terms count (both families' fits agree)
-# GiB of activations per latent pixel (SDXL) / per token (FLUX) per sample, 16-bit: each
-# backend's spec (BackendSpec.memory, backends/*_spec.py) with the rows they are fitted to.
+# Activations per unit: each backend's spec (BackendSpec.memory, backends/*_spec.py).
 SDXL_VAE_PARAMS = 83_653_863  # its VAE (FLUX.1's is the same size), whose activations VAE_BYTES_PER_PIXEL is of
 NO_CHECKPOINTING_FACTOR = 10.0  # SDXL's measured ratio, applied to FLUX (no row measured)
 SAMPLING_SHARE = 0.25  # the sampler's activations against a checkpointed training step's (estimate)
@@ -61,6 +62,8 @@ class ModelSizes:
     vae: int
     blocks: dict[str, int]  # FLUX: double / single blocks and the hidden width
     scale: float = 1.0  # activations against the full-size model's the fit was made on
+    shard_block: int = 0  # parameters of the largest block --distributed fsdp shards (gathers whole while it runs)
+    shard_root: int = 0  # parameters outside those blocks (FSDP2's root unit: gathered for the whole step)
 
     @property
     def vae_scale(self) -> float:
@@ -106,6 +109,8 @@ def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> Mo
     from diffusers import AutoencoderKL
     from transformers import AutoConfig
 
+    Vae = parts.get("vae", AutoencoderKL)
+
     if is_tiny(model_id):
         models = TINY_MODELS[model_id]()  # a few MB, built in code
         denoiser, vae = models[key], models["vae"]
@@ -113,14 +118,16 @@ def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> Mo
     else:
         with torch.device("meta"):
             denoiser = Denoiser.from_config(Denoiser.load_config(model_id, subfolder=key))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_id, subfolder="vae"))
+            vae = Vae.from_config(Vae.load_config(model_id, subfolder="vae"))
             encoders = [cls._from_config(AutoConfig.from_pretrained(model_id, subfolder=sub))
                         for sub, cls in parts["text_encoders"]]
     lora = _lora_params(denoiser, parts["lora_targets"], rank) + parts["extra_lora"](denoiser, conditioning)
     params = _count(denoiser)
     scale, blocks = parts["shape"](denoiser, params)
     linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
-    return ModelSizes(backend, params, linear, lora, rank, [_count(e) for e in encoders], _count(vae), blocks, scale)
+    units = [_count(unit) for unit in parts.get("shard_units", lambda d: [])(denoiser)] or [0]
+    return ModelSizes(backend, params, linear, lora, rank, [_count(e) for e in encoders], _count(vae), blocks, scale,
+                      max(units), params - sum(units))
 
 
 @dataclass
@@ -141,12 +148,15 @@ class Settings:
     conditioning: str
     context_timestep: str | None
     sampling: bool
+    processes: int = 1  # --distributed fsdp: the processes the denoiser is sharded over (1: not sharded)
 
 
 @dataclass
 class Estimate:
     gpu: dict[str, float]  # phase -> peak reserved GiB
     host: float  # GiB
+    extrapolated: str = ""  # where unmeasured activation figures come from (the line marks the peak '~')
+    processes: int = 1  # --distributed fsdp: figures per process, sharded over this many
 
     @property
     def peak_phase(self) -> str:
@@ -157,7 +167,10 @@ class Estimate:
         return self.gpu[self.peak_phase]
 
     def line(self) -> str:
-        return f"memory: peak {self.peak:.1f} GiB on the GPU ({self.peak_phase}), {self.host:.0f} GiB host RAM"
+        approx, per = ("~" if self.extrapolated else ""), self.processes > 1
+        return (f"memory: peak {approx}{self.peak:.1f} GiB on the GPU ({self.peak_phase})"
+                + (f" per process (fsdp over {self.processes})" if per else "") + f", {self.host:.0f} GiB host RAM"
+                + (f" ({self.extrapolated})" if self.extrapolated else ""))
 
 
 def _weights(sizes: ModelSizes, s: Settings) -> dict[str, float]:
@@ -191,7 +204,9 @@ def _activations(sizes: ModelSizes, s: Settings) -> float:
         # block; with checkpointing one block's, held ~3x through its backward.
         b = sizes.blocks
         tensor = s.batch_size * (latent_pixels // 4) * b["width"] * 2 / GIB
-        extra = tensor * (6 * 3 if s.checkpointing else 6 * b["double"] + 3 * b["single"])
+        count = (profile.modulation_tensors(b, s.checkpointing) if profile.modulation_tensors
+                 else 6 * 3 if s.checkpointing else 6 * b["double"] + 3 * b["single"])
+        extra = tensor * count
     factor = 2 if s.precision == "no" else 1
     return (per * sizes.scale * units * s.batch_size + extra) * factor
 
@@ -202,7 +217,15 @@ def estimate(sizes: ModelSizes, s: Settings) -> Estimate:
     pixels = s.height * s.width
     vae_act = pixels * VAE_BYTES_PER_PIXEL * sizes.vae_scale * (w["vae_bytes"] / 4) / GIB
     step_act = _activations(sizes, s)
-    resident = w["denoiser"] + lora + (0 if s.cache_text else w["text_encoders"]) + (0 if s.cache_latents else w["vae"])
+    denoiser = w["denoiser"]
+    if s.processes > 1:
+        # --distributed fsdp: each process stores 1/N of the denoiser, the LoRA, its gradients and the
+        # optimizer's state; the root unit stays gathered through the step and a block's weights while it
+        # runs, two at once as FSDP2 prefetches the next block's all-gather. Activations, the text encoders
+        # and the VAE are not sharded, nor host RAM (each process loads the whole base before sharding).
+        gathered = (sizes.shard_root + 2 * sizes.shard_block) * (4 if s.precision == "no" else 2) / GIB
+        denoiser, lora = denoiser / s.processes + gathered, lora / s.processes
+    resident = denoiser + lora + (0 if s.cache_text else w["text_encoders"]) + (0 if s.cache_latents else w["vae"])
     gpu = {"load": (w["denoiser"] if s.quantize else 0.0) + ALLOCATOR_OVERHEAD}
     if s.cache_text:
         gpu["caching"] = w["text_encoders"] + 0.1 + ALLOCATOR_OVERHEAD
@@ -219,7 +242,7 @@ def estimate(sizes: ModelSizes, s: Settings) -> Estimate:
         host += w["denoiser"]
     elif s.cache_text or s.cache_latents:
         host += w["denoiser"]  # a quantized denoiser waits on the host while encoders run
-    return Estimate({k: round(v, 2) for k, v in gpu.items()}, host)
+    return Estimate({k: round(v, 2) for k, v in gpu.items()}, host, _profile(sizes.backend).extrapolated, s.processes)
 
 
 @dataclass
@@ -277,26 +300,29 @@ def inference_estimate(sizes: ModelSizes, s: InferSettings) -> Estimate:
     # for the text encoding (not with --cpu_offload: it never leaves the GPU then).
     waits = s.quantize and not s.cpu_offload
     host = HOST_BASELINE + w["text_encoders"] + w["vae"] + lora + (0.0 if s.quantize and not waits else w["denoiser"])
-    return Estimate({k: round(v + ALLOCATOR_OVERHEAD, 2) for k, v in gpu.items()}, host)
+    return Estimate({k: round(v + ALLOCATOR_OVERHEAD, 2) for k, v in gpu.items()}, host, _profile(sizes.backend).extrapolated)
 
 
 def settings_of(cfg, height: int, width: int, cuda: bool) -> Settings:
     """The Settings of a TrainConfig at the largest bucket (height x width)."""
     from ..backends import backend_class
 
-    precision = cfg.mixed_precision or (backend_class(cfg.backend).preferred_mixed_precision if cuda else "no")
+    precision = cfg.mixed_precision or (("bf16" if cfg.distributed == "fsdp" else
+                                          backend_class(cfg.backend).preferred_mixed_precision) if cuda else "no")
+    # accelerate launch tells each process the run's size in WORLD_SIZE (as prepare/check.py reads it).
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if cfg.distributed == "fsdp" else 1
     return Settings(height, width, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.lora_rank, precision,
                     cfg.quantize, cfg.gradient_checkpointing, cfg.use_8bit_adam, cfg.cache_text_embeddings,
-                    cfg.cache_latents, cfg.conditioning, cfg.context_timestep, cfg.validating)
+                    cfg.cache_latents, cfg.conditioning, cfg.context_timestep, cfg.validating, processes)
 
 
 # Changes that lower the estimate, tried in this order (each kept once tried): (flag, applies, change)
 CHANGES = [
     ("--gradient_checkpointing", lambda s, b: not s.checkpointing, lambda s: replace(s, checkpointing=True)),
-    ("--use_8bit_adam", lambda s, b: not s.adam8bit, lambda s: replace(s, adam8bit=True)),
+    ("--use_8bit_adam", lambda s, b: not s.adam8bit and s.processes == 1, lambda s: replace(s, adam8bit=True)),
     ("--cache_text_embeddings", lambda s, b: not s.cache_text, lambda s: replace(s, cache_text=True)),
     ("--cache_latents", lambda s, b: not s.cache_latents, lambda s: replace(s, cache_latents=True)),
-    ("--quantize nf4", lambda s, b: _profile(b).suggest_quantize and not s.quantize,
+    ("--quantize nf4", lambda s, b: _profile(b).suggest_quantize and not s.quantize and s.processes == 1,
      lambda s: replace(s, quantize="nf4")),
 ]
 
