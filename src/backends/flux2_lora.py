@@ -25,15 +25,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from .lora_files import (
-    COMFYUI_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
-    atomic_save_file,
-    cast_lora,
     check_applied,
     check_conditioning,
     lora_layers,
     refuse_unreadable,
     resolve_lora_file,
+    save_transformer_lora,
 )
 from .lora_formats import KOHYA_DOWN, KOHYA_UP, peft_modules
 
@@ -137,19 +134,7 @@ def comfyui_file(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: f
 def save_lora(transformer, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
     """The trained LoRA as diffusers' Flux2KleinPipeline saves it, and with `compat` the
     ComfyUI file beside it."""
-    lora = cast_lora(get_peft_model_state_dict(transformer), dtype)
-    # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
-    # must not: load_lora_weights leaves the new dropout layers in train mode, so a
-    # nonzero value would make inference random.
-    adapter_metadata = {**transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
-    Flux2KleinPipeline.save_lora_weights(
-        Path(directory),
-        transformer_lora_layers=lora,
-        transformer_lora_adapter_metadata=adapter_metadata,
-        weight_name=LORA_WEIGHT_NAME,
-    )
-    if compat:
-        atomic_save_file(cast_lora(comfyui_state(transformer), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
+    save_transformer_lora(Flux2KleinPipeline, transformer, directory, comfyui_state, compat, dtype)
 
 
 def _refuse_dropped_keys(path, lora_file: Path) -> None:

@@ -12,15 +12,12 @@ from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
 
 from .lora_files import (
-    COMFYUI_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
-    atomic_save_file,
-    cast_lora,
     check_applied,
     check_conditioning,
     lora_layers,
     refuse_unreadable,
     resolve_lora_file,
+    save_transformer_lora,
 )
 from .lora_formats import flux_comfyui_state, peft_modules
 
@@ -41,19 +38,7 @@ LORA_TARGET_MODULES = (
 
 def save_lora(transformer, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
     """The trained LoRA as diffusers' FluxPipeline saves it, and with `compat` the ComfyUI file beside it."""
-    lora = cast_lora(get_peft_model_state_dict(transformer), dtype)
-    # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
-    # must not: load_lora_weights leaves the new dropout layers in train mode, so a
-    # nonzero value would make inference random.
-    adapter_metadata = {**transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
-    FluxPipeline.save_lora_weights(
-        Path(directory),
-        transformer_lora_layers=lora,
-        transformer_lora_adapter_metadata=adapter_metadata,
-        weight_name=LORA_WEIGHT_NAME,
-    )
-    if compat:
-        atomic_save_file(cast_lora(comfyui_state(transformer), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
+    save_transformer_lora(FluxPipeline, transformer, directory, comfyui_state, compat, dtype)
 
 
 def comfyui_state(transformer) -> dict[str, torch.Tensor]:

@@ -70,6 +70,27 @@ def cast_lora(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, t
     return {k: (v.detach().to(dtype) if LORA_FACTOR.search(k) else v.detach()).contiguous() for k, v in state.items()}
 
 
+def save_transformer_lora(pipeline_class, transformer, directory: Path, comfyui_state, compat: bool = True,
+                          dtype: torch.dtype = torch.float16) -> None:
+    """A transformer's trained LoRA as the diffusers pipeline class saves it, and with
+    `compat` the ComfyUI file (`comfyui_state(transformer)`) beside it."""
+    from peft.utils import get_peft_model_state_dict
+
+    lora = cast_lora(get_peft_model_state_dict(transformer), dtype)
+    # The alpha must travel with the weights (else loaders assume alpha = rank); dropout
+    # must not: load_lora_weights leaves the new dropout layers in train mode, so a
+    # nonzero value would make inference random.
+    adapter_metadata = {**transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+    pipeline_class.save_lora_weights(
+        Path(directory),
+        transformer_lora_layers=lora,
+        transformer_lora_adapter_metadata=adapter_metadata,
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    if compat:
+        atomic_save_file(cast_lora(comfyui_state(transformer), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
+
+
 def umask_modes() -> tuple[int, int]:
     """(file mode, folder mode) that the user's umask gives anything new: 0o644 / 0o755 under
     the usual umask 022."""
