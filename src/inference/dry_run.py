@@ -24,7 +24,8 @@ from pathlib import Path
 from .. import hub
 from ..backends import backend_class, backend_spec
 from ..backends.lora_files import resolve_lora_file
-from ..prepare.memory import Estimate, InferSettings, default_budget, estimable, inference_estimate, model_sizes
+from ..prepare.memory import Estimate, default_budget, estimable, model_sizes
+from ..prepare.memory_inference import InferSettings, inference_estimate
 from .config import InferConfig
 from .generation import pipeline_calls
 from .inpaint import vae_source
