@@ -24,14 +24,7 @@ from diffusers import Flux2KleinPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from .lora_files import (
-    check_applied,
-    check_conditioning,
-    lora_layers,
-    refuse_unreadable,
-    resolve_lora_file,
-    save_transformer_lora,
-)
+from .lora_files import load_transformer_lora, save_transformer_lora
 from .lora_formats import KOHYA_DOWN, KOHYA_UP, peft_modules
 
 # diffusers' train_dreambooth_lora_flux2_klein.py trains by default the image stream's
@@ -161,17 +154,4 @@ def load_lora(pipe, transformer, path: Path, conditioning: str) -> None:
     """Ours (a final_model/ or checkpoint folder, or one of its files), or foreign FLUX.2
     LoRAs (ai-toolkit, musubi-tuner / kohya, diffusers: diffusers converts the keys);
     refuses one that would not be applied in full."""
-    lora_file = resolve_lora_file(path)
-    check_conditioning(path, conditioning)
-    _refuse_dropped_keys(path, lora_file)
-    with refuse_unreadable(path, "FLUX.2 transformer"):
-        converted = pipe.lora_state_dict(str(lora_file))
-    expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight")
-                for k in converted if k.startswith("transformer.") and k.endswith(".lora_A.weight")}
-    if not expected:  # diffusers would load nothing, or fail on the first foreign key
-        check_applied(path, expected, set(), "FLUX.2 transformer")
-    before = set(lora_layers(transformer))
-    with refuse_unreadable(path, "FLUX.2 transformer"):
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    injected = set().union(*[m for a, m in lora_layers(transformer).items() if a not in before])
-    check_applied(path, expected, injected, "FLUX.2 transformer")
+    load_transformer_lora(pipe, transformer, path, conditioning, "FLUX.2 transformer", _refuse_dropped_keys)

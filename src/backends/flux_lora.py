@@ -11,14 +11,7 @@ import torch
 from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
 
-from .lora_files import (
-    check_applied,
-    check_conditioning,
-    lora_layers,
-    refuse_unreadable,
-    resolve_lora_file,
-    save_transformer_lora,
-)
+from .lora_files import load_transformer_lora, save_transformer_lora
 from .lora_formats import flux_comfyui_state, peft_modules
 
 # diffusers' train_dreambooth_lora_flux.py default targets (attention and feed-forward of
@@ -55,16 +48,4 @@ def load_lora(pipe, transformer, path: Path, conditioning: str) -> None:
     """Ours (a final_model/ or checkpoint folder, or one of its files), or foreign FLUX
     LoRAs (kohya, ai-toolkit / official IC-LoRA, xlabs: diffusers converts the keys);
     refuses one that would not be applied in full."""
-    lora_file = resolve_lora_file(path)
-    check_conditioning(path, conditioning)
-    with refuse_unreadable(path, "FLUX transformer"):
-        converted = pipe.lora_state_dict(str(lora_file))
-    expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight")
-                for k in converted if k.startswith("transformer.") and k.endswith(".lora_A.weight")}
-    if not expected:  # diffusers would load nothing, or fail on the first foreign key
-        check_applied(path, expected, set(), "FLUX transformer")
-    before = set(lora_layers(transformer))
-    with refuse_unreadable(path, "FLUX transformer"):
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    injected = set().union(*[m for a, m in lora_layers(transformer).items() if a not in before])
-    check_applied(path, expected, injected, "FLUX transformer")
+    load_transformer_lora(pipe, transformer, path, conditioning, "FLUX transformer")

@@ -91,6 +91,28 @@ def save_transformer_lora(pipeline_class, transformer, directory: Path, comfyui_
         atomic_save_file(cast_lora(comfyui_state(transformer), dtype), Path(directory) / COMFYUI_WEIGHT_NAME)
 
 
+def load_transformer_lora(pipe, transformer, path: str | Path, conditioning: str, model: str,
+                          precheck=None) -> None:
+    """A transformer LoRA through the pipeline's own loader (ours, or a foreign file whose keys
+    diffusers converts); refuses one that would not be applied in full, naming `model`.
+    `precheck(path, lora_file)` refuses what the loader would drop without an error."""
+    lora_file = resolve_lora_file(path)
+    check_conditioning(path, conditioning)
+    if precheck is not None:
+        precheck(path, lora_file)
+    with refuse_unreadable(path, model):
+        converted = pipe.lora_state_dict(str(lora_file))
+    expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                for k in converted if k.startswith("transformer.") and k.endswith(".lora_A.weight")}
+    if not expected:  # diffusers would load nothing, or fail on the first foreign key
+        check_applied(path, expected, set(), model)
+    before = set(lora_layers(transformer))
+    with refuse_unreadable(path, model):
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    injected = set().union(*[m for a, m in lora_layers(transformer).items() if a not in before])
+    check_applied(path, expected, injected, model)
+
+
 def umask_modes() -> tuple[int, int]:
     """(file mode, folder mode) that the user's umask gives anything new: 0o644 / 0o755 under
     the usual umask 022."""
