@@ -5,6 +5,8 @@ the visible panels when the object's place and size change from panel to panel?
     python benchmarks/known_answer_hard.py --backend flux --conditioning context --grid 1x3
     python benchmarks/known_answer_hard.py --backend flux2 --conditioning context --mask_probability 1 \
         --max_masked_panels 3 --guidance_scale 1
+    python benchmarks/known_answer_hard.py --backend flux2 --conditioning reference --mask_probability 1 \
+        --max_masked_panels 3 --guidance_scale 1
     python benchmarks/known_answer_hard.py --help
 
 The toy (hard_toy.py): one object of any RGB colour and one of four shapes in every panel,
@@ -160,7 +162,8 @@ def read_train_log(run_dir: Path, windows: int = 10) -> list[dict]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sdxl", "flux", "flux2"], default="sdxl")
-    parser.add_argument("--conditioning", choices=["concat", "blend", "context"], default="concat")
+    parser.add_argument("--conditioning", choices=["concat", "blend", "context", "reference"], default="concat",
+                        help="reference: FLUX.2 only (the visible panels as reference tokens)")
     parser.add_argument("--context_timestep", choices=["zero", "shared"], default=None)
     parser.add_argument("--grid", default="2x2", help="2x2 or 1x3 (the layouts the bases were fitted on)")
     parser.add_argument("--n_train", type=int, default=512, help="training composites")
@@ -200,6 +203,8 @@ def parse_args(argv):
         parser.error("--conditioning concat on FLUX needs a Fill-layout hard-toy base, which is not fitted")
     if args.backend == "flux2" and args.conditioning == "concat":
         parser.error("--conditioning concat: FLUX.2 has no Fill layout (use context or blend)")
+    if args.conditioning == "reference" and args.backend != "flux2":
+        parser.error("--conditioning reference is FLUX.2's (reference tokens)")
     return args
 
 
