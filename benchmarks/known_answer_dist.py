@@ -54,8 +54,10 @@ DEFAULTS = {
     "flux": ["--conditioning", "context", "--context_timestep", "zero", "--mask_probability", "1.0",
              "--max_masked_panels", "3", "--steps", "1650", "--batch_size", "4"],
 }
+DEFAULTS["flux2"] = DEFAULTS["flux"]  # train_flux2_ic_lora.py ships FLUX.1's context defaults
 MASKED = {"sdxl": "(b) IC-LoRA, --mask_probability 0.7",
           "flux": "(b) IC-LoRA, --mask_probability 1 --max_masked_panels 3"}
+MASKED["flux2"] = MASKED["flux"]
 
 STANDARD = Toy()  # the toy every single-base figure was measured on
 # Data that differ the way users' data differ from the standard toy: every composite has its
@@ -108,10 +110,17 @@ BASES = [
     Base("sdxl-hard-aside", "sdxl", "toy_sdxl_unet_hard", STANDARD, seed=0, steps=4000, batch_size=16, data=ASIDE),
     Base("sdxl-lpb2-s1", "sdxl", "toy_dist/sdxl_lpb2_s1", ASIDE, seed=1, steps=1500, batch_size=16, layers_per_block=2),
     Base("sdxl-lpb1-s2", "sdxl", "toy_dist/sdxl_lpb1_s2", ASIDE, seed=2, steps=1000, batch_size=16),
+    # sdxl-lpb1-s2 with one thing changed: the toy it is fitted on, or the length of the fit.
+    Base("sdxl-lpb1-s2-std", "sdxl", "toy_dist/sdxl_lpb1_s2_std", STANDARD, seed=2, steps=1000, batch_size=16,
+         data=ASIDE),
+    Base("sdxl-lpb1-s2-long", "sdxl", "toy_dist/sdxl_lpb1_s2_long", ASIDE, seed=2, steps=4000, batch_size=16),
     Base("flux-hard", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
     Base("flux-hard-aside", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=ASIDE),
     Base("flux-b13-s1", "flux", "toy_dist/flux_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8, flux_blocks=(1, 3)),
     Base("flux-b24-s2", "flux", "toy_dist/flux_b24_s2", ASIDE, seed=2, steps=1200, batch_size=8),
+    Base("flux2-hard", "flux2", "toy_flux2_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
+    Base("flux2-hard-aside", "flux2", "toy_flux2_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8,
+         data=ASIDE),
 ]
 
 
@@ -197,7 +206,7 @@ def format_report(rows: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["fit", "report", "list"])
-    parser.add_argument("--backend", choices=["sdxl", "flux"], default=None, help="only this backend's bases")
+    parser.add_argument("--backend", choices=["sdxl", "flux", "flux2"], default=None, help="only this backend's bases")
     parser.add_argument("--only", default=None, help="comma list of base names (see `list`)")
     parser.add_argument("--assets", default=str(ASSETS), help="where the bases are cached")
     parser.add_argument("--refit", action="store_true", help="fit: refit bases that are cached")
