@@ -37,7 +37,6 @@ context conditioning's pipeline and per-token timesteps).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +61,7 @@ from . import flux_lora
 from .flux_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
 from .flux_spec import SPEC
 from .flux_lora import LORA_TARGET_MODULES
-from .trainable import load_trainable_state, trainable_state
+from .trainable import TransformerWeights
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +80,9 @@ def inference_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torc
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-class FluxBackend(LatentMethods, Placement):
+class FluxBackend(TransformerWeights, LatentMethods, Placement):
     name = "flux"
+    lora_module = flux_lora  # save_lora / comfyui_state / load_lora (TransformerWeights)
     vae_scale_factor = 8
     pixel_quantum = 16  # a packed 2x2 patch of latent pixels
     native_image_size = 1024  # FluxPipeline's default_sample_size 128 latents
@@ -331,22 +331,7 @@ class FluxBackend(LatentMethods, Placement):
         )[0]  # (B, h/2 * w/2, 4C)
         return unpack(out, h, w, self.vae_scale_factor)  # (B, C, h, w)
 
-    # ---- weights -------------------------------------------------------------------------
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.transformer)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.transformer, state)
-
-    def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
-        flux_lora.save_lora(self.transformer, directory, compat, dtype)
-
-    def comfyui_state(self) -> dict[str, torch.Tensor]:
-        return flux_lora.comfyui_state(self.transformer)
-
-    def load_lora(self, path: Path) -> None:
-        flux_lora.load_lora(self._pipe, self.transformer, path, self.conditioning)
-
+    # ---- inference -----------------------------------------------------------------------
     def visible_reset(self, pipe, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         """For concat (FLUX.1-Fill) inference: after every step the visible panels' tokens are
         reset to the input's noised to the next sigma, the input itself after the last, as

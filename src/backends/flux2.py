@@ -35,7 +35,6 @@ Beside this file: flux2_latents.py (the latent codec and position ids), flux2_co
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +53,7 @@ from .flux2_loading import QUANTIZE_CONFIGS, load_components, prepare_quantized
 from .flux2_lora import LORA_TARGET_MODULES
 from .flux2_spec import MAX_SEQUENCE_LENGTH, SPEC
 from .placement import PARTS, Placement
-from .trainable import load_trainable_state, trainable_state
+from .trainable import TransformerWeights
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +61,9 @@ REFERENCE_T = 10  # RoPE t of the first reference image (Flux2KleinPipeline._pre
 SHIFT_STEPS = 50  # the pipeline's default step count, at which --timestep_shift resolution takes mu
 
 
-class Flux2Backend(LatentMethods, Placement):
+class Flux2Backend(TransformerWeights, LatentMethods, Placement):
     name = "flux2"
+    lora_module = flux2_lora  # save_lora / comfyui_state / load_lora (TransformerWeights)
     vae_scale_factor = 16  # pixels per contract latent pixel (a 2x2 patch of VAE latents)
     pixel_quantum = 16
     native_image_size = 1024  # Flux2KleinPipeline's default_sample_size 128 VAE latents
@@ -245,22 +245,7 @@ class Flux2Backend(LatentMethods, Placement):
             out = self.denoiser(**inputs, return_dict=False)[0]
         return codec.from_tokens(out[:, : h * w], h, w)  # (B, 4C, h, w): the composite's tokens
 
-    # ---- weights -------------------------------------------------------------------------
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.transformer)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.transformer, state)
-
-    def save_lora(self, directory: Path, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
-        flux2_lora.save_lora(self.transformer, directory, compat, dtype)
-
-    def comfyui_state(self) -> dict[str, torch.Tensor]:
-        return flux2_lora.comfyui_state(self.transformer)
-
-    def load_lora(self, path: Path) -> None:
-        flux2_lora.load_lora(self._pipe, self.transformer, path, self.conditioning)
-
+    # ---- inference -----------------------------------------------------------------------
     def visible_reset(self, pipe, images: list, masks: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         return {}  # Flux2ContextPipeline keeps the visible panels itself (clean or re-noised)
 

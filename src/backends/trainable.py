@@ -22,3 +22,25 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+class TransformerWeights:
+    """The weight methods of a backend whose trainable part is its `transformer`'s LoRA,
+    written and read by its `lora_module` (save_lora / comfyui_state / load_lora)."""
+
+    lora_module = None  # the backend's LoRA file module (flux_lora, flux2_lora)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.transformer)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.transformer, state)
+
+    def save_lora(self, directory, compat: bool = True, dtype: torch.dtype = torch.float16) -> None:
+        self.lora_module.save_lora(self.transformer, directory, compat, dtype)
+
+    def comfyui_state(self) -> dict[str, torch.Tensor]:
+        return self.lora_module.comfyui_state(self.transformer)
+
+    def load_lora(self, path) -> None:
+        self.lora_module.load_lora(self._pipe, self.transformer, path, self.conditioning)
