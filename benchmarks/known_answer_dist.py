@@ -114,6 +114,9 @@ BASES = [
     Base("sdxl-lpb1-s2-std", "sdxl", "toy_dist/sdxl_lpb1_s2_std", STANDARD, seed=2, steps=1000, batch_size=16,
          data=ASIDE),
     Base("sdxl-lpb1-s2-long", "sdxl", "toy_dist/sdxl_lpb1_s2_long", ASIDE, seed=2, steps=4000, batch_size=16),
+    # ... and both: the shipped base's fit (standard toy, 4000 x 16) at another seed.
+    Base("sdxl-lpb1-s2-std-long", "sdxl", "toy_dist/sdxl_lpb1_s2_std_long", STANDARD, seed=2, steps=4000,
+         batch_size=16, data=ASIDE),
     Base("flux-hard", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
     Base("flux-hard-aside", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=ASIDE),
     Base("flux-b13-s1", "flux", "toy_dist/flux_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8, flux_blocks=(1, 3)),

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -12,6 +13,7 @@ from hard_toy import (  # noqa: E402
     object_colour,
 )
 
+from conftest import load_benchmark  # noqa: E402
 from iclora.panels import Grid, panel_box  # noqa: E402
 
 
@@ -96,3 +98,11 @@ def test_the_benchmark_scores_each_composite_against_its_own_background(tmp_path
         pixels = np.asarray(Image.open(path).convert("RGB"))
         assert background != rgb and np.array_equal(background_of(pixels), background)
         assert colour_error(pixels, Grid(2, 2), [2, 3], rgb, background) == [0.0, 0.0]
+
+
+def test_reference_conditioning_is_refused_outside_flux2(capsys):
+    hard = load_benchmark("known_answer_hard")
+    assert hard.parse_args(["--backend", "flux2", "--conditioning", "reference"]).conditioning == "reference"
+    with pytest.raises(SystemExit):
+        hard.parse_args(["--backend", "flux", "--conditioning", "reference"])
+    assert "--conditioning reference is FLUX.2's" in capsys.readouterr().err
