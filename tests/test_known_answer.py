@@ -21,6 +21,9 @@ Context conditioning (visible panels clean in the denoiser input), measured 2026
 SDXL ~25 min, FLUX (per-token timestep 0) ~30 min on a shared 2-core machine:
 
     python -m pytest -m slow tests/test_known_answer.py -k context
+
+FLUX.2 [klein] (its own toy base, the FLUX.2 CLIs), 1x3: `-k flux2`; its 2x2 run is in
+tests/test_known_answer_dist.py.
 """
 
 import os
@@ -182,3 +185,21 @@ def test_sdxl_concat_training_reads_continuous_colours_on_the_harder_toy(tmp_pat
     assert b["colour_error"] < c["colour_error"] - 8, table
     assert b["close"] >= c["close"] + 0.22, table
     assert b["colour_error"] < free["colour_error"] - 7, table
+
+
+@pytest.mark.slow
+def test_flux2_context_training_reads_continuous_colours_on_the_harder_toy_1x3(tmp_path):
+    """benchmarks/known_answer_hard.py through the FLUX.2 CLIs, context at the FLUX.2 script's
+    defaults, 1x3 (~27 min on a shared 2-core machine). Measured 2026-12-06, colour error:
+    (b) 18.2, (a) 35.7, (c) 32.9, blind guess 45.9; within 25: (b) 83 %, (c) 42 %."""
+    report = load_benchmark("known_answer_hard").main([
+        "--backend", "flux2", "--conditioning", "context", "--context_timestep", "zero", "--steps", "1650",
+        "--batch_size", "4", "--mask_probability", "1.0", "--max_masked_panels", "3", "--grid", "1x3",
+        "--n_sets", "0", "--threads", "1", "--json", str(tmp_path / "hard_flux2_1x3.json")])
+    table = report["table"]
+    b, a, c = table["(b) IC-LoRA, --mask_probability 1 --max_masked_panels 3"], table["(a) untrained base"], table[C]
+    blind = table["blind guess (mean colour)"]
+    assert b["colour_error"] < 0.6 * a["colour_error"] and b["colour_error"] < a["colour_error"] - 8.7, table
+    assert b["colour_error"] < c["colour_error"] - 7.3, table
+    assert b["colour_error"] < blind["colour_error"] - 13.8, table
+    assert b["close"] >= c["close"] + 0.2, table
