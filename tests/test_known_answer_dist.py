@@ -67,10 +67,11 @@ def _report(tmp_path, members: str) -> dict:
 @pytest.mark.slow
 def test_sdxl_defaults_over_the_distribution(tmp_path):
     """SDXL concat at the script's defaults on the shipped hard base, on its own toy and on the
-    aside toy's data (~2 x 90 min on a shared 2-core machine). Margins halved from
+    aside toy's data, and on a second base fitted the same way at another seed (~3 x 60 min on
+    a shared 2-core machine). Margins halved from
     benchmarks/RESULTS.md, *The known-answer benchmark over a distribution of bases*."""
-    rows = _report(tmp_path, "sdxl-hard,sdxl-hard-aside")
-    hard, aside = rows["sdxl-hard"], rows["sdxl-hard-aside"]
+    rows = _report(tmp_path, "sdxl-hard,sdxl-hard-aside,sdxl-lpb1-s2-std-long")
+    hard, aside, other = rows["sdxl-hard"], rows["sdxl-hard-aside"], rows["sdxl-lpb1-s2-std-long"]
     # Measured 2026-12-01: (b) 24.7, (c) 41.2, (a) 67.6: the goal is met on the standard toy.
     assert hard["masked"] < 0.6 * hard["untrained"] and hard["masked"] < hard["untrained"] - 21, hard
     assert hard["masked"] < hard["whole"] - 8, hard
@@ -80,6 +81,9 @@ def test_sdxl_defaults_over_the_distribution(tmp_path):
     assert aside["masked"] < aside["untrained"] - 10, aside
     assert aside["masked"] < aside["blind"] - 6.8, aside
     assert aside["masked"] < aside["whole"] - 1.5, aside
+    # Measured 2026-12-06, the shipped base's fit at seed 2 (a second SDXL base that learns),
+    # aside data: (b) 41.5, (a) 57.7, blind 51.3; the goal is not met there either.
+    assert other["masked"] < other["untrained"] - 8.1 and other["masked"] < other["blind"] - 4.9, other
 
 
 @pytest.mark.slow
