@@ -124,6 +124,9 @@ BASES = [
     Base("flux2-hard", "flux2", "toy_flux2_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
     Base("flux2-hard-aside", "flux2", "toy_flux2_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8,
          data=ASIDE),
+    Base("flux2-b13-s1", "flux2", "toy_dist/flux2_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8,
+         flux_blocks=(1, 3)),
+    Base("flux2-b24-s2", "flux2", "toy_dist/flux2_b24_s2", ASIDE, seed=2, steps=1200, batch_size=8),
 ]
 
 
