@@ -158,15 +158,16 @@ def fit(bases: list[Base], assets: Path, refit: bool, extra: list[str]) -> None:
         fit_main([*base.fit_argv(), "--out", str(assets / base.folder), *extra])
 
 
-def report_one(base: Base, assets: Path, out_dir: Path, extra: list[str]) -> dict:
+def report_one(base: Base, assets: Path, out_dir: Path, extra: list[str], train_args: str = "") -> dict:
     from known_answer_hard import main as hard_main
 
     result = hard_main([*DEFAULTS[base.backend], "--backend", base.backend, "--base", str(assets / base.folder),
-                        *toy_argv(base.data_toy), "--n_sets", "0", "--skip_free",
+                        *toy_argv(base.data_toy), "--n_sets", "0", "--skip_free", f"--train_args={train_args}",
                         "--json", str(out_dir / f"{base.name}.json"), *extra])
     table = result["table"]
-    row = {"untrained": table[UNTRAINED]["colour_error"], "masked": table[MASKED[base.backend]]["colour_error"],
-           "blind": table[BLIND]["colour_error"], "masked_close": table[MASKED[base.backend]]["close"]}
+    masked = MASKED[base.backend] + (f" {train_args}" if train_args else "")
+    row = {"untrained": table[UNTRAINED]["colour_error"], "masked": table[masked]["colour_error"],
+           "blind": table[BLIND]["colour_error"], "masked_close": table[masked]["close"]}
     row["whole"] = table[WHOLE]["colour_error"] if WHOLE in table else None
     row["goal"] = meets_goal(row)
     return row
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="report: also write the table here (markdown)")
     parser.add_argument("--out_dir", default=None, help="report: per-base JSON reports (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--train_args", default="",
+                        help="report: training flags added to the defaults for (b) and (c), e.g. --train_args=--lora_convs")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny settings for a quick check of the plumbing (fit 2 steps; report 2 training "
                              "steps, 1 evaluation composite, 2 inference steps): its figures mean nothing")
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = {}
     for base in bases:
-        rows[base.name] = report_one(base, assets, out_dir, threads + (smoke if args.smoke else []))
+        rows[base.name] = report_one(base, assets, out_dir, threads + (smoke if args.smoke else []), args.train_args)
         print(format_report(rows), flush=True)  # so far: a run cut short keeps what it measured
     text = format_report(rows)
     if args.out:

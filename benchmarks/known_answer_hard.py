@@ -33,7 +33,6 @@ panels that show an object at all.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -143,24 +142,6 @@ def mask_tile(shape, grid: Grid) -> np.ndarray:
     return mask
 
 
-@contextlib.contextmanager
-def sdxl_lora_convs(on: bool):
-    """With `on`, the SDXL LoRA also targets the ResNet convs while the block runs (the
-    trainer runs in-process; the list is the one the backend reads), and the run writes no
-    ComfyUI file (its converter knows attention blocks and conv_in only)."""
-    from iclora.backends import sdxl_lora
-
-    if not on:
-        yield
-        return
-    saved = list(sdxl_lora.LORA_TARGET_MODULES)
-    sdxl_lora.LORA_TARGET_MODULES += ["conv1", "conv2"]
-    try:
-        yield
-    finally:
-        sdxl_lora.LORA_TARGET_MODULES[:] = saved
-
-
 def read_train_log(run_dir: Path, windows: int = 10) -> list[dict]:
     """The run's train_log.jsonl as `windows` equal step windows: the mean loss and the
     masked and visible panels' MSE in each (how completion learns beside denoising)."""
@@ -201,10 +182,6 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--train_args", default="", help="more training flags for (b) and (c), e.g. "
                         "'--timestep_sampling logit_normal --logit_mean 1'")
-    parser.add_argument("--sdxl_lora_convs", action="store_true",
-                        help="SDXL: the LoRA also on the UNet's ResNet convs (conv1, conv2), as LoCon / kohya's conv_dim "
-                             "do; a measurement only: the trainer has no flag for it, and the ComfyUI file cannot hold "
-                             "those layers yet, so it is not written (--no_output_kohya_format)")
     parser.add_argument("--skip_c", action="store_true", help="do not train (c)")
     parser.add_argument("--skip_b", action="store_true", help="do not train (b): with --skip_c in another "
                         "process, (b) and (c) train in parallel")
@@ -226,8 +203,6 @@ def parse_args(argv):
         parser.error("--conditioning concat on FLUX needs a Fill-layout hard-toy base, which is not fitted")
     if args.backend == "flux2" and args.conditioning == "concat":
         parser.error("--conditioning concat: FLUX.2 has no Fill layout (use context or blend)")
-    if args.sdxl_lora_convs and args.backend != "sdxl":
-        parser.error("--sdxl_lora_convs is for --backend sdxl")
     if args.conditioning == "reference" and args.backend != "flux2":
         parser.error("--conditioning reference is FLUX.2's (reference tokens)")
     return args
@@ -259,11 +234,8 @@ def main(argv=None) -> dict:
         truths = [np.asarray(Image.open(p).convert("RGB")) for p in eval_paths]
 
         def run(mask_probability, name):
-            run_args = args if not args.sdxl_lora_convs else argparse.Namespace(
-                **{**vars(args), "train_args": f"{args.train_args} --no_output_kohya_format"})
-            with sdxl_lora_convs(args.sdxl_lora_convs):
-                lora, timings[f"train {name}"] = train(model_dir, work / "train", work / f"lora_{name}",
-                                                       mask_probability, run_args, grid=grid, image_size=image_size)
+            lora, timings[f"train {name}"] = train(model_dir, work / "train", work / f"lora_{name}",
+                                                   mask_probability, args, grid=grid, image_size=image_size)
             return lora
 
         lora_b = None if args.skip_b else run(args.mask_probability, "b")
@@ -276,8 +248,6 @@ def main(argv=None) -> dict:
             b_name += f" --max_masked_panels {args.max_masked_panels}"
         if args.train_args:
             b_name += f" {args.train_args}"
-        if args.sdxl_lora_convs:
-            b_name += " --sdxl_lora_convs"
         rows = {"(a) untrained base": done("none"), **({b_name: done(str(lora_b))} if lora_b else {})}
         if lora_c:
             rows["(c) LoRA, --mask_probability 0"] = done(str(lora_c))

@@ -79,7 +79,7 @@ def build_parser(config_cls: type, prog: str, description: str, defaults: dict[s
             parser.add_argument(f"--{field.name}", choices=[*choices, "none"], action=_OptionalChoice, **options)
         elif choices:
             parser.add_argument(f"--{field.name}", choices=choices, **options)
-        elif kind is bool:
+        elif kind is bool or kind == typing.Optional[bool]:  # --name / --no_name (not given: None)
             parser.add_argument(f"--{field.name}", action=ActionYesNo, **options)
         elif typing.get_origin(kind) is list:
             parser.add_argument(f"--{field.name}", nargs="+", type=typing.get_args(kind)[0], **options)

@@ -123,7 +123,7 @@ def checkpoint_lora(checkpoint: Path, folder: Path, base_model: str | None, prec
     model_id = base_model or run["model_id"]
     backend = load_backend(run["backend"], model_source(model_id, "--base_model"), run["conditioning"])
     backend.base_model = model_id  # recorded as given, not as the cache folder it may load from
-    backend.add_lora(run["lora_rank"], run["lora_alpha"], 0.0)
+    backend.add_lora(run["lora_rank"], run["lora_alpha"], 0.0, convs=run.get("lora_convs", False))
     backend.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_NAME))
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.iterdir())

@@ -106,15 +106,3 @@ def test_reference_conditioning_is_refused_outside_flux2(capsys):
     with pytest.raises(SystemExit):
         hard.parse_args(["--backend", "flux", "--conditioning", "reference"])
     assert "--conditioning reference is FLUX.2's" in capsys.readouterr().err
-
-
-def test_sdxl_lora_convs_extends_the_targets_only_while_it_runs():
-    from iclora.backends import sdxl_lora
-
-    hard = load_benchmark("known_answer_hard")
-    before = list(sdxl_lora.LORA_TARGET_MODULES)
-    with hard.sdxl_lora_convs(True):
-        assert sdxl_lora.LORA_TARGET_MODULES == [*before, "conv1", "conv2"]
-    assert sdxl_lora.LORA_TARGET_MODULES == before
-    with pytest.raises(SystemExit):
-        hard.parse_args(["--backend", "flux", "--conditioning", "context", "--sdxl_lora_convs"])

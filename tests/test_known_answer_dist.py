@@ -37,7 +37,7 @@ def test_the_distribution_command_fits_a_base_and_reports_it(tmp_path, capsys):
     assert "sdxl-lpb1-s2: cached" in capsys.readouterr().out
 
     summary = dist.main(["report", "--smoke", "--only", "sdxl-lpb1-s2", "--assets", str(assets), "--threads", "1",
-                         "--out", str(tmp_path / "dist.md"), "--out_dir", str(out)])
+                         "--out", str(tmp_path / "dist.md"), "--out_dir", str(out), "--train_args=--lora_convs"])
     row = summary["rows"]["sdxl-lpb1-s2"]
     assert all(math.isfinite(row[k]) and 0 <= row[k] <= 255 for k in ("untrained", "masked", "whole", "blind"))
     assert row["goal"] == (row["masked"] < 0.6 * row["untrained"] and row["masked"] < 0.85 * row["whole"])
@@ -46,6 +46,8 @@ def test_the_distribution_command_fits_a_base_and_reports_it(tmp_path, capsys):
     assert "| mean ± sd over 1 |" in table
     base = json.loads((out / "sdxl-lpb1-s2.json").read_text())
     assert base["settings"]["toy"]["scale"] == [0.2, 0.5] and base["settings"]["conditioning"] == "concat"
+    assert base["settings"]["train_args"] == "--lora_convs"  # added to the defaults for (b) and (c)
+    assert "(b) IC-LoRA, --mask_probability 0.7 --lora_convs" in base["table"]
     assert all("masked_loss" in window for window in base["train_logs"]["b"])  # the masked loss per window
     assert "visible_loss" not in base["train_logs"]["c"][0]  # whole composites: nothing visible
 

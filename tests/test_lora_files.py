@@ -70,22 +70,24 @@ def flux_data(tmp_path_factory):
     return folder
 
 
-def _train_sdxl(data, out, model_id, conditioning):
+def _train_sdxl(data, out, model_id, conditioning, *extra):
     from iclora.training.train_sdxl_ic_lora import main
 
     return main(["--data_dir", str(data), "--output_dir", str(out), "--model_id", model_id,
                  "--conditioning", conditioning, "--image_size", "64", "--batch_size", "2",
                  "--lora_rank", str(RANK), "--lora_alpha", str(ALPHA), "--learning_rate", "1e-2",
-                 "--max_train_steps", "2", "--save_every", "1", "--lora_dropout", "0"])
+                 "--max_train_steps", "2", "--save_every", "1", "--lora_dropout", "0", *extra])
 
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """Two steps each: concat on the 9-channel base, concat on a 4-channel base, blend."""
+    """Two steps each: concat on the 9-channel base, concat on a 4-channel base, blend; and
+    concat on the 9-channel base with the LoRA on the ResNet convs too (--lora_convs)."""
     return {
         "inpaint": _train_sdxl(data, tmp_path_factory.mktemp("inpaint"), "tiny-sdxl-inpaint", "concat"),
         "concat4": _train_sdxl(data, tmp_path_factory.mktemp("concat4"), "tiny-sdxl", "concat"),
         "blend": _train_sdxl(data, tmp_path_factory.mktemp("blend"), "tiny-sdxl", "blend"),
+        "convs": _train_sdxl(data, tmp_path_factory.mktemp("convs"), "tiny-sdxl-inpaint", "concat", "--lora_convs"),
     }
 
 
@@ -157,6 +159,28 @@ def test_comfyui_applies_every_sdxl_lora_layer_full_size(in_channels, conditioni
     assert len(dropped) == 2 * 560 and all(".attn" in k for k in dropped)
 
 
+def test_comfyui_applies_every_sdxl_resnet_conv_lora_layer_full_size():
+    """--lora_convs: the two 3x3 convs of each of the 17 ResNet blocks (down 3 x 2, mid 2, up
+    3 x 3) land on ComfyUI's in_layers.2 / out_layers.3, as 4-d patches of the conv's shape."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_memory_models().SDXL_UNET_CONFIG)
+    to_sgm = comfy.unet_to_diffusers(comfy.sdxl_unet_config(unet.config))
+    shapes = {name: p.shape for name, p in unet.named_parameters()}  # before PEFT renames them
+    backend = SDXLBackend({**build_tiny_sdxl_components(), "unet": unet}, "meta", "blend")
+    backend.add_lora(64, 32, 0.0, convs=True)
+
+    patches, not_loaded = comfy.load_lora(backend.comfyui_state(), comfy.sdxl_key_map(to_sgm))
+    assert not_loaded == set()
+    trained = {to_sgm[f"{m}.weight"] for m in lora_layers(unet)["default"]}
+    assert set(patches) == trained and len(trained) == 700 + 2 * 17
+    convs = {t: p for t, p in patches.items() if ".in_layers." in t or ".out_layers." in t}
+    assert len(convs) == 34 and {t.split(".")[0] for t in convs} == {"input_blocks", "middle_block", "output_blocks"}
+    back = {sgm: name for name, sgm in to_sgm.items()}
+    for target, (_, up, down, alpha) in convs.items():
+        assert (up.shape[0], *down.shape[1:]) == shapes[back[target]]  # (out, in, 3, 3)
+        assert alpha / down.shape[0] == 0.5
+
+
 @pytest.mark.parametrize("fill", [False, True])
 def test_comfyui_applies_every_flux_lora_layer_full_size(fill):
     config = dict(_memory_models().FLUX_DEV_TRANSFORMER_CONFIG)
@@ -177,11 +201,12 @@ def test_comfyui_applies_every_flux_lora_layer_full_size(fill):
     assert {p[3] / p[2].shape[0] for p in patches.values()} == {0.5}
 
 
-@pytest.mark.parametrize("backend_name, rank", [("sdxl", 64), ("flux", 16)])
-def test_params_per_rank_counts_the_full_size_lora(backend_name, rank):
+@pytest.mark.parametrize("backend_name, rank, convs", [("sdxl", 64, False), ("sdxl", 64, True), ("flux", 16, False)])
+def test_params_per_rank_counts_the_full_size_lora(backend_name, rank, convs):
     """The count behind the free-space check and the LoRA file sizes the README gives
-    (2 bytes a weight at the default fp16, 4 at fp32)."""
-    from iclora.training.checkpoints import PARAMS_PER_RANK
+    (2 bytes a weight at the default fp16, 4 at fp32), and the memory estimate's count."""
+    from iclora.prepare.memory import _lora_params
+    from iclora.training.checkpoints import estimate_trainable_params
 
     models = _memory_models()
     with torch.device("meta"):
@@ -190,21 +215,29 @@ def test_params_per_rank_counts_the_full_size_lora(backend_name, rank):
         else:
             model = FluxTransformer2DModel.from_config(models.FLUX_DEV_TRANSFORMER_CONFIG)
     if backend_name == "sdxl":
+        from iclora.backends.sdxl_lora import LORA_TARGET_MODULES
+        from iclora.backends.sdxl_spec import SPEC
+
+        estimated = _lora_params(model, LORA_TARGET_MODULES, rank, SPEC.lora_conv_targets if convs else ())
         backend = SDXLBackend({**build_tiny_sdxl_components(), "unet": model}, "meta", "blend")
     else:
         components = build_tiny_flux_components()
         components["vae"] = AutoencoderKL.from_config({**components["vae"].config, "latent_channels": 16})
         backend = FluxBackend({**components, "transformer": model}, "meta", "context")
-    backend.add_lora(rank, rank, 0.0)
+    backend.add_lora(rank, rank, 0.0, convs=convs)
     count = sum(v.numel() for v in get_peft_model_state_dict(model).values())
-    assert count == PARAMS_PER_RANK[backend_name] * rank == {"sdxl": 167_444_480, "flux": 65_372_160}[backend_name]
+    assert count == estimate_trainable_params(backend_name, "someone/model", rank, convs)
+    assert count == {"sdxl": 188_375_040 if convs else 167_444_480, "flux": 65_372_160}[backend_name]
+    if backend_name == "sdxl":
+        assert estimated == count
 
 
 # ---- the tiny models, patched the way ComfyUI patches them -----------------------------------
 
 
-def test_comfyui_applies_the_sdxl_inpaint_file_as_trained(runs):
-    final = runs["inpaint"].final_dir
+@pytest.mark.parametrize("run", ["inpaint", "convs"])
+def test_comfyui_applies_the_sdxl_inpaint_file_as_trained(run, runs):
+    final = runs[run].final_dir
     ours = SDXLBackend.from_pretrained("tiny-sdxl-inpaint", conditioning="concat")
     ours.load_lora(final)
     theirs = TINY_MODELS["tiny-sdxl-inpaint"]()["unet"]
@@ -237,9 +270,11 @@ def test_stock_diffusers_loads_the_flux_comfyui_file_at_its_scale(flux_run, tmp_
     torch.testing.assert_close(_flux_out(pipe.transformer), _flux_out(ours.transformer), atol=1e-5, rtol=1e-4)
 
 
-def test_lora_path_takes_the_comfyui_file(runs):
-    """A kohya-key SDXL file (ours for ComfyUI, with the conv_in difference) loads as trained."""
-    final = runs["inpaint"].final_dir
+@pytest.mark.parametrize("run", ["inpaint", "convs"])
+def test_lora_path_takes_the_comfyui_file(run, runs):
+    """A kohya-key SDXL file (ours for ComfyUI, with the conv_in difference; with --lora_convs
+    the ResNet convs in kohya's names) loads as trained."""
+    final = runs[run].final_dir
     folder = SDXLBackend.from_pretrained("tiny-sdxl-inpaint", conditioning="concat")
     folder.load_lora(final)
     lone = SDXLBackend.from_pretrained("tiny-sdxl-inpaint", conditioning="concat")
@@ -350,7 +385,7 @@ def _same_tensors(a: Path, b: Path) -> None:
         torch.testing.assert_close(first[key], second[key], atol=1e-6, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("run", ["inpaint", "concat4", "blend", "flux"])
+@pytest.mark.parametrize("run", ["inpaint", "concat4", "blend", "convs", "flux"])
 def test_convert_writes_what_training_writes(run, runs, flux_run, tmp_path):
     final = flux_run.final_dir if run == "flux" else runs[run].final_dir
     convert_main(["--lora_path", str(final), "--output_dir", str(tmp_path / "folder")])
@@ -380,7 +415,8 @@ def test_export_unet_merges_a_concat_lora_into_a_9_channel_unet(runs, tmp_path, 
         convert_main(["--lora_path", str(runs["blend"].final_dir), "--export_unet", "--output_dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("run, base", [("concat4", "tiny-sdxl"), ("inpaint", "tiny-sdxl-inpaint")])
+@pytest.mark.parametrize("run, base", [("concat4", "tiny-sdxl"), ("inpaint", "tiny-sdxl-inpaint"),
+                                       ("convs", "tiny-sdxl-inpaint")])
 def test_readme_snippet_loads_a_concat_lora_into_stock_diffusers(run, base, runs, tmp_path):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- concat-lora-snippet -->\s*```python\n(.*?)```", readme, re.S)[1]
@@ -397,20 +433,21 @@ def test_readme_snippet_loads_a_concat_lora_into_stock_diffusers(run, base, runs
     torch.testing.assert_close(_unet_out(unet), _unet_out(ours.unet), atol=1e-5, rtol=1e-4)
 
 
-def test_convert_rebuilds_the_lora_of_an_older_checkpoint(runs, tmp_path):
+@pytest.mark.parametrize("run", ["inpaint", "convs"])
+def test_convert_rebuilds_the_lora_of_an_older_checkpoint(run, runs, tmp_path):
     """Checkpoints used to hold only the trainable weights and the optimizer state."""
     checkpoint = tmp_path / "checkpoint-2"
-    shutil.copytree(runs["inpaint"].final_dir.parent / "checkpoints" / "checkpoint-2", checkpoint)
+    shutil.copytree(runs[run].final_dir.parent / "checkpoints" / "checkpoint-2", checkpoint)
     for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME, METADATA_NAME):
         (checkpoint / name).unlink()
     with pytest.raises(FileNotFoundError, match="an older checkpoint: python src/convert.py"):
         SDXLBackend.from_pretrained("tiny-sdxl-inpaint", conditioning="concat").load_lora(checkpoint)
     convert_main(["--lora_path", str(checkpoint)])
     for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME):
-        _same_tensors(checkpoint / name, runs["inpaint"].final_dir / name)
+        _same_tensors(checkpoint / name, runs[run].final_dir / name)
     meta = json.loads((checkpoint / METADATA_NAME).read_text())
     assert (meta["base_model"], meta["conditioning"], meta["global_step"]) == ("tiny-sdxl-inpaint", "concat", 2)
-    final = json.loads((runs["inpaint"].final_dir / METADATA_NAME).read_text())
+    final = json.loads((runs[run].final_dir / METADATA_NAME).read_text())
     for key in ("backend", "grid", "context_timestep", "image_size", "bucket_by", "max_token_length"):
         assert meta[key] == final[key], key
 

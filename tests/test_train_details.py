@@ -134,6 +134,48 @@ def test_checkpoints_keep_their_timestep_shift_on_resume(flux_data, tmp_path):
               "--resume_from_checkpoint", "latest")
 
 
+# ---- SDXL: --lora_convs, the LoRA on the ResNet convs too --------------------------------------------
+
+
+def _sdxl(data, out, *flags):
+    return train_sdxl(["--data_dir", str(data), "--output_dir", str(out), *TINY_ARGS, "--save_every", "2",
+                       "--lora_dropout", "0", "--learning_rate", "1e-2", *flags])
+
+
+def test_lora_convs_train_the_resnet_convs_and_resume_with_them(tmp_path):
+    """With --lora_convs every ResNet conv1 / conv2 carries a LoRA that training moves; a resume
+    keeps the checkpoint's choice unless the flag says otherwise (then it is refused), and a
+    checkpoint from before the flag existed resumes without them."""
+    data = toy_dataset(tmp_path / "data")
+    unet = TINY_MODELS["tiny-sdxl"]()["unet"]
+    convs = {n for n, m in unet.named_modules() if n.endswith((".conv1", ".conv2"))}
+    straight = _sdxl(data, tmp_path / "straight", "--max_train_steps", "4", "--lora_convs")
+    lora = _lora(straight)
+    trained = {k.removeprefix("unet.").removesuffix(".lora_B.weight") for k in lora if k.endswith(".lora_B.weight")}
+    assert convs and convs <= trained  # PEFT starts lora_B at zero: each has moved
+    assert all(lora[f"unet.{m}.lora_B.weight"].abs().max() > 0 for m in convs)
+    assert json.loads((straight.final_dir / METADATA_NAME).read_text())["training_args"]["lora_convs"] is True
+
+    out = tmp_path / "resumed"
+    _sdxl(data, out, "--max_train_steps", "2", "--lora_convs")
+    resumed = _sdxl(data, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert _same(_lora(resumed), lora)  # the flag not given: the checkpoint's convs, resumed exactly
+    with pytest.raises(ValueError, match=r"run settings differ \(lora_convs True -> False\)"):
+        _sdxl(data, out, "--max_train_steps", "6", "--no_lora_convs", "--resume_from_checkpoint", "latest")
+
+    older = tmp_path / "older"
+    _sdxl(data, older, "--max_train_steps", "2")
+    _forget(older / "checkpoints" / "checkpoint-2", "lora_convs")
+    again = _sdxl(data, older, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert not any(".conv1." in k or ".conv2." in k for k in _lora(again))
+
+
+def test_lora_convs_is_refused_where_there_are_no_convs(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_flux, ["--data_dir", "d", "--lora_convs"])
+    assert "error: --lora_convs is for --backend sdxl: FLUX.1's denoiser has no conv layers" in capsys.readouterr().err
+
+
 # ---- SDXL: caption dropout trains what classifier-free guidance feeds ------------------------------
 
 

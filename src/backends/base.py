@@ -145,9 +145,10 @@ class Backend(Protocol):
     compiled: Any
     """What `compile_blocks` compiled (iclora.compiling.CompiledBlocks); None: all eager."""
 
-    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+    def add_lora(self, rank: int, alpha: float, dropout: float, convs: bool = False) -> None:
         """Freeze the base model and add a PEFT LoRA to the denoiser's attention and
-        feed-forward layers (plus whatever the conditioning needs trained fully)."""
+        feed-forward layers, with `convs` also to its conv layers (the spec's
+        lora_conv_targets), plus whatever the conditioning needs trained fully."""
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Everything the optimizer updates; nothing of the VAE or the text encoders."""

@@ -131,7 +131,9 @@ class Flux2Backend(TransformerWeights, LatentMethods, Placement):
                 "tokenizer": self.tokenizer, "transformer": self.transformer}
 
     # ---- set-up -------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+    def add_lora(self, rank: int, alpha: float, dropout: float, convs: bool = False) -> None:
+        if convs:
+            raise ValueError(f"--lora_convs: {SPEC.label}'s transformer has no conv layers for the LoRA")
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                             target_modules=LORA_TARGET_MODULES)
         if self.quantized:

@@ -71,23 +71,37 @@ def peft_modules(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple
 
 # ---- SDXL ---------------------------------------------------------------------------------
 
+# A diffusers ResNet block's layers in the SGM layout (ComfyUI's UNET_MAP_RESNET, kohya's names).
+SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+                     "time_emb_proj": "emb_layers.1"}
+
+
 def sdxl_sgm_name(module: str, layers_per_block: int) -> str:
     """A diffusers UNet module name in the original SDXL (SGM) layout, the inverse of the
     renumbering in diffusers' `_maybe_map_sgm_blocks_to_diffusers` and ComfyUI's
-    `unet_to_diffusers`: down block b, layer l -> input_blocks.(1 + b (L+1) + l).1; the
-    mid block's attention -> middle_block.1; up block b, layer l -> output_blocks.(b (L+1) + l).1."""
+    `unet_to_diffusers`: down block b, layer l -> input_blocks.(1 + b (L+1) + l), its ResNet
+    at .0 and its attention at .1; the mid block's ResNets -> middle_block.0 / .2, its attention
+    -> middle_block.1; up block b, layer l -> output_blocks.(b (L+1) + l), ResNet .0, attention .1.
+    ResNet layers take their SGM names (conv1 -> in_layers.2, conv2 -> out_layers.3, ...)."""
     if module == "conv_in":
         return "input_blocks.0.0"
     per_block = layers_per_block + 1
-    if match := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
-        b, l, rest = int(match[1]), int(match[2]), match[3]
-        return f"input_blocks.{1 + b * per_block + l}.1.{rest}"
-    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
-        return f"middle_block.1.{match[1]}"
-    if match := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
-        b, l, rest = int(match[1]), int(match[2]), match[3]
-        return f"output_blocks.{b * per_block + l}.1.{rest}"
-    raise ValueError(f"no SGM name for UNet module {module} (only attention blocks and conv_in are converted)")
+    if match := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", module):
+        side, b, kind, l, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+        block = f"input_blocks.{1 + b * per_block + l}" if side == "down" else f"output_blocks.{b * per_block + l}"
+        resnet_slot = 0
+    elif match := re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", module):
+        kind, l, rest = match[1], int(match[2]), match[3]
+        block, resnet_slot = "middle_block", 2 * l  # ResNet, attention, ResNet
+    else:
+        raise ValueError(f"no SGM name for UNet module {module} (attention blocks, ResNet blocks and conv_in are "
+                         "converted)")
+    if kind == "attentions":
+        return f"{block}.1.{rest}"
+    if rest not in SGM_RESNET_LAYERS:
+        raise ValueError(f"no SGM name for UNet module {module} (of a ResNet block, {', '.join(SGM_RESNET_LAYERS)} "
+                         "are converted)")
+    return f"{block}.{resnet_slot}.{SGM_RESNET_LAYERS[rest]}"
 
 
 def kohya_name(sgm: str) -> str:

@@ -89,6 +89,12 @@ class BackendSpec:
     """--visible_loss_weight default with --conditioning concat."""
     concat_trains_conv_in: bool = False
     """Whether concat trains the widened conv_in in full (--conv_in_learning_rate applies)."""
+    lora_conv_targets: tuple[str, ...] = ()
+    """The conv layers --lora_convs adds to the LoRA (PEFT target_modules names); () where there are none."""
+    lora_convs: bool = False
+    """--lora_convs on a new run that does not give it."""
+    conv_params_per_rank: int = 0
+    """What --lora_convs adds to params_per_rank."""
     max_token_lengths: tuple[int, ...] = (75, 150, 225)
     """The --max_token_length values the backend reads."""
     max_token_length_refusal: str = ""

@@ -149,10 +149,10 @@ class SDXLBackend(LatentMethods, SDXLLoraFiles, Placement):
         }
 
     # ---- set-up -------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+    def add_lora(self, rank: int, alpha: float, dropout: float, convs: bool = False) -> None:
         config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-            target_modules=LORA_TARGET_MODULES,
+            target_modules=LORA_TARGET_MODULES + (list(SPEC.lora_conv_targets) if convs else []),
         )
         self.unet.add_adapter(config)
         if self.conditioning == "concat":

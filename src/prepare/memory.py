@@ -72,17 +72,23 @@ class ModelSizes:
         return min(1.0, (self.vae / SDXL_VAE_PARAMS) ** 0.5)
 
 
-def _lora_params(model, targets, rank: int) -> int:
+def _lora_params(model, targets, rank: int, conv_targets=()) -> int:
+    """The LoRA's weights: rank x (in + out) per targeted Linear; per targeted Conv2d, a
+    down conv of the layer's kernel (rank x in x k x k) and a 1x1 up conv (out x rank), as PEFT
+    builds them."""
     import torch
+
+    def hit(name, names) -> bool:
+        return bool(re.fullmatch(names, name) if isinstance(names, str)
+                    else any(name == t or name.endswith("." + t) for t in names))
 
     total = 0
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        hit = (re.fullmatch(targets, name) if isinstance(targets, str)
-               else any(name == t or name.endswith("." + t) for t in targets))
-        if hit:
+        if isinstance(module, torch.nn.Linear) and hit(name, targets):
             total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d) and conv_targets and hit(name, conv_targets):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total += rank * (module.in_channels * kernel + module.out_channels)
     return total
 
 
@@ -96,9 +102,10 @@ def _profile(backend: str):
     return backend_spec(backend).memory
 
 
-def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> ModelSizes:
+def model_sizes(backend: str, model_id: str, rank: int, conditioning: str, convs: bool = False) -> ModelSizes:
     """Parameter counts from the configs of `model_id` (a local diffusers folder, a hub id whose
-    configs are in the local cache, or a tiny id), the models built on the meta device.
+    configs are in the local cache, or a tiny id), the models built on the meta device; with
+    `convs` the LoRA on the spec's conv layers too (--lora_convs).
     Raises OSError when a config cannot be read."""
     import torch
 
@@ -121,7 +128,11 @@ def model_sizes(backend: str, model_id: str, rank: int, conditioning: str) -> Mo
             vae = Vae.from_config(Vae.load_config(model_id, subfolder="vae"))
             encoders = [cls._from_config(AutoConfig.from_pretrained(model_id, subfolder=sub))
                         for sub, cls in parts["text_encoders"]]
-    lora = _lora_params(denoiser, parts["lora_targets"], rank) + parts["extra_lora"](denoiser, conditioning)
+    from ..backends.registry import backend_spec
+
+    conv_targets = backend_spec(backend).lora_conv_targets if convs else ()
+    lora = (_lora_params(denoiser, parts["lora_targets"], rank, conv_targets)
+            + parts["extra_lora"](denoiser, conditioning))
     params = _count(denoiser)
     scale, blocks = parts["shape"](denoiser, params)
     linear = sum(m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear))
@@ -327,7 +338,7 @@ def report(cfg, buckets) -> Estimate | None:
     from ..hub import model_source
 
     try:
-        sizes = model_sizes(cfg.backend, model_source(cfg.model_id), cfg.lora_rank, cfg.conditioning)
+        sizes = model_sizes(cfg.backend, model_source(cfg.model_id), cfg.lora_rank, cfg.conditioning, cfg.convs)
     except (OSError, ValueError) as error:
         print(f"memory: no estimate: the configs of --model_id {cfg.model_id} cannot be read ({error})")
         return None

@@ -44,6 +44,7 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 # before any model is loaded: counted by adding the adapters to empty (meta-device) SDXL
 # base and FLUX.1-dev architectures (each backend's spec). The built-in tiny models have ~18 k.
 PARAMS_PER_RANK = ByBackend("params_per_rank")
+CONV_PARAMS_PER_RANK = ByBackend("conv_params_per_rank")  # what --lora_convs adds
 TINY_PARAMS_PER_RANK = 20_000
 # Bytes on disk per trainable parameter: a checkpoint holds the float32 weights and AdamW's two
 # moments (4 + 8; 8-bit Adam: 4 + 2) and two LoRA files (diffusers and ComfyUI, 2 + 2 at the
@@ -172,8 +173,11 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"{flag}: not writable ({error.strerror or error})") from None
 
 
-def estimate_trainable_params(backend: str, model_id: str, lora_rank: int) -> int:
-    per_rank = TINY_PARAMS_PER_RANK if model_id.startswith("tiny-") else PARAMS_PER_RANK[backend]
+def estimate_trainable_params(backend: str, model_id: str, lora_rank: int, convs: bool = False) -> int:
+    if model_id.startswith("tiny-"):
+        per_rank = TINY_PARAMS_PER_RANK
+    else:
+        per_rank = PARAMS_PER_RANK[backend] + (CONV_PARAMS_PER_RANK[backend] if convs else 0)
     return per_rank * lora_rank
 
 

@@ -71,6 +71,10 @@ class TrainConfig:
     """LoRA alpha (scale = alpha / rank)."""
     lora_dropout: float = 0.1
     """Dropout on the LoRA branch."""
+    lora_convs: Optional[bool] = None
+    """SDXL: also train the LoRA on every ResNet block's two 3x3 convs (LoCon, kohya's conv_dim), at --lora_rank
+    and --lora_alpha; the files ComfyUI, A1111/Forge, kohya and diffusers read carry them. --no_lora_convs: attention
+    and feed-forward layers only. Default: off on a new run; when resuming, the checkpoint's choice."""
     image_size: int = 1024
     """Training size in pixels: the composite's longer side (--bucket_by longest) or the side of a square of its area (area); the aspect ratio is kept."""
     bucket_by: Literal["longest", "area"] = "longest"
@@ -232,11 +236,19 @@ class TrainConfig:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         self._check_monitoring()
 
+    @property
+    def convs(self) -> bool:
+        """--lora_convs as a new run takes it (a resumed run: see run_setup.check_resumable)."""
+        return backend_spec(self.backend).lora_convs if self.lora_convs is None else self.lora_convs
+
     def _check_backend(self) -> None:
         spec = backend_spec(self.backend)
         if self.conditioning not in spec.conditionings:
             raise ValueError(f"--conditioning {self.conditioning}: --backend {self.backend} trains "
                              f"{' | '.join(spec.conditionings)}")
+        if self.lora_convs and not spec.lora_conv_targets:
+            raise ValueError(f"--lora_convs is for --backend {_names_with('lora_conv_targets')}: {spec.label}'s "
+                             "denoiser has no conv layers for the LoRA")
 
     def _check_fsdp(self) -> None:
         if self.quantize:

@@ -50,7 +50,7 @@ RESUME_KEYS = ("backend", "model_id", "variant", "pretrained_vae", "quantize", "
                "grid", "image_size", "batch_size", "gradient_accumulation_steps", "learning_rate", "conv_in_learning_rate",
                "lr_scheduler",
                "lr_warmup_steps", "weight_decay", "max_grad_norm", "use_8bit_adam", "lora_rank", "lora_alpha",
-               "lora_dropout", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
+               "lora_dropout", "lora_convs", "mask_probability", "max_masked_panels", "timestep_sampling", "logit_mean", "logit_std",
                "visible_loss_weight", "caption_dropout",
                "cache_latents", "max_token_length", "seed", "timestep_shift", "bucket_by", "distributed")
 # Run settings that checkpoints record only since they exist: a checkpoint without one was
@@ -60,6 +60,7 @@ UNRECORDED = {
     "timestep_shift": "none",
     "bucket_by": "longest",
     "distributed": "ddp",
+    "lora_convs": False,
     # Internal choices without a flag, changed since; how the newer runs do it is in `setup`.
     "decay_fully_trained": True,  # AdamW's weight decay on conv_in too (see parameter_groups)
     "dropped_caption": "empty",  # a dropped caption trained as the encoding of "" (see Trainer.prompt_embeds)
@@ -117,6 +118,7 @@ def setup(trainer) -> None:
     trainer.run_signature["max_token_length"] = cfg.max_token_length or backend_cls.max_token_length  # the default, spelled out
     trainer.run_signature["visible_loss_weight"] = cfg.visible_weight
     trainer.run_signature["timestep_shift"] = cfg.shift_scheme
+    trainer.run_signature["lora_convs"] = cfg.convs
     trainer.run_signature.update(decay_fully_trained=False, dropped_caption="unconditional")
     trainer.run_signature.update(mixed_precision=mixed, num_samples=len(records),
                                  num_processes=trainer.accelerator.num_processes)
@@ -137,7 +139,7 @@ def setup(trainer) -> None:
         options["dtype"] = trainer.weight_dtype
     trainer.backend = load_backend(cfg.backend, model_source, cfg.conditioning, **options)
     trainer.backend.base_model = cfg.model_id  # the id is recorded, not the cache folder it may load from
-    trainer.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    trainer.backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, convs=trainer.run_signature["lora_convs"])
     trainer.backend.timestep_sampling = TimestepSampling(cfg.sampling_scheme, cfg.logit_mean, cfg.logit_std,
                                                          trainer.run_signature["timestep_shift"])
     if trainer.accelerator.is_main_process:  # now exactly: the estimate was made before loading
@@ -229,9 +231,10 @@ def check_outputs(trainer) -> None:
         check_resumable(trainer, json.loads((trainer.resume_dir / STATE_NAME).read_text()))
     checkpoints.check_earlier_run(trainer.output_dir, trainer.resume_dir, cfg.overwrite_output_dir, main)
     if main:
-        params = checkpoints.estimate_trainable_params(cfg.backend, cfg.model_id, cfg.lora_rank)
+        convs = trainer.run_signature["lora_convs"]
+        params = checkpoints.estimate_trainable_params(cfg.backend, cfg.model_id, cfg.lora_rank, convs)
         checkpoints.check_free_space(trainer.output_dir, params, cfg.use_8bit_adam,
-                                     f"estimated for --lora_rank {cfg.lora_rank}")
+                                     f"estimated for --lora_rank {cfg.lora_rank}" + (" with --lora_convs" if convs else ""))
     trainer.accelerator.wait_for_everyone()
 
 
