@@ -300,6 +300,20 @@ def test_every_checkpoint_is_a_usable_lora(runs, data, tmp_path):
     assert (tmp_path / "00001_0.png").is_file() and files
 
 
+def test_inference_applies_the_resnet_conv_layers_of_a_lora(runs, data, tmp_path):
+    """A --lora_convs LoRA through the inference command: every conv layer it holds is applied
+    (a partly applied file is refused) and the output is written."""
+    final = runs["convs"].final_dir
+    backend = SDXLBackend.from_pretrained("tiny-sdxl-inpaint", conditioning="concat")
+    backend.load_lora(final)
+    (applied,) = lora_layers(backend.unet).values()
+    convs = {m for m, _ in backend.unet.named_modules() if m.endswith((".conv1", ".conv2")) and "base_layer" not in m}
+    assert convs and convs <= set(applied)
+    files = sdxl_ic_lora_inference.main(["--lora_path", str(final), "--input_image", str(data / "00001.png"),
+                                         "--prompt", "p", "--num_inference_steps", "1", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "00001_0.png").is_file() and files
+
+
 # ---- foreign files and refusals --------------------------------------------------------------
 
 

@@ -9,13 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_harness import comfy, comfyui_version, requires_comfyui  # noqa: F401 (comfy: a fixture)
+from comfy_harness import comfy, comfy_sdxl, comfyui_version, requires_comfyui  # noqa: F401 (comfy: a fixture)
 
 pytestmark = requires_comfyui
 
 STEPS, SEED, CFG, PROMPT = 4, 11, 5.0, "[TOP-LEFT] a red ball [BOTTOM-RIGHT] the same ball"
 SIZE = 64  # 2x2 panels of 32 px (4 latent pixels each)
-TIME_DIM = 8  # the tiny UNet's size-embedding width (SDXL's is 256)
 
 
 @pytest.fixture(scope="module")
@@ -33,38 +32,6 @@ def sdxl(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl") / "model"
     StableDiffusionXLPipeline(**components).save_pretrained(folder)
     return folder
-
-
-def comfy_sdxl(comfy, unet):
-    """ComfyUI's SDXL model (model_base.SDXL, its UNetModel) holding the tiny UNet's weights,
-    converted by ComfyUI's own diffusers -> SGM key map."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import comfy.utils
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
-
-    config = unet.config
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "in_channels": config.in_channels, "out_channels": 4,
-        "model_channels": config.block_out_channels[0], "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-        "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2,
-        "use_spatial_transformer": True, "use_linear_in_transformer": True,
-        "legacy": False, "context_dim": config.cross_attention_dim, "num_classes": "sequential",
-        "adm_in_channels": config.projection_class_embeddings_input_dim, "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-    }
-    keys = comfy.utils.unet_to_diffusers(unet_config)
-    weights = unet.state_dict()
-    sgm = {theirs: weights[ours] for ours, theirs in keys.items() if ours in weights}
-    assert len(sgm) == len(weights)
-    model_config = comfy.supported_models.SDXL(dict(unet_config))
-    model_config.unet_config["num_head_channels"] = 16  # the tiny UNet's heads (SDXL's are 64 wide)
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({})
-    base.embedder = Timestep(TIME_DIM)  # SDXL's size embedding, at the tiny width
-    base.load_model_weights(sgm)
-    device = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 
 
 def ours(folder, image_path):
