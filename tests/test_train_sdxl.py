@@ -101,6 +101,7 @@ NON_DEFAULTS = {
     "validation_every": 50, "validation_inference_steps": 7, "validation_guidance_scale": 2.5,
     "report_to": "tensorboard", "conv_in_learning_rate": None, "timestep_sampling": "logit_normal",
     "logit_mean": 0.5, "logit_std": 1.5, "timestep_shift": "resolution", "bucket_by": "area", "distributed": "ddp",
+    "lora_convs": False,
 }
 # Flags that only go with another setting: context_timestep needs --conditioning context,
 # which refuses a visible-panel loss; --compile refuses --quantize with checkpointing.
@@ -108,8 +109,10 @@ CONTEXT_NON_DEFAULTS = {**NON_DEFAULTS, "conditioning": "context", "context_time
                         "compile": True, "gradient_checkpointing": False}
 # conv_in_learning_rate needs SDXL concat, the one mode that trains conv_in in full.
 # --timestep_shift resolution is FLUX's. --distributed fsdp refuses --quantize and 8-bit Adam.
+# --lora_convs (on) is SDXL's.
 CONCAT_NON_DEFAULTS = {**NON_DEFAULTS, "backend": "sdxl", "conditioning": "concat", "conv_in_learning_rate": 1e-3,
-                       "timestep_shift": "none", "distributed": "fsdp", "quantize": None, "use_8bit_adam": False}
+                       "timestep_shift": "none", "distributed": "fsdp", "quantize": None, "use_8bit_adam": False,
+                       "lora_convs": True}
 
 
 def test_non_defaults_cover_every_flag():
