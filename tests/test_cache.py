@@ -23,7 +23,10 @@ def test_a_run_from_cache_trains_what_a_run_without_it_trains(conditioning, data
     warm = train(data_2x2, *flags, *cache)  # reads it
     assert len(list((tmp_path / "cache" / "latents").iterdir())) == 4
     assert len(list((tmp_path / "cache" / "text").iterdir())) == len(captions(data_2x2)) + 1  # and a dropped caption's unconditional embeddings
-    torch.testing.assert_close(torch.tensor(cold.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    # The cache encodes one composite at a time, the plain run a batch: float32 rounding of the
+    # latents, which Adam's normalised steps carry into the next losses (5e-5 relative after
+    # three steps with the LoRA on SDXL's ResNet convs, the default).
+    torch.testing.assert_close(torch.tensor(cold.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
     assert warm.losses == cold.losses
 
 

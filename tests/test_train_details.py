@@ -143,13 +143,13 @@ def _sdxl(data, out, *flags):
 
 
 def test_lora_convs_train_the_resnet_convs_and_resume_with_them(tmp_path):
-    """With --lora_convs every ResNet conv1 / conv2 carries a LoRA that training moves; a resume
-    keeps the checkpoint's choice unless the flag says otherwise (then it is refused), and a
-    checkpoint from before the flag existed resumes without them."""
+    """By default (--lora_convs) every ResNet conv1 / conv2 carries a LoRA that training moves;
+    a resume keeps the checkpoint's choice unless the flag says otherwise (then it is refused),
+    and a checkpoint from before the flag existed (attention only) resumes without them."""
     data = toy_dataset(tmp_path / "data")
     unet = TINY_MODELS["tiny-sdxl"]()["unet"]
     convs = {n for n, m in unet.named_modules() if n.endswith((".conv1", ".conv2"))}
-    straight = _sdxl(data, tmp_path / "straight", "--max_train_steps", "4", "--lora_convs")
+    straight = _sdxl(data, tmp_path / "straight", "--max_train_steps", "4")
     lora = _lora(straight)
     trained = {k.removeprefix("unet.").removesuffix(".lora_B.weight") for k in lora if k.endswith(".lora_B.weight")}
     assert convs and convs <= trained  # PEFT starts lora_B at zero: each has moved
@@ -164,10 +164,12 @@ def test_lora_convs_train_the_resnet_convs_and_resume_with_them(tmp_path):
         _sdxl(data, out, "--max_train_steps", "6", "--no_lora_convs", "--resume_from_checkpoint", "latest")
 
     older = tmp_path / "older"
-    _sdxl(data, older, "--max_train_steps", "2")
+    _sdxl(data, older, "--max_train_steps", "2", "--no_lora_convs")
+    assert not any(".conv1." in k or ".conv2." in k for k in load_file(older / "final_model" / LORA_WEIGHT_NAME))
     _forget(older / "checkpoints" / "checkpoint-2", "lora_convs")
     again = _sdxl(data, older, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert not any(".conv1." in k or ".conv2." in k for k in _lora(again))
+    assert json.loads((again.final_dir / METADATA_NAME).read_text())["training_args"]["lora_convs"] is False
 
 
 def test_lora_convs_is_refused_where_there_are_no_convs(capsys):

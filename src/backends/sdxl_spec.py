@@ -72,11 +72,13 @@ SPEC = register(BackendSpec(
     # colour far better.
     concat_visible_loss_weight=0.5,
     concat_trains_conv_in=True,
-    # Every ResNet block's two 3x3 convs (no other UNet layer has these names). The LoRA's
-    # attention layers leave the UNet's full-resolution stage (down_blocks.0 and the last up
-    # block have no attention) as it was; on the known-answer toys the convs are what let
-    # SDXL read the visible panels on bases where attention alone did not (RESULTS.md).
+    # Every ResNet block's two 3x3 convs (no other UNet layer has these names), on by default.
+    # The LoRA's attention layers leave the UNet's full-resolution stage (down_blocks.0 and the
+    # last up block have no attention) as it was; on the known-answer toys the convs are what
+    # let SDXL read the visible panels on bases where attention alone did not, and they
+    # completed better on every SDXL member measured (RESULTS.md, *--lora_convs*).
     lora_conv_targets=("conv1", "conv2"),
+    lora_convs=True,
     conv_params_per_rank=327_040,
     caption_tokenizers=caption_tokenizers,
     # Activations per latent pixel: fp16 1024² batch 1 -> 4, 7.53 -> 10.44 GiB reserved;

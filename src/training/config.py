@@ -74,7 +74,8 @@ class TrainConfig:
     lora_convs: Optional[bool] = None
     """SDXL: also train the LoRA on every ResNet block's two 3x3 convs (LoCon, kohya's conv_dim), at --lora_rank
     and --lora_alpha; the files ComfyUI, A1111/Forge, kohya and diffusers read carry them. --no_lora_convs: attention
-    and feed-forward layers only. Default: off on a new run; when resuming, the checkpoint's choice."""
+    and feed-forward layers only. Default: on for SDXL on a new run; when resuming, the checkpoint's choice (off for
+    checkpoints that do not record it)."""
     image_size: int = 1024
     """Training size in pixels: the composite's longer side (--bucket_by longest) or the side of a square of its area (area); the aspect ratio is kept."""
     bucket_by: Literal["longest", "area"] = "longest"

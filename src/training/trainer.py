@@ -334,7 +334,8 @@ class Trainer:
             "global_step": self.global_step,
             "training_args": {**dataclasses.asdict(self.cfg), "visible_loss_weight": self.cfg.visible_weight,
                               "timestep_sampling": self.cfg.sampling_scheme,
-                              "timestep_shift": self.run_signature["timestep_shift"]},
+                              "timestep_shift": self.run_signature["timestep_shift"],
+                              "lora_convs": self.run_signature["lora_convs"]},
         }
 
     def gathered_trainable_state(self) -> dict | None:
