@@ -21,6 +21,8 @@ import torch
 
 from memory_models import FAMILIES, FLUX_DEV_TRANSFORMER_CONFIG, SDXL_UNET_CONFIG, build_on_device
 
+from iclora.backends.registry import backend_spec
+
 CONDITIONING = "blend"  # the one mode whose LoRA the stock inpaint pipelines load and run as ours do
 
 # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json.
@@ -94,7 +96,7 @@ def save_lora(model: str, components: dict[str, Any], folder: Path, rank: int) -
     training saves it (pytorch_lora_weights.safetensors, diffusers format). Its lora_B are
     drawn nonzero so that neither side could skip the layers as a no-op."""
     backend = FAMILIES[model].backend_cls()(components, f"random-init {model}", CONDITIONING)
-    backend.add_lora(rank, rank, 0.0)
+    backend.add_lora(rank, rank, 0.0, convs=backend_spec(backend.name).lora_convs)  # as training writes it by default
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in backend.denoiser.named_parameters():

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from iclora.backends.registry import backend_spec
 from iclora.compiling import COMPILE_OPTIONS
 from iclora.training.config import TrainConfig
 from memory_models import FAMILIES, SEED, make_backend  # a sibling in benchmarks/ (see train_memory.py)
@@ -205,7 +206,9 @@ def run_ours(setting: Setting, opts: RunOptions) -> dict[str, Any]:
     dtype = WEIGHT_DTYPES[setting.precision]
     config = family.config(opts.tiny)
     backend = make_backend(family, family.build(config, device, dtype, setting.nf4))
-    backend.add_lora(setting.rank, setting.rank, opts.lora_dropout)
+    # The trainer's LoRA: SDXL's on the ResNet convs too (--lora_convs, its default), as the
+    # reference step below (family.lora_targets).
+    backend.add_lora(setting.rank, setting.rank, opts.lora_dropout, convs=backend_spec(backend.name).lora_convs)
     if setting.checkpointing:
         backend.enable_gradient_checkpointing()
     backend.to(device, dtype)

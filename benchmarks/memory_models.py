@@ -210,9 +210,10 @@ class SDXL:
 
     @staticmethod
     def lora_targets():
-        from iclora.backends.sdxl import LORA_TARGET_MODULES
+        """The trainer's default: attention and feed-forward, and the ResNet convs (--lora_convs)."""
+        from iclora.backends.sdxl import LORA_TARGET_MODULES, SPEC
 
-        return LORA_TARGET_MODULES
+        return LORA_TARGET_MODULES + (list(SPEC.lora_conv_targets) if SPEC.lora_convs else [])
 
     @staticmethod
     def reference_config(config: dict) -> dict:
