@@ -138,16 +138,17 @@ def test_flux_context_training_beats_every_blend_run(tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_context_training_reads_continuous_colours_on_the_harder_toy(tmp_path):
-    """benchmarks/known_answer_hard.py, SDXL context, 2x2 (~13 min on a shared 2-core machine).
-    Measured colour error: (b) 24.9, (a) 70.4, blind guess 53.1; within 25: (b) 56 %, (a) 2 %."""
+    """benchmarks/known_answer_hard.py, SDXL context, 2x2 (~15 min on a shared 2-core machine).
+    Measured colour error with the LoRA on the ResNet convs (the default since 2026-12-06): (b)
+    14.3, (a) 70.4, blind guess 53.1; within 25: (b) 90 %, (a) 2 % (attention only: 24.9, 56 %)."""
     report = load_benchmark("known_answer_hard").main(["--backend", "sdxl", "--conditioning", "context", "--threads", "1",
                                           "--skip_c", "--json", str(tmp_path / "hard.json")])
     table = report["table"]
     b, a, blind = table[B], table["(a) untrained base"], table["blind guess (mean colour)"]
-    assert b["colour_error"] < a["colour_error"] - 22, table
+    assert b["colour_error"] < a["colour_error"] - 28, table
     assert b["colour_error"] < 0.6 * a["colour_error"], table
-    assert b["colour_error"] < blind["colour_error"] - 14, table
-    assert b["close"] >= a["close"] + 0.27, table
+    assert b["colour_error"] < blind["colour_error"] - 19, table
+    assert b["close"] >= a["close"] + 0.44, table
 
 
 @pytest.mark.slow
@@ -172,18 +173,19 @@ def test_flux_context_training_reads_continuous_colours_on_the_harder_toy(tmp_pa
 @pytest.mark.slow
 def test_sdxl_concat_training_reads_continuous_colours_on_the_harder_toy(tmp_path):
     """benchmarks/known_answer_hard.py, SDXL concat (the SDXL default) at the trainer's
-    defaults, 2x2 (~15 min on a shared 2-core machine). Measured colour error: (b) 24.7,
-    (c) 41.2, (a) 67.6; within 25: (b) 60 %, (c) 15 %; (b) with the visible latents left to
-    the model, as diffusers' 9-channel pipeline does, 39.2."""
+    defaults, 2x2 (~30 min on a shared 2-core machine). Measured colour error with the LoRA on
+    the ResNet convs (the default since 2026-12-06): (b) 17.4, (c) 28.6, (a) 67.6; within 25:
+    (b) 77 %, (c) 46 %; (b) with the visible latents left to the model, as diffusers'
+    9-channel pipeline does, 31.8 (attention only: 24.7, 41.2, 60 %, 15 %, 39.2)."""
     report = load_benchmark("known_answer_hard").main(["--backend", "sdxl", "--conditioning", "concat", "--threads", "1",
                                           "--json", str(tmp_path / "hard_concat.json")])
     table = report["table"]
     b, a, c = table[B], table["(a) untrained base"], table[C]
     free = table["(b), visible latents left to the model (--no_blend_visible)"]
     assert b["colour_error"] < 0.6 * a["colour_error"], table
-    assert b["colour_error"] < a["colour_error"] - 21, table
-    assert b["colour_error"] < c["colour_error"] - 8, table
-    assert b["close"] >= c["close"] + 0.22, table
+    assert b["colour_error"] < a["colour_error"] - 25, table
+    assert b["colour_error"] < c["colour_error"] - 5.6, table
+    assert b["close"] >= c["close"] + 0.15, table
     assert b["colour_error"] < free["colour_error"] - 7, table
 
 

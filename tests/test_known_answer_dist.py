@@ -74,18 +74,19 @@ def test_sdxl_defaults_over_the_distribution(tmp_path):
     benchmarks/RESULTS.md, *The known-answer benchmark over a distribution of bases*."""
     rows = _report(tmp_path, "sdxl-hard,sdxl-hard-aside,sdxl-lpb1-s2-std-long")
     hard, aside, other = rows["sdxl-hard"], rows["sdxl-hard-aside"], rows["sdxl-lpb1-s2-std-long"]
-    # Measured 2026-12-01: (b) 24.7, (c) 41.2, (a) 67.6: the goal is met on the standard toy.
-    assert hard["masked"] < 0.6 * hard["untrained"] and hard["masked"] < hard["untrained"] - 21, hard
-    assert hard["masked"] < hard["whole"] - 8, hard
-    # Measured 2026-12-06 on the aside toy's data (same base, same recipe): (b) 37.7, (c) 40.7,
-    # (a) 57.7, blind guess 51.3. Masked training still reads the visible panels, but misses
-    # the goal: 65 % of (a) (goal < 60 %), 93 % of (c) (goal < 85 %).
-    assert aside["masked"] < aside["untrained"] - 10, aside
-    assert aside["masked"] < aside["blind"] - 6.8, aside
-    assert aside["masked"] < aside["whole"] - 1.5, aside
-    # Measured 2026-12-06, the shipped base's fit at seed 2 (a second SDXL base that learns),
-    # aside data: (b) 41.5, (a) 57.7, blind 51.3; the goal is not met there either.
-    assert other["masked"] < other["untrained"] - 8.1 and other["masked"] < other["blind"] - 4.9, other
+    # Measured 2026-12-06 at the defaults (the LoRA on the ResNet convs too): (b) 17.4, (c)
+    # 28.6, (a) 67.6: the goal is met on the standard toy (attention only: 24.7, 41.2).
+    assert hard["masked"] < 0.6 * hard["untrained"] and hard["masked"] < hard["untrained"] - 25, hard
+    assert hard["masked"] < hard["whole"] - 5.6, hard
+    # On the aside toy's data (same base, same recipe): (b) 32.8, (c) 36.9, (a) 57.7, blind
+    # guess 51.3. Masked training reads the visible panels (57 % of (a)) but leads (c) by
+    # little: 89 % of it (goal < 85 %). Attention only: 37.7, 40.7.
+    assert aside["masked"] < aside["untrained"] - 12, aside
+    assert aside["masked"] < aside["blind"] - 9, aside
+    assert aside["masked"] < aside["whole"] - 2, aside
+    # The shipped base's fit at seed 2, aside data: (b) 33.1, (c) 33.2, (a) 57.7, blind 51.3
+    # (attention only: (b) 41.5). (b) and (c) tie: the goal's second half is not met.
+    assert other["masked"] < other["untrained"] - 12 and other["masked"] < other["blind"] - 9, other
 
 
 @pytest.mark.slow
