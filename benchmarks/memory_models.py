@@ -211,9 +211,9 @@ class SDXL:
     @staticmethod
     def lora_targets():
         """The trainer's default: attention and feed-forward, and the ResNet convs (--lora_convs)."""
-        from iclora.backends.sdxl import LORA_TARGET_MODULES, SPEC
+        from iclora.backends.sdxl_lora import SPEC, lora_targets
 
-        return LORA_TARGET_MODULES + (list(SPEC.lora_conv_targets) if SPEC.lora_convs else [])
+        return lora_targets(SPEC.lora_convs)
 
     @staticmethod
     def reference_config(config: dict) -> dict:

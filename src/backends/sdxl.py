@@ -27,7 +27,9 @@ from .base import TimestepSampling, visible_reset_callback
 from .placement import PARTS, Placement
 from ..compiling import CompiledBlocks, compiled_block_counts
 from .lora_files import COMFYUI_WEIGHT_NAME, CONV_IN_WEIGHT_NAME  # noqa: F401 (callers import the file name from here)
-from .sdxl_lora import CONCAT_CHANNELS, LORA_TARGET_MODULES, SDXLLoraFiles, widen_conv_in
+from .sdxl_lora import (  # noqa: F401 (LORA_TARGET_MODULES: callers import it from here)
+    CONCAT_CHANNELS, LORA_TARGET_MODULES, SDXLLoraFiles, lora_targets, widen_conv_in,
+)
 from .latents import LatentMethods
 from .sdxl_context import SDXLContextPipeline
 from .sdxl_latents import SDXLLatents
@@ -152,7 +154,7 @@ class SDXLBackend(LatentMethods, SDXLLoraFiles, Placement):
     def add_lora(self, rank: int, alpha: float, dropout: float, convs: bool = False) -> None:
         config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-            target_modules=LORA_TARGET_MODULES + (list(SPEC.lora_conv_targets) if convs else []),
+            target_modules=lora_targets(convs),
         )
         self.unet.add_adapter(config)
         if self.conditioning == "concat":

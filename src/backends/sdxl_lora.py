@@ -31,8 +31,15 @@ from .lora_files import (
     resolve_lora_file,
 )
 from .lora_formats import CONV_IN_DIFF_KEYS, peft_modules, read_lora_file, sdxl_kohya_state
+from .sdxl_spec import SPEC
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def lora_targets(convs: bool) -> list[str]:
+    """The LoRA's PEFT target_modules: attention and feed-forward layers, with `convs` also the
+    ResNet convs (--lora_convs; the spec's lora_conv_targets)."""
+    return LORA_TARGET_MODULES + (list(SPEC.lora_conv_targets) if convs else [])
 CONCAT_CHANNELS = 9  # 4 noisy latent + 1 mask + 4 masked-image latent
 
 
