@@ -63,6 +63,8 @@ STANDARD = Toy()  # the toy every single-base figure was measured on
 # Data that differ the way users' data differ from the standard toy: every composite has its
 # own dark background, objects are smaller.
 ASIDE = Toy(background="per_composite", scale=(0.2, 0.5))
+# The aside data at twice the panel side: 16x16 latents per panel where 64-px panels give 8x8.
+ASIDE_128 = Toy(panel_size=128, background="per_composite", scale=(0.2, 0.5))
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ BASES = [
     # ... and both: the shipped base's fit (standard toy, 4000 x 16) at another seed.
     Base("sdxl-lpb1-s2-std-long", "sdxl", "toy_dist/sdxl_lpb1_s2_std_long", STANDARD, seed=2, steps=4000,
          batch_size=16, data=ASIDE),
+    # Fitted on 128-px panels: does SDXL's weakness on the aside data follow the latent size?
+    Base("sdxl-lpb1-s3-128", "sdxl", "toy_dist/sdxl_lpb1_s3_128", ASIDE_128, seed=3, steps=1000, batch_size=8),
     Base("flux-hard", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
     Base("flux-hard-aside", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=ASIDE),
     Base("flux-b13-s1", "flux", "toy_dist/flux_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8, flux_blocks=(1, 3)),
