@@ -10,14 +10,16 @@ training defaults of the backend's script:
     python benchmarks/known_answer_dist.py fit --only sdxl-lpb2-s1  # one (comma list)
     python benchmarks/known_answer_dist.py report --backend sdxl    # per base + mean ± sd
     python benchmarks/known_answer_dist.py report --backend flux --out /tmp/flux_dist.md
+    python benchmarks/known_answer_dist.py report --backend sdxl --mask_probability 0.9 --max_masked_panels 3
     python benchmarks/known_answer_dist.py list                     # the bases and their settings
 
 Bases are cached under benchmarks/assets/ (float16, 1-4 MB each, a fit_report.json beside
 the weights); `fit` rebuilds a missing one deterministically from its seed (`--refit`: all
-of them). Per base, `report` trains (b) the IC-LoRA at the script's defaults and (c) the
-same on whole composites (`--mask_probability 0`), and scores the hidden panels' object
-colour (mean absolute RGB error 0-255) for (a) the untrained base, (b), (c) and the blind
-guess (the colour distribution's median). The goal it checks per base: (b) < 60 % of (a)
+of them). Per base, `report` trains (b) the IC-LoRA at the script's defaults (or at the
+masking --mask_probability / --max_masked_panels give) and (c) the same on whole
+composites (`--mask_probability 0`), and scores the hidden panels' object colour (mean
+absolute RGB error 0-255) for (a) the untrained base, (b), (c) and the blind guess (the
+colour distribution's median). The goal it checks per base: (b) < 60 % of (a)
 and < 85 % of (c). Each base's full report (tables, timings, the training logs with the
 masked and visible losses per step) goes to --out_dir as JSON.
 """
@@ -55,9 +57,6 @@ DEFAULTS = {
              "--max_masked_panels", "3", "--steps", "1650", "--batch_size", "4"],
 }
 DEFAULTS["flux2"] = DEFAULTS["flux"]  # train_flux2_ic_lora.py ships FLUX.1's context defaults
-MASKED = {"sdxl": "(b) IC-LoRA, --mask_probability 0.7",
-          "flux": "(b) IC-LoRA, --mask_probability 1 --max_masked_panels 3"}
-MASKED["flux2"] = MASKED["flux"]
 
 STANDARD = Toy()  # the toy every single-base figure was measured on
 # Data that differ the way users' data differ from the standard toy: every composite has its
@@ -125,6 +124,8 @@ BASES = [
     Base("flux-hard-aside", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=ASIDE),
     Base("flux-b13-s1", "flux", "toy_dist/flux_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8, flux_blocks=(1, 3)),
     Base("flux-b24-s2", "flux", "toy_dist/flux_b24_s2", ASIDE, seed=2, steps=1200, batch_size=8),
+    Base("flux-b13-s3-128", "flux", "toy_dist/flux_b13_s3_128", ASIDE_128, seed=3, steps=1000, batch_size=8,
+         flux_blocks=(1, 3)),
     Base("flux2-hard", "flux2", "toy_flux2_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
     Base("flux2-hard-aside", "flux2", "toy_flux2_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8,
          data=ASIDE),
@@ -162,14 +163,24 @@ def fit(bases: list[Base], assets: Path, refit: bool, extra: list[str]) -> None:
         fit_main([*base.fit_argv(), "--out", str(assets / base.folder), *extra])
 
 
-def report_one(base: Base, assets: Path, out_dir: Path, extra: list[str], train_args: str = "") -> dict:
+def masking_argv(backend: str, mask_probability: float | None, max_masked_panels: int | None) -> list[str]:
+    """The backend's defaults with (b)'s masking replaced where given."""
+    argv = list(DEFAULTS[backend])
+    for flag, value in (("--mask_probability", mask_probability), ("--max_masked_panels", max_masked_panels)):
+        if value is not None:
+            argv[argv.index(flag) + 1] = f"{value:g}"
+    return argv
+
+
+def report_one(base: Base, assets: Path, out_dir: Path, extra: list[str], train_args: str = "",
+               mask_probability: float | None = None, max_masked_panels: int | None = None) -> dict:
     from known_answer_hard import main as hard_main
 
-    result = hard_main([*DEFAULTS[base.backend], "--backend", base.backend, "--base", str(assets / base.folder),
-                        *toy_argv(base.data_toy), "--n_sets", "0", "--skip_free", f"--train_args={train_args}",
-                        "--json", str(out_dir / f"{base.name}.json"), *extra])
+    result = hard_main([*masking_argv(base.backend, mask_probability, max_masked_panels), "--backend", base.backend,
+                        "--base", str(assets / base.folder), *toy_argv(base.data_toy), "--n_sets", "0", "--skip_free",
+                        f"--train_args={train_args}", "--json", str(out_dir / f"{base.name}.json"), *extra])
     table = result["table"]
-    masked = MASKED[base.backend] + (f" {train_args}" if train_args else "")
+    (masked,) = [name for name in table if name.startswith("(b) IC-LoRA")]
     row = {"untrained": table[UNTRAINED]["colour_error"], "masked": table[masked]["colour_error"],
            "blind": table[BLIND]["colour_error"], "masked_close": table[masked]["close"]}
     row["whole"] = table[WHOLE]["colour_error"] if WHOLE in table else None
@@ -193,9 +204,9 @@ def spread(values: list[float]) -> str:
     return f"{values.mean():.1f} ± {sd:.1f}"
 
 
-def format_report(rows: dict[str, dict]) -> str:
+def format_report(rows: dict[str, dict], masked: str = "defaults") -> str:
     by_name = {b.name: b for b in BASES}
-    lines = ["| base | toy | untrained | masked (defaults) | whole composites | blind guess | masked / untrained "
+    lines = [f"| base | toy | untrained | masked ({masked}) | whole composites | blind guess | masked / untrained "
              "| masked / whole | goal |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         base = by_name[name]
@@ -226,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--train_args", default="",
                         help="report: training flags added to the defaults for (b) and (c), e.g. --train_args=--lora_convs")
+    parser.add_argument("--mask_probability", type=float, default=None,
+                        help="report: (b)'s masking instead of the backend script's default (SDXL 0.7, FLUX 1.0)")
+    parser.add_argument("--max_masked_panels", type=int, default=None,
+                        help="report: (b)'s most masked panels instead of the script's default (SDXL 2, FLUX 3)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny settings for a quick check of the plumbing (fit 2 steps; report 2 training "
                              "steps, 1 evaluation composite, 2 inference steps): its figures mean nothing")
@@ -248,11 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
     smoke = ["--steps", "2", "--n_train", "4", "--n_eval", "1", "--inference_steps", "2", "--warmup", "0"]
     out_dir = Path(args.out_dir or os.environ.get("TMPDIR", "/tmp")) / ("known_answer_dist" if not args.out_dir else "")
     out_dir.mkdir(parents=True, exist_ok=True)
+    masking = [f"--{k} {v:g}" for k, v in (("mask_probability", args.mask_probability),
+                                           ("max_masked_panels", args.max_masked_panels)) if v is not None]
+    label = " ".join(masking) or "defaults"
     rows = {}
     for base in bases:
-        rows[base.name] = report_one(base, assets, out_dir, threads + (smoke if args.smoke else []), args.train_args)
-        print(format_report(rows), flush=True)  # so far: a run cut short keeps what it measured
-    text = format_report(rows)
+        rows[base.name] = report_one(base, assets, out_dir, threads + (smoke if args.smoke else []), args.train_args,
+                                     args.mask_probability, args.max_masked_panels)
+        print(format_report(rows, label), flush=True)  # so far: a run cut short keeps what it measured
+    text = format_report(rows, label)
     if args.out:
         partial = Path(args.out).with_name(Path(args.out).name + ".partial")
         partial.write_text(text + "\n")

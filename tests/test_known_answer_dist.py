@@ -37,19 +37,31 @@ def test_the_distribution_command_fits_a_base_and_reports_it(tmp_path, capsys):
     assert "sdxl-lpb1-s2: cached" in capsys.readouterr().out
 
     summary = dist.main(["report", "--smoke", "--only", "sdxl-lpb1-s2", "--assets", str(assets), "--threads", "1",
-                         "--out", str(tmp_path / "dist.md"), "--out_dir", str(out), "--train_args=--lora_convs"])
+                         "--out", str(tmp_path / "dist.md"), "--out_dir", str(out), "--train_args=--lora_convs",
+                         "--mask_probability", "0.9", "--max_masked_panels", "3"])
     row = summary["rows"]["sdxl-lpb1-s2"]
     assert all(math.isfinite(row[k]) and 0 <= row[k] <= 255 for k in ("untrained", "masked", "whole", "blind"))
     assert row["goal"] == (row["masked"] < 0.6 * row["untrained"] and row["masked"] < 0.85 * row["whole"])
     table = (tmp_path / "dist.md").read_text()
     assert "| sdxl-lpb1-s2 (layers_per_block 1, seed 2, fit 1000 x 16) | 64 px panels, per-composite" in table
-    assert "| mean ± sd over 1 |" in table
+    assert "| mean ± sd over 1 |" in table and "| masked (--mask_probability 0.9 --max_masked_panels 3) |" in table
     base = json.loads((out / "sdxl-lpb1-s2.json").read_text())
     assert base["settings"]["toy"]["scale"] == [0.2, 0.5] and base["settings"]["conditioning"] == "concat"
     assert base["settings"]["train_args"] == "--lora_convs"  # added to the defaults for (b) and (c)
-    assert "(b) IC-LoRA, --mask_probability 0.7 --lora_convs" in base["table"]
+    assert "(b) IC-LoRA, --mask_probability 0.9 --max_masked_panels 3 --lora_convs" in base["table"]  # (b)'s masking
+    assert base["settings"]["mask_probability"] == 0.9 and base["settings"]["max_masked_panels"] == 3
     assert all("masked_loss" in window for window in base["train_logs"]["b"])  # the masked loss per window
     assert "visible_loss" not in base["train_logs"]["c"][0]  # whole composites: nothing visible
+
+
+def test_the_report_trains_the_backend_scripts_masking_unless_given():
+    dist = load_benchmark("known_answer_dist")
+    masking = lambda argv: (argv[argv.index("--mask_probability") + 1], argv[argv.index("--max_masked_panels") + 1])  # noqa: E731
+    assert masking(dist.masking_argv("sdxl", None, None)) == ("0.7", "2")  # train_sdxl_ic_lora.py's defaults
+    assert masking(dist.masking_argv("flux", None, None)) == ("1.0", "3")
+    assert masking(dist.masking_argv("sdxl", 0.9, 3)) == ("0.9", "3")
+    assert masking(dist.masking_argv("flux2", None, 2)) == ("1.0", "2")
+    assert dist.DEFAULTS["sdxl"][dist.DEFAULTS["sdxl"].index("--mask_probability") + 1] == "0.7"  # not changed in place
 
 
 def test_panel_reach_measures_how_much_the_hidden_panels_depend_on_the_visible_ones():
