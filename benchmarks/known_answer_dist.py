@@ -62,6 +62,9 @@ STANDARD = Toy()  # the toy every single-base figure was measured on
 # Data that differ the way users' data differ from the standard toy: every composite has its
 # own dark background, objects are smaller.
 ASIDE = Toy(background="per_composite", scale=(0.2, 0.5))
+# The standard toy with colours far from grey (uniform hue, saturation 0.5-1): a colour
+# distribution whose blind guess is far from every colour.
+VIVID = Toy(colours="vivid")
 # The aside data at twice the panel side: 16x16 latents per panel where 64-px panels give 8x8.
 ASIDE_128 = Toy(panel_size=128, background="per_composite", scale=(0.2, 0.5))
 
@@ -109,6 +112,7 @@ BASES = [
     # The shipped hard-toy bases (fit_hard_toy.py's defaults): the first member of each.
     Base("sdxl-hard", "sdxl", "toy_sdxl_unet_hard", STANDARD, seed=0, steps=4000, batch_size=16),
     Base("sdxl-hard-aside", "sdxl", "toy_sdxl_unet_hard", STANDARD, seed=0, steps=4000, batch_size=16, data=ASIDE),
+    Base("sdxl-hard-vivid", "sdxl", "toy_sdxl_unet_hard", STANDARD, seed=0, steps=4000, batch_size=16, data=VIVID),
     Base("sdxl-lpb2-s1", "sdxl", "toy_dist/sdxl_lpb2_s1", ASIDE, seed=1, steps=1500, batch_size=16, layers_per_block=2),
     Base("sdxl-lpb1-s2", "sdxl", "toy_dist/sdxl_lpb1_s2", ASIDE, seed=2, steps=1000, batch_size=16),
     # sdxl-lpb1-s2 with one thing changed: the toy it is fitted on, or the length of the fit.
@@ -122,6 +126,7 @@ BASES = [
     Base("sdxl-lpb1-s3-128", "sdxl", "toy_dist/sdxl_lpb1_s3_128", ASIDE_128, seed=3, steps=1000, batch_size=8),
     Base("flux-hard", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8),
     Base("flux-hard-aside", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=ASIDE),
+    Base("flux-hard-vivid", "flux", "toy_flux_transformer_hard", STANDARD, seed=0, steps=2000, batch_size=8, data=VIVID),
     Base("flux-b13-s1", "flux", "toy_dist/flux_b13_s1", ASIDE, seed=1, steps=1000, batch_size=8, flux_blocks=(1, 3)),
     Base("flux-b24-s2", "flux", "toy_dist/flux_b24_s2", ASIDE, seed=2, steps=1200, batch_size=8),
     Base("flux-b13-s3-128", "flux", "toy_dist/flux_b13_s3_128", ASIDE_128, seed=3, steps=1000, batch_size=8,
